@@ -1,0 +1,45 @@
+# Every target creates what it needs from nothing: a fresh clone runs
+# `make demo` or `make test` directly.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+MODELS := build/models
+SCENARIO ?= scenarios/small-edge-cloud.toml
+
+.PHONY: env models demo test lint generate bench clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[all,dev]'
+	touch $@
+
+env: $(BIN)/.installed
+
+$(MODELS)/manifest.json: $(BIN)/.installed
+	$(BIN)/apdispatch models build --out $(MODELS)
+
+models: $(MODELS)/manifest.json
+
+# Set-up in one command: environment, model zoo, then the demo scenario,
+# shortened, once per static policy.
+demo: models
+	$(BIN)/apdispatch demo $(SCENARIO) --models $(MODELS) --policies static --duration 20
+
+test: models
+	APDISPATCH_MODELS=$(MODELS) $(BIN)/pytest
+
+lint: env
+	$(BIN)/ruff check apdispatch workers tests
+	$(BIN)/mypy apdispatch workers
+
+# Regenerate the protobuf and gRPC stubs; tests/test_protocol.py fails when
+# the committed ones are stale.
+generate: env
+	$(BIN)/python -m apdispatch.protocol.generate
+
+bench: models
+	$(BIN)/apdispatch bench --models $(MODELS) --json build/bench.json
+
+clean:
+	rm -rf build $(VENV)

@@ -1,0 +1,30 @@
+"""One config object per worker process, filled from the command line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    kind: str  # "edge" or "cloud"
+    listen: str  # host:port to serve the Open Inference Protocol on; port 0 = any free port
+    models: Path  # model zoo folder (holds manifest.json)
+    variants: tuple[str, ...]  # variant names to load from the manifest
+    ap: str | None = None  # AP registry address host:port; None = do not register
+    cluster: str = "default"
+    slots: int = 1  # requests run at once; more wait in the queue
+    # Emulation, so that one machine can host a heterogeneous topology:
+    # slowdown multiplies every compute time (a slower device), link_delay_ms
+    # is a round trip added to every request (half before, half after).
+    slowdown: float = 1.0
+    link_delay_ms: float = 0.0
+    worker_id: str | None = None  # default: "<kind>-<cluster>-<port>"
+    advertise: str | None = None  # address announced to the AP (default: the bound one)
+    heartbeat_s: float = 1.0
+    # Cloud only: dynamic batching.
+    max_batch_size: int = 8
+    max_wait_ms: float = 2.0
+    device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
+    shutdown_grace_s: float = 5.0

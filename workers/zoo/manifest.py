@@ -1,0 +1,132 @@
+"""The model zoo's manifest: what variants exist and what they cost.
+
+Read by every role, so it imports neither torch nor onnxruntime.
+``DIR/manifest.json`` looks like::
+
+    {"version": 1, "seed": 0, "fingerprint": "...",
+     "variants": [{"name": "digits-tiny", "task": "digits", "runtime": "onnx",
+                   "file": "digits-tiny.onnx", "accuracy": 0.81, "params": 2410,
+                   "flops": 4820, "latency_ms_batch1": 0.03, "latency_ms_batch8": 0.05,
+                   "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}],
+                   "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}],
+                   "arch": {...}}]}
+
+``arch`` (torch variants only) is the JSON config the cloud worker rebuilds the
+network from before loading its state_dict: no pickled objects anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # -1 = any size (the batch dimension)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> TensorSpec:
+        return cls(name=raw["name"], datatype=raw["datatype"], shape=tuple(raw["shape"]))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    name: str
+    task: str
+    runtime: str  # "onnx" (edge) or "torch" (cloud)
+    file: str  # relative to the manifest's folder
+    accuracy: float  # on held-out data, in [0, 1]
+    params: int
+    flops: int  # multiply-accumulates x2 for one sample
+    latency_ms_batch1: float  # measured on the build machine
+    latency_ms_batch8: float
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    arch: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Variant:
+        return cls(
+            name=raw["name"],
+            task=raw["task"],
+            runtime=raw["runtime"],
+            file=raw["file"],
+            accuracy=float(raw["accuracy"]),
+            params=int(raw["params"]),
+            flops=int(raw.get("flops", 0)),
+            latency_ms_batch1=float(raw["latency_ms_batch1"]),
+            latency_ms_batch8=float(raw["latency_ms_batch8"]),
+            inputs=tuple(TensorSpec.from_json(t) for t in raw["inputs"]),
+            outputs=tuple(TensorSpec.from_json(t) for t in raw["outputs"]),
+            arch=dict(raw.get("arch", {})),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "task": self.task,
+            "runtime": self.runtime,
+            "file": self.file,
+            "accuracy": self.accuracy,
+            "params": self.params,
+            "flops": self.flops,
+            "latency_ms_batch1": self.latency_ms_batch1,
+            "latency_ms_batch8": self.latency_ms_batch8,
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "arch": self.arch,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    root: Path
+    variants: tuple[Variant, ...]
+    seed: int = 0
+    fingerprint: str = ""
+
+    def variant(self, name: str) -> Variant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        known = ", ".join(v.name for v in self.variants)
+        raise KeyError(f"unknown variant {name!r} (known: {known})")
+
+    def path(self, variant: Variant) -> Path:
+        return self.root / variant.file
+
+    def tasks(self) -> list[str]:
+        return sorted({v.task for v in self.variants})
+
+
+def load_manifest(root: Path | str) -> Manifest:
+    root = Path(root)
+    raw = json.loads((root / MANIFEST_NAME).read_text())
+    return Manifest(
+        root=root,
+        variants=tuple(Variant.from_json(v) for v in raw["variants"]),
+        seed=int(raw.get("seed", 0)),
+        fingerprint=str(raw.get("fingerprint", "")),
+    )
+
+
+def write_manifest(manifest: Manifest) -> Path:
+    path = manifest.root / MANIFEST_NAME
+    doc = {
+        "version": 1,
+        "seed": manifest.seed,
+        "fingerprint": manifest.fingerprint,
+        "variants": [v.to_json() for v in manifest.variants],
+    }
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    return path
