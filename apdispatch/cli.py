@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     load = sub.add_parser("load", help="open-loop load from a scenario against a running AP")
     load.add_argument("scenario", type=Path)
     load.add_argument("--ap", default="127.0.0.1:50051")
+    load.add_argument("--models", type=Path, default=DEFAULT_MODELS,
+                      help="model zoo folder: its samples/ are the inputs sent")
     load.add_argument("--duration", type=float, default=None)
     load.add_argument("--json", type=Path, default=None)
     load.add_argument("--seed", type=int, default=None)

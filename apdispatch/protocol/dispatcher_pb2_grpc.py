@@ -166,6 +166,11 @@ class RegistryStub:
                 request_serializer=apdispatch_dot_protocol_dot_dispatcher__pb2.DeregisterRequest.SerializeToString,
                 response_deserializer=apdispatch_dot_protocol_dot_dispatcher__pb2.DeregisterResponse.FromString,
                 _registered_method=True)
+        self.ListWorkers = channel.unary_unary(
+                '/apdispatch.v1.Registry/ListWorkers',
+                request_serializer=apdispatch_dot_protocol_dot_dispatcher__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=apdispatch_dot_protocol_dot_dispatcher__pb2.ListWorkersResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -189,6 +194,13 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWorkers(self, request, context):
+        """What the AP knows now: registered workers with their load.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -206,6 +218,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.Deregister,
                     request_deserializer=apdispatch_dot_protocol_dot_dispatcher__pb2.DeregisterRequest.FromString,
                     response_serializer=apdispatch_dot_protocol_dot_dispatcher__pb2.DeregisterResponse.SerializeToString,
+            ),
+            'ListWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkers,
+                    request_deserializer=apdispatch_dot_protocol_dot_dispatcher__pb2.ListWorkersRequest.FromString,
+                    response_serializer=apdispatch_dot_protocol_dot_dispatcher__pb2.ListWorkersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -289,6 +306,33 @@ class Registry:
             '/apdispatch.v1.Registry/Deregister',
             apdispatch_dot_protocol_dot_dispatcher__pb2.DeregisterRequest.SerializeToString,
             apdispatch_dot_protocol_dot_dispatcher__pb2.DeregisterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apdispatch.v1.Registry/ListWorkers',
+            apdispatch_dot_protocol_dot_dispatcher__pb2.ListWorkersRequest.SerializeToString,
+            apdispatch_dot_protocol_dot_dispatcher__pb2.ListWorkersResponse.FromString,
             options,
             channel_credentials,
             insecure,
