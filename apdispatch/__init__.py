@@ -23,7 +23,19 @@ _LAZY = {
     "UnavailableError": "apdispatch.errors",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "ApdispatchError",
+    "AsyncClient",
+    "Client",
+    "InvalidRequestError",
+    "NotFoundError",
+    "RejectedError",
+    "Result",
+    "Target",
+    "Timings",
+    "UnavailableError",
+    "__version__",
+]
 
 if TYPE_CHECKING:
     from apdispatch.client import AsyncClient, Client, Result, Target, Timings

@@ -1,4 +1,6 @@
-"""Regenerate the protobuf and gRPC stubs from ``protos/``: ``python -m apdispatch.protocol.generate``.
+"""Regenerate the protobuf and gRPC stubs from ``protos/``.
+
+Run ``python -m apdispatch.protocol.generate`` (or ``make generate``).
 
 The stubs are committed so that installing apdispatch needs no compiler; a test
 regenerates them into a temporary folder and fails when they differ.

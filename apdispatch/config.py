@@ -1,0 +1,68 @@
+"""The AP's one config object: defaults, overridden by a TOML file, overridden by flags."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config file or flag with a bad value; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class APConfig:
+    listen: str = "127.0.0.1:50051"
+    policy: str = "fastest"
+    seed: int = 0
+    # A worker that has not sent a heartbeat for this long is forgotten.
+    lease_s: float = 5.0
+    # How the AP talks to workers that serve ModelStreamInfer: "stream" keeps one
+    # bidirectional stream per worker (cheaper per request than a unary call in
+    # Python gRPC); "unary" sends one ModelInfer per request.
+    forward_mode: str = "stream"
+    # Bad-input limits: requests over them get INVALID_ARGUMENT naming the field.
+    max_tensor_bytes: int = 4 * 1024 * 1024
+    # Extra time, beyond the request's deadline, the AP waits for a worker's
+    # reply so that a late reply is still delivered (and counted late).
+    late_grace_ms: float = 0.0
+    log_level: str = "info"
+    log_format: str = "json"
+    summary_interval_s: float = 10.0
+    shutdown_grace_s: float = 5.0
+
+    def validate(self) -> APConfig:
+        if self.lease_s <= 0:
+            raise ConfigError("lease_s: must be > 0")
+        if self.forward_mode not in ("stream", "unary"):
+            raise ConfigError("forward_mode: must be 'stream' or 'unary'")
+        if self.max_tensor_bytes <= 0:
+            raise ConfigError("max_tensor_bytes: must be > 0")
+        if self.log_format not in ("json", "console"):
+            raise ConfigError("log_format: must be 'json' or 'console'")
+        if self.summary_interval_s <= 0:
+            raise ConfigError("summary_interval_s: must be > 0")
+        return self
+
+    def with_overrides(self, **overrides: Any) -> APConfig:
+        """A copy with every override that is not None applied."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> APConfig:
+    """Defaults, then the TOML file (a flat table, or an ``[ap]`` table), then flags."""
+    config = APConfig()
+    if path is not None:
+        try:
+            doc = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        table = doc.get("ap", doc)
+        known = {f.name: f.type for f in fields(APConfig)}
+        unknown = sorted(set(table) - set(known))
+        if unknown:
+            raise ConfigError(f"{path}: unknown keys {', '.join(unknown)}")
+        config = replace(config, **table)
+    return config.with_overrides(**overrides).validate()

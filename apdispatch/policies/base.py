@@ -1,0 +1,61 @@
+"""The one policy interface, shared by the live AP and the simulator.
+
+A policy sees a request (its task, app and SLA) and the candidates: every
+target able to serve the task with at least the requested accuracy, each with
+what the AP (or the simulator) knows of it now. It returns one of them. It
+never knows which of the two drives it. Admission (rejecting when no
+candidate is predicted to meet the deadline) happens before a policy runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    task: str
+    app: str
+    deadline_ms: float  # time left until the deadline, at the decision
+    min_accuracy: float
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One target as seen at decision time. ``ref`` is opaque to policies."""
+
+    key: str  # "<cluster>/<worker>/<variant>", stable across decisions
+    worker: str
+    cluster: str
+    variant: str
+    accuracy: float
+    rtt_ms: float  # estimated network round trip
+    in_flight: int  # requests sent to the worker and not yet answered
+    slots: int
+    predicted_ms: float  # estimated completion if this request went there now
+    ref: object = None
+
+
+@dataclass(frozen=True, slots=True)
+class Feedback:
+    """What became of one decision."""
+
+    request: RequestView
+    chosen: Candidate
+    outcome: str  # ok, late, inaccurate, failed
+    latency_ms: float
+
+
+@runtime_checkable
+class Policy(Protocol):
+    name: str
+
+    def choose(self, request: RequestView, candidates: Sequence[Candidate]) -> Candidate:
+        """Pick one of ``candidates`` (never empty)."""
+        ...
+
+    def observe(self, feedback: Feedback) -> None:
+        """Learn from an outcome; static policies ignore it. Must be cheap."""
+        ...

@@ -1,0 +1,99 @@
+"""Fixed routing rules (ASET's static policies)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from apdispatch.policies.base import Candidate, Feedback, RequestView
+
+
+def _load(c: Candidate) -> float:
+    return c.in_flight / c.slots
+
+
+class StaticPolicy:
+    name = "static"
+
+    def observe(self, feedback: Feedback) -> None:
+        return None
+
+
+class RandomPolicy(StaticPolicy):
+    name = "random"
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self._rng = rng
+
+    def choose(self, request: RequestView, candidates: Sequence[Candidate]) -> Candidate:
+        return candidates[int(self._rng.integers(len(candidates)))]
+
+
+class RoundRobinPolicy(StaticPolicy):
+    """Cycles through the candidates of each task in turn."""
+
+    name = "round-robin"
+
+    def __init__(self) -> None:
+        self._next: dict[str, int] = {}
+
+    def choose(self, request: RequestView, candidates: Sequence[Candidate]) -> Candidate:
+        i = self._next.get(request.task, 0)
+        self._next[request.task] = i + 1
+        return candidates[i % len(candidates)]
+
+
+class ClosestPolicy(StaticPolicy):
+    """Lowest round trip; ties go to the less loaded."""
+
+    name = "closest"
+
+    def choose(self, request: RequestView, candidates: Sequence[Candidate]) -> Candidate:
+        return min(candidates, key=lambda c: (c.rtt_ms, _load(c)))
+
+
+class FastestPolicy(StaticPolicy):
+    """Lowest predicted completion time."""
+
+    name = "fastest"
+
+    def choose(self, request: RequestView, candidates: Sequence[Candidate]) -> Candidate:
+        return min(candidates, key=lambda c: c.predicted_ms)
+
+
+class MostAccuratePolicy(StaticPolicy):
+    """Highest accuracy; ties go to the faster."""
+
+    name = "most-accurate"
+
+    def choose(self, request: RequestView, candidates: Sequence[Candidate]) -> Candidate:
+        return min(candidates, key=lambda c: (-c.accuracy, c.predicted_ms))
+
+
+class LeastLoadedPolicy(StaticPolicy):
+    """Fewest requests in flight per slot; ties go to the faster."""
+
+    name = "least-loaded"
+
+    def choose(self, request: RequestView, candidates: Sequence[Candidate]) -> Candidate:
+        return min(candidates, key=lambda c: (_load(c), c.predicted_ms))
+
+
+class PowerOfTwoChoicesPolicy(StaticPolicy):
+    """Two candidates at random, the less loaded of them."""
+
+    name = "p2c"
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self._rng = rng
+
+    def choose(self, request: RequestView, candidates: Sequence[Candidate]) -> Candidate:
+        n = len(candidates)
+        if n == 1:
+            return candidates[0]
+        i = int(self._rng.integers(n))
+        j = int(self._rng.integers(n - 1))
+        j += j >= i
+        a, b = candidates[i], candidates[j]
+        return a if (_load(a), a.predicted_ms) <= (_load(b), b.predicted_ms) else b
