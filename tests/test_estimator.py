@@ -1,0 +1,79 @@
+"""The latency estimator's maths against hand-computed cases."""
+
+from __future__ import annotations
+
+import pytest
+
+from apdispatch.estimator import DEFAULT_NETWORK_MS, ComputeModel, LatencyEstimator
+from apdispatch.protocol import dispatcher_pb2 as pb
+from apdispatch.registry import Registry
+
+
+def _registry(slots: int = 2, latency_ms: float = 4.0, link_delay_ms: float = 10.0) -> Registry:
+    registry = Registry(lease_s=5.0)
+    registry.register(
+        pb.RegisterRequest(
+            worker_id="w1",
+            address="127.0.0.1:1",
+            cluster="edge-a",
+            kind="edge",
+            slots=slots,
+            link_delay_ms=link_delay_ms,
+            variants=[
+                pb.VariantInfo(
+                    name="v",
+                    task="t",
+                    accuracy=0.9,
+                    latency_ms=latency_ms,
+                    inputs=[pb.TensorSpec(name="input", datatype="FP32", shape=[-1, 4])],
+                )
+            ],
+        )
+    )
+    return registry
+
+
+def test_prior_prediction_is_link_delay_plus_announced_latency() -> None:
+    registry = _registry()
+    (target,) = registry.targets("t") or []
+    estimator = LatencyEstimator()
+    assert estimator.predict(target) == pytest.approx(10.0 + DEFAULT_NETWORK_MS + 4.0)
+
+
+def test_queue_term_when_every_slot_is_busy() -> None:
+    registry = _registry(slots=2, latency_ms=4.0)
+    (target,) = registry.targets("t") or []
+    estimator = LatencyEstimator()
+    # 3 in flight + this one = 4 requests on 2 slots: 2 ahead of it wait for
+    # a slot, served 2 at a time at 4 ms each -> 2 * 4 / 2 = 4 ms of queue.
+    assert estimator.predict(target, in_flight=3) == pytest.approx(10.3 + 4.0 + 4.0)
+    # 1 in flight: both run at once, no queue.
+    assert estimator.predict(target, in_flight=1) == pytest.approx(10.3 + 4.0)
+
+
+def test_compute_model_recovers_a_linear_interference_slope() -> None:
+    model = ComputeModel.prior(1.0)
+    # compute(n) = 2 + 0.5 * (n - 1), observed alternately at n = 1 and n = 3.
+    for _ in range(400):
+        model.observe(1.0, 2.0, alpha=0.05)
+        model.observe(3.0, 3.0, alpha=0.05)
+    assert model.slope() == pytest.approx(0.5, rel=0.02)
+    assert model.predict(1.0) == pytest.approx(2.0, rel=0.02)
+    assert model.predict(5.0) == pytest.approx(4.0, rel=0.02)
+
+
+def test_constant_concurrency_gives_no_slope() -> None:
+    model = ComputeModel.prior(1.0)
+    for _ in range(50):
+        model.observe(1.0, 3.0)
+    assert model.slope() == 0.0
+    assert model.predict(4.0) == pytest.approx(3.0, rel=0.1)
+
+
+def test_network_mean_moves_towards_observations() -> None:
+    registry = _registry(link_delay_ms=0.0)
+    (target,) = registry.targets("t") or []
+    estimator = LatencyEstimator(alpha=0.5)
+    estimator.observe(target, in_flight_at_dispatch=0, network_ms=2.3, compute_ms=4.0)
+    # 0.3 + 0.5 * (2.3 - 0.3) = 1.3
+    assert estimator.network_ms(target.worker) == pytest.approx(1.3)
