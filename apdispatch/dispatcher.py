@@ -1,25 +1,29 @@
 """The data plane: check, admit, decide, forward, classify. One outcome per request.
 
-``Dispatcher.infer`` either returns a reply (ok, late, inaccurate) or raises an
-ApdispatchError (rejected, invalid, not found, failed); in both cases the
-outcome has been counted exactly once.
+``Dispatcher.submit`` takes a request and a callback; the callback receives
+exactly one thing: a reply (ok, late, inaccurate) or an ApdispatchError
+(rejected, invalid, not found, failed), and the outcome has been counted
+exactly once by then. Rejections and bad input are answered before
+``submit`` returns. ``Dispatcher.infer`` is the awaitable form.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
 from apdispatch.config import APConfig
 from apdispatch.errors import ApdispatchError, RejectedError, UnavailableError
 from apdispatch.estimator import LatencyEstimator
-from apdispatch.forwarder import DeadlineReached, Forwarder
+from apdispatch.forwarder import DeadlineReached, Forwarder, WorkerReply
 from apdispatch.metrics import Stats
 from apdispatch.policies import Candidate, Feedback, Policy, RequestView
 from apdispatch.protocol import dispatcher_pb2 as pb
-from apdispatch.protocol import oip_pb2
 from apdispatch.registry import Registry, Target
 from apdispatch.validate import check_request
 
@@ -31,10 +35,21 @@ OUTCOME_PB = {
     "failed": pb.FAILED,
 }
 
+Reply = Callable[[pb.InferResponse | ApdispatchError], None]
 
-def _double(params: object, key: str) -> float:
-    value = params.get(key)  # type: ignore[attr-defined]
-    return float(value.double_param) if value is not None else 0.0
+
+@dataclass(slots=True, eq=False)
+class _InFlight:
+    """One forwarded request, from decision to reply."""
+
+    request: pb.InferRequest
+    request_id: str
+    arrival: float
+    view: RequestView
+    chosen: Candidate
+    target: Target
+    in_flight_at_dispatch: int
+    reply: Reply
 
 
 class Dispatcher:
@@ -61,16 +76,24 @@ class Dispatcher:
         self._late_grace_s = config.late_grace_ms / 1000.0
 
     async def infer(self, request: pb.InferRequest, arrival: float) -> pb.InferResponse:
+        """Awaitable form of ``submit``: returns the reply or raises the error."""
+        future: asyncio.Future[pb.InferResponse | ApdispatchError] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.submit(request, arrival, future.set_result)
+        result = await future
+        if isinstance(result, ApdispatchError):
+            raise result
+        return result
+
+    def submit(self, request: pb.InferRequest, arrival: float, reply: Reply) -> None:
         request_id = request.request_id or f"ap-{next(self._ids)}"
         try:
-            return await self._infer(request, request_id, arrival)
+            self._dispatch(request, request_id, arrival, reply)
         except ApdispatchError as exc:
-            exc.request_id = request_id
-            outcome = "rejected" if isinstance(exc, RejectedError) else "failed"
-            self._finish(outcome, request, request_id, arrival, None, error=exc.message)
-            raise
+            self._fail(exc, request, request_id, arrival, None, reply)
 
-    async def _infer(self, request: pb.InferRequest, request_id: str, arrival: float) -> pb.InferResponse:
+    def _dispatch(self, request: pb.InferRequest, request_id: str, arrival: float, reply: Reply) -> None:
         checked = check_request(request, self.registry, self.config.max_tensor_bytes)
         # The deadline counts from arrival at the AP; time spent here so far is gone.
         left_ms = checked.deadline_ms - (time.monotonic() - arrival) * 1000.0
@@ -79,7 +102,19 @@ class Dispatcher:
         self._admit(view, checked.targets, candidates)
         chosen = self.policy.choose(view, candidates)
         target: Target = chosen.ref  # type: ignore[assignment]
-        return await self._forward(request, request_id, arrival, view, chosen, target)
+        worker = target.worker
+        flight = _InFlight(request, request_id, arrival, view, chosen, target, worker.in_flight, reply)
+        worker.in_flight += 1
+        deadline = arrival + request.sla.deadline_ms / 1000.0 + self._late_grace_s
+        link = self.forwarder.link(worker.address, worker.streaming)
+        link.submit(
+            target.variant.name,
+            tuple(s.name for s in target.variant.inputs),
+            [(t.datatype, tuple(t.shape), t.data) for t in request.inputs],
+            target.variant.max_batch_size,
+            deadline,
+            lambda result: self._complete(flight, result),
+        )
 
     def _candidates(self, targets: list[Target], min_accuracy: float) -> list[Candidate]:
         estimator = self.estimator
@@ -116,78 +151,75 @@ class Dispatcher:
                 f"(fastest {fastest:.2f} ms, {view.deadline_ms:.2f} ms left)"
             )
 
-    async def _forward(
-        self,
-        request: pb.InferRequest,
-        request_id: str,
-        arrival: float,
-        view: RequestView,
-        chosen: Candidate,
-        target: Target,
-    ) -> pb.InferResponse:
-        worker = target.worker
-        forward = oip_pb2.ModelInferRequest(model_name=target.variant.name)
-        for tensor, spec in zip(request.inputs, target.variant.inputs, strict=True):
-            forward.inputs.add(name=spec.name, datatype=tensor.datatype, shape=tensor.shape)
-            forward.raw_input_contents.append(tensor.data)
-        link = self.forwarder.link(worker.address, worker.streaming)
-        in_flight = worker.in_flight
-        worker.in_flight = in_flight + 1
-        sent = time.monotonic()
-        timeout_s = max(1e-4, view.deadline_ms / 1000.0 - (sent - arrival) + self._late_grace_s)
-        try:
-            reply = await link.infer(forward, timeout_s)
-        except DeadlineReached:
-            self._feedback(view, chosen, "late", arrival)
-            return self._finish("late", request, request_id, arrival, target)
-        except ApdispatchError as exc:
-            # An error that arrives after the deadline is a late request, not a failed one.
-            if (time.monotonic() - arrival) * 1000.0 > view.deadline_ms and isinstance(
-                exc, UnavailableError
-            ):
-                self._feedback(view, chosen, "late", arrival)
-                return self._finish("late", request, request_id, arrival, target, error=exc.message)
-            self._feedback(view, chosen, "failed", arrival)
-            raise
-        finally:
-            worker.in_flight -= 1
-        done = time.monotonic()
-        queue_ms = _double(reply.parameters, "queue_ms")
-        compute_ms = _double(reply.parameters, "compute_ms")
-        network_ms = max(0.0, (done - sent) * 1000.0 - queue_ms - compute_ms)
-        self.estimator.observe(target, in_flight, network_ms, compute_ms)
-        total_ms = (done - arrival) * 1000.0
-        if total_ms > request.sla.deadline_ms:
+    def _complete(self, flight: _InFlight, result: WorkerReply | BaseException) -> None:
+        target = flight.target
+        target.worker.in_flight -= 1
+        now = time.monotonic()
+        total_ms = (now - flight.arrival) * 1000.0
+        late = total_ms > flight.request.sla.deadline_ms
+        if isinstance(result, DeadlineReached) or (late and isinstance(result, UnavailableError)):
+            # Not served by its deadline: late, whatever the worker said after.
+            self._observe(flight, "late", total_ms)
+            response = self._finish("late", flight.request, flight.request_id, total_ms, target)
+            flight.reply(response)
+            return
+        if isinstance(result, BaseException):
+            self._observe(flight, "failed", total_ms)
+            error = (
+                result
+                if isinstance(result, ApdispatchError)
+                else UnavailableError(f"worker {target.worker.worker_id}: {result!r}")
+            )
+            self._fail(error, flight.request, flight.request_id, flight.arrival, target, flight.reply)
+            return
+        network_ms = max(0.0, (now - result.sent_at) * 1000.0 - result.queue_ms - result.compute_ms)
+        self.estimator.observe(target, flight.in_flight_at_dispatch, network_ms, result.compute_ms)
+        if late:
             outcome = "late"
-        elif target.variant.accuracy < request.sla.min_accuracy:
+        elif target.variant.accuracy < flight.request.sla.min_accuracy:
             outcome = "inaccurate"
         else:
             outcome = "ok"
-        self._feedback(view, chosen, outcome, arrival)
-        response = self._finish(outcome, request, request_id, arrival, target)
+        self._observe(flight, outcome, total_ms)
+        response = self._finish(outcome, flight.request, flight.request_id, total_ms, target)
         timings = response.timings
-        timings.queue_ms = queue_ms
-        timings.compute_ms = compute_ms
+        timings.queue_ms = result.queue_ms
+        timings.compute_ms = result.compute_ms
         timings.network_ms = network_ms
-        for tensor, raw in zip(reply.outputs, reply.raw_output_contents, strict=False):
-            response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape, data=raw)
-        return response
+        for tensor in result.outputs:
+            response.outputs.add(
+                name=tensor.name, datatype=tensor.datatype, shape=tensor.shape, data=tensor.data
+            )
+        flight.reply(response)
 
-    def _feedback(self, view: RequestView, chosen: Candidate, outcome: str, arrival: float) -> None:
-        latency_ms = (time.monotonic() - arrival) * 1000.0
-        self.policy.observe(Feedback(view, chosen, outcome, latency_ms))
+    def _observe(self, flight: _InFlight, outcome: str, total_ms: float) -> None:
+        self.policy.observe(Feedback(flight.view, flight.chosen, outcome, total_ms))
+
+    def _fail(
+        self,
+        exc: ApdispatchError,
+        request: pb.InferRequest,
+        request_id: str,
+        arrival: float,
+        target: Target | None,
+        reply: Reply,
+    ) -> None:
+        exc.request_id = request_id
+        outcome = "rejected" if isinstance(exc, RejectedError) else "failed"
+        total_ms = (time.monotonic() - arrival) * 1000.0
+        self._finish(outcome, request, request_id, total_ms, target, error=exc.message)
+        reply(exc)
 
     def _finish(
         self,
         outcome: str,
         request: pb.InferRequest,
         request_id: str,
-        arrival: float,
+        total_ms: float,
         target: Target | None,
         error: str = "",
     ) -> pb.InferResponse:
         """Count the outcome and build the reply (outputs are added by the caller)."""
-        total_ms = (time.monotonic() - arrival) * 1000.0
         self.stats.record(outcome, request.app, total_ms, target.key if target else None)
         if self._debug:
             self._log.debug(

@@ -46,31 +46,32 @@ class DispatcherServicer(pb_grpc.DispatcherServicer):
     ) -> AsyncIterator[pb.InferResponse]:
         loop = asyncio.get_running_loop()
         replies: asyncio.Queue[pb.InferResponse | None] = asyncio.Queue()
-        dispatcher = self._dispatcher
+        outstanding = 0
+        reading = True
 
-        async def one(request: pb.InferRequest, arrival: float) -> None:
-            try:
-                reply = await dispatcher.infer(request, arrival)
-            except ApdispatchError as exc:
-                reply = error_reply(exc)
-            replies.put_nowait(reply)
+        def reply(result: pb.InferResponse | ApdispatchError) -> None:
+            nonlocal outstanding
+            outstanding -= 1
+            replies.put_nowait(error_reply(result) if isinstance(result, ApdispatchError) else result)
+            if not reading and outstanding == 0:
+                replies.put_nowait(None)
 
         async def read_all() -> None:
-            running: set[asyncio.Task[None]] = set()
+            nonlocal outstanding, reading
+            submit = self._dispatcher.submit
             try:
                 async for request in request_iterator:
-                    task = loop.create_task(one(request, time.monotonic()))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-                while running:
-                    await asyncio.gather(*list(running))
+                    outstanding += 1
+                    submit(request, time.monotonic(), reply)
             finally:
-                replies.put_nowait(None)
+                reading = False
+                if outstanding == 0:
+                    replies.put_nowait(None)
 
         reader = loop.create_task(read_all())
         try:
-            while (reply := await replies.get()) is not None:
-                yield reply
+            while (response := await replies.get()) is not None:
+                yield response
         finally:
             reader.cancel()
 

@@ -49,9 +49,7 @@ def check_request(req: pb.InferRequest, registry: Registry, max_tensor_bytes: in
     return CheckedRequest(req.task, targets, specs, deadline_ms, min_accuracy, batch)
 
 
-def _check_inputs(
-    req: pb.InferRequest, specs: tuple[TensorSpec, ...], max_bytes: int, max_batch: int
-) -> int:
+def _check_inputs(req: pb.InferRequest, specs: tuple[TensorSpec, ...], max_bytes: int, max_batch: int) -> int:
     if len(req.inputs) != len(specs):
         names = ", ".join(s.name for s in specs)
         raise InvalidRequestError(
@@ -88,8 +86,15 @@ def _check_inputs(
             raise InvalidRequestError(
                 f"{where}.data", f"expected {size} bytes for shape {list(shape)}, got {len(tensor.data)}"
             )
-        if spec.datatype in FLOAT_DATATYPES and not np.isfinite(
-            np.frombuffer(tensor.data, dtype=dtype)
-        ).all():
+        if spec.datatype in FLOAT_DATATYPES and not _all_finite(np.frombuffer(tensor.data, dtype=dtype)):
             raise InvalidRequestError(f"{where}.data", "contains NaN or infinity")
     return batch
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    # NaN and infinity propagate through a sum, and a float64 sum of finite
+    # float16/float32 values cannot overflow: one reduction decides the common
+    # case; only an overflowing float64 sum needs the element-wise check.
+    if math.isfinite(float(np.add.reduce(values, dtype=np.float64))):
+        return True
+    return bool(np.isfinite(values).all())
