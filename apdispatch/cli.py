@@ -21,10 +21,18 @@ def _worker_parser(sub: argparse._SubParsersAction, kind: str) -> argparse.Argum
     p.add_argument("--ap", default=None, help="AP address to register with (host:port)")
     p.add_argument("--cluster", default="default")
     p.add_argument("--slots", type=int, default=1 if kind == "edge" else 4)
-    p.add_argument("--slowdown", type=float, default=1.0,
-                   help="emulation: multiply every compute time by F (a slower device)")
-    p.add_argument("--link-delay-ms", type=float, default=0.0,
-                   help="emulation: add a network round trip of D ms to every request")
+    p.add_argument(
+        "--slowdown",
+        type=float,
+        default=1.0,
+        help="emulation: multiply every compute time by F (a slower device)",
+    )
+    p.add_argument(
+        "--link-delay-ms",
+        type=float,
+        default=0.0,
+        help="emulation: add a network round trip of D ms to every request",
+    )
     p.add_argument("--worker-id", default=None)
     p.add_argument("--advertise", default=None, help="address announced to the AP")
     p.add_argument("--log-level", default="info")
@@ -62,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run a scenario live on loopback, once per policy")
     demo.add_argument("scenario", type=Path)
     demo.add_argument("--models", type=Path, default=DEFAULT_MODELS)
-    demo.add_argument("--policies", default="static",
-                      help="comma-separated names, or 'static' for every static policy")
+    demo.add_argument(
+        "--policies", default="static", help="comma-separated names, or 'static' for every static policy"
+    )
     demo.add_argument("--duration", type=float, default=None, help="seconds per policy")
     demo.add_argument("--json", type=Path, default=None)
     demo.add_argument("--seed", type=int, default=None)
@@ -71,8 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     load = sub.add_parser("load", help="open-loop load from a scenario against a running AP")
     load.add_argument("scenario", type=Path)
     load.add_argument("--ap", default="127.0.0.1:50051")
-    load.add_argument("--models", type=Path, default=DEFAULT_MODELS,
-                      help="model zoo folder: its samples/ are the inputs sent")
+    load.add_argument(
+        "--models",
+        type=Path,
+        default=DEFAULT_MODELS,
+        help="model zoo folder: its samples/ are the inputs sent",
+    )
     load.add_argument("--duration", type=float, default=None)
     load.add_argument("--json", type=Path, default=None)
     load.add_argument("--seed", type=int, default=None)
@@ -87,8 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     compose = sub.add_parser("compose", help="write docker-compose.yml for a scenario")
     compose.add_argument("scenario", type=Path)
     compose.add_argument("--out", type=Path, default=Path("docker-compose.yml"))
-    compose.add_argument("--check", action="store_true",
-                         help="fail when the file differs from what would be written")
+    compose.add_argument(
+        "--check", action="store_true", help="fail when the file differs from what would be written"
+    )
     return parser
 
 

@@ -114,9 +114,7 @@ class Registry:
         }
         for v in variants.values():
             known = self._inputs.get(v.task)
-            if known is not None and known != v.inputs and self._serves_task_elsewhere(
-                v.task, req.worker_id
-            ):
+            if known is not None and known != v.inputs and self._serves_task_elsewhere(v.task, req.worker_id):
                 raise InvalidRequestError(
                     f"variants[{v.name}].inputs",
                     f"differ from the inputs task {v.task!r} has on other workers",

@@ -51,9 +51,7 @@ def from_bytes(data: bytes, datatype: str, shape: Sequence[int]) -> np.ndarray:
 
 
 def to_tensor(name: str, array: np.ndarray) -> pb.Tensor:
-    return pb.Tensor(
-        name=name, datatype=datatype_of(array), shape=list(array.shape), data=to_bytes(array)
-    )
+    return pb.Tensor(name=name, datatype=datatype_of(array), shape=list(array.shape), data=to_bytes(array))
 
 
 def from_tensor(tensor: pb.Tensor) -> np.ndarray:

@@ -12,9 +12,7 @@ def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
     written = generate(tmp_path)
     assert len(written) == 6
     stale = [
-        p.name
-        for p in written
-        if p.read_bytes() != (ROOT / "apdispatch" / "protocol" / p.name).read_bytes()
+        p.name for p in written if p.read_bytes() != (ROOT / "apdispatch" / "protocol" / p.name).read_bytes()
     ]
     assert not stale, f"stale stubs, run `make generate`: {stale}"
 
