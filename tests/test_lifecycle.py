@@ -1,0 +1,90 @@
+"""Leases, worker loss and AP restarts, with real processes."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from apdispatch import Client
+from apdispatch.client import StreamRequest
+from apdispatch.config import ConfigError, load_config
+from apdispatch.processes import Children, free_port, registered_workers, wait_for_workers
+
+
+def test_config_file_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "ap.toml"
+    path.write_text('[ap]\nlisten = "127.0.0.1:6000"\npolicy = "p2c"\nlease_s = 1.5\n')
+    config = load_config(path, policy="closest", listen=None)
+    assert (config.listen, config.policy, config.lease_s) == ("127.0.0.1:6000", "closest", 1.5)
+    path.write_text("lease_sec = 3\n")
+    with pytest.raises(ConfigError, match="lease_sec"):
+        load_config(path)
+    path.write_text("forward_mode = 'carrier-pigeon'\n")
+    with pytest.raises(ConfigError, match="forward_mode"):
+        load_config(path)
+
+
+def _wait_until(predicate, timeout_s: float) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_lost_worker_is_forgotten_and_ap_restart_is_survived(models_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "ap.toml"
+    config.write_text("lease_s = 1.5\nsummary_interval_s = 1.0\n")
+    ap = f"127.0.0.1:{free_port()}"
+    children = Children(tmp_path / "logs")
+    x = np.load(models_dir / "samples" / "digits.npz")["x"][:1]
+    try:
+        ap_child = children.start("ap", ["serve", "--listen", ap, "--config", str(config)])
+        workers = {
+            wid: children.start(
+                wid,
+                [
+                    "worker",
+                    "edge",
+                    "--listen",
+                    f"127.0.0.1:{free_port()}",
+                    "--models",
+                    str(models_dir),
+                    "--variants",
+                    "digits-tiny",
+                    "--ap",
+                    ap,
+                    "--worker-id",
+                    wid,
+                    "--slots",
+                    "1",
+                ],
+            )
+            for wid in ("w1", "w2")
+        }
+        wait_for_workers(ap, ap_child, workers)
+        with Client(ap) as client:
+            # A worker dies without deregistering: its lease runs out.
+            children.stop(workers["w1"], sig=signal.SIGKILL)
+            outcomes = [
+                r.outcome
+                for r in client.stream([StreamRequest("digits", x, deadline_ms=500.0) for _ in range(50)])
+            ]
+            assert len(outcomes) == 50  # one outcome each, failed or not
+            assert _wait_until(lambda: set((registered_workers(ap) or ({}, ""))[0]) == {"w2"}, 5.0)
+            results = list(client.stream([StreamRequest("digits", x, deadline_ms=500.0) for _ in range(50)]))
+            assert [r.outcome for r in results] == ["ok"] * 50
+            assert {r.served_by.worker for r in results if r.served_by} == {"w2"}
+
+            # The AP restarts on the same address; the worker registers again.
+            children.stop(ap_child)
+            ap_child = children.start("ap2", ["serve", "--listen", ap, "--config", str(config)])
+            wait_for_workers(ap, ap_child, {"w2": workers["w2"]}, timeout_s=15)
+            assert client.infer("digits", x, deadline_ms=500.0).outcome == "ok"
+    finally:
+        children.close()
