@@ -1,0 +1,755 @@
+"""Workers: real OIP gRPC servers on loopback over real ONNX Runtime and torch models.
+
+Most workers run in-process on the test's event loop; tritonclient (which
+registers its own ``inference`` proto package) and the torch-less edge worker
+run in subprocesses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from apdispatch.cli import build_parser
+from apdispatch.protocol import dispatcher_pb2 as dpb
+from apdispatch.protocol import dispatcher_pb2_grpc as dpb_grpc
+from apdispatch.protocol import oip_pb2 as pb
+from apdispatch.protocol import oip_pb2_grpc as pb_grpc
+from workers.config import WorkerConfig
+from workers.logging import make_logger
+from workers.server import Worker, config_from_args
+from workers.zoo.manifest import Manifest, Variant, load_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+TASK = "digits"
+MAX_BATCH = 8
+Tensor = pb.ModelInferRequest.InferInputTensor
+
+
+# Fixtures and helpers -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Zoo:
+    root: Path
+    manifest: Manifest
+    tiny: Variant  # the lightest ONNX variant of TASK
+    small: Variant  # the heaviest ONNX variant of TASK
+    large: Variant  # a torch variant of TASK
+    x: np.ndarray  # held-out inputs, FP32, shaped as the variants expect
+    y: np.ndarray  # held-out labels
+
+
+@pytest.fixture(scope="session")
+def zoo(models_dir: Path) -> Zoo:
+    manifest = load_manifest(models_dir)
+    of_task = [v for v in manifest.variants if v.task == TASK]
+    onnx = sorted((v for v in of_task if v.runtime == "onnx"), key=lambda v: v.params)
+    torch_variants = [v for v in of_task if v.runtime == "torch"]
+    assert len(onnx) >= 2 and torch_variants, f"zoo at {models_dir} lacks {TASK} variants"
+    with np.load(models_dir / "samples" / f"{TASK}.npz") as npz:
+        x, y = npz["x"], npz["y"]
+    tail = tuple(onnx[0].inputs[0].shape[1:])
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape((len(x), *tail))
+    return Zoo(models_dir, manifest, onnx[0], onnx[-1], torch_variants[0], x, y)
+
+
+@pytest.fixture(scope="session")
+def hold_factor(zoo: Zoo) -> Callable[[float], float]:
+    """Slowdown that makes one 8-row request of ``zoo.small`` hold its slot for about ``ms``.
+
+    Calibrated against the real runtime, the way the worker runs it: in a slot
+    thread, one request at a time with idle gaps between. Such a lone call takes
+    several times longer than one in a tight loop (cold caches), and the
+    slowdown multiplies whatever it takes.
+    """
+    from workers.edge import OnnxRuntime
+
+    runtime = OnnxRuntime(zoo.small, zoo.manifest.path(zoo.small))
+    runtime.load()
+    inputs = [zoo.x[:MAX_BATCH]]
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        runtime.predict(inputs)
+        return time.perf_counter() - t0
+
+    times = []
+    with ThreadPoolExecutor(1) as pool:
+        for _ in range(12):
+            times.append(pool.submit(once).result())
+            time.sleep(0.01)
+    compute_ms = sorted(times)[len(times) // 2] * 1e3
+    return lambda ms: max(2.0, ms / compute_ms)
+
+
+def request(variant: Variant | str, x: np.ndarray, rid: str = "", **params: int) -> pb.ModelInferRequest:
+    name = variant if isinstance(variant, str) else variant.name
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    req = pb.ModelInferRequest(
+        model_name=name,
+        id=rid,
+        inputs=[Tensor(name="input", datatype="FP32", shape=list(x.shape))],
+        raw_input_contents=[x.tobytes()],
+    )
+    for key, value in params.items():
+        req.parameters[key].int64_param = value
+    return req
+
+
+def logits(reply: pb.ModelInferResponse) -> np.ndarray:
+    assert not reply.outputs[0].HasField("contents"), "outputs must travel raw"
+    shape = tuple(reply.outputs[0].shape)
+    return np.frombuffer(reply.raw_output_contents[0], dtype="<f4").reshape(shape)
+
+
+def param(reply: pb.ModelInferResponse, key: str) -> float:
+    p = reply.parameters[key]
+    return p.int64_param if p.WhichOneof("parameter_choice") == "int64_param" else p.double_param
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    zoo: Zoo, kind: str, variants: list[Variant], **overrides: Any
+) -> AsyncIterator[tuple[Worker, pb_grpc.GRPCInferenceServiceStub]]:
+    config = WorkerConfig(
+        kind=kind,
+        listen="127.0.0.1:0",
+        models=zoo.root,
+        variants=tuple(v.name for v in variants),
+        max_batch_size=MAX_BATCH,
+    )
+    worker = Worker(replace(config, **overrides), make_logger("warning"))
+    await worker.start()
+    channel = grpc.aio.insecure_channel(worker.address)
+    try:
+        yield worker, pb_grpc.GRPCInferenceServiceStub(channel)
+    finally:
+        await channel.close()
+        await worker.stop(grace=1.0)
+
+
+async def wait_until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def subprocess_env(*extra_path: Path) -> dict[str, str]:
+    path = os.pathsep.join([*map(str, extra_path), str(REPO), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path.rstrip(os.pathsep), "PYTHONUNBUFFERED": "1"}
+
+
+class RecordingRegistry(dpb_grpc.RegistryServicer):
+    """A real Registry server that records what workers tell it."""
+
+    def __init__(self) -> None:
+        self.registers: list[dpb.RegisterRequest] = []
+        self.heartbeats = 0
+        self.deregistered: list[str] = []
+        self.known: set[str] = set()
+
+    async def Register(
+        self, request: dpb.RegisterRequest, context: grpc.aio.ServicerContext
+    ) -> dpb.RegisterResponse:
+        self.registers.append(request)
+        self.known.add(request.worker_id)
+        return dpb.RegisterResponse(lease_s=3.0)
+
+    async def Heartbeat(
+        self, request: dpb.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> dpb.HeartbeatResponse:
+        self.heartbeats += 1
+        return dpb.HeartbeatResponse(known=request.worker_id in self.known, lease_s=3.0)
+
+    async def Deregister(
+        self, request: dpb.DeregisterRequest, context: grpc.aio.ServicerContext
+    ) -> dpb.DeregisterResponse:
+        self.deregistered.append(request.worker_id)
+        self.known.discard(request.worker_id)
+        return dpb.DeregisterResponse()
+
+
+@contextlib.asynccontextmanager
+async def registry_at(address: str) -> AsyncIterator[RecordingRegistry]:
+    registry = RecordingRegistry()
+    server = grpc.aio.server()
+    dpb_grpc.add_RegistryServicer_to_server(registry, server)
+    assert server.add_insecure_port(address)
+    await server.start()
+    try:
+        yield registry
+    finally:
+        await server.stop(None)
+
+
+# Metadata ---------------------------------------------------------------------
+
+
+async def test_metadata_rpcs(zoo: Zoo) -> None:
+    async with serving(zoo, "edge", [zoo.tiny, zoo.small]) as (_, stub):
+        assert (await stub.ServerLive(pb.ServerLiveRequest())).live
+        assert (await stub.ServerReady(pb.ServerReadyRequest())).ready
+        assert (await stub.ModelReady(pb.ModelReadyRequest(name=zoo.tiny.name))).ready
+        assert not (await stub.ModelReady(pb.ModelReadyRequest(name="no-such-model"))).ready
+        server = await stub.ServerMetadata(pb.ServerMetadataRequest())
+        assert server.name == "apdispatch-worker" and server.version
+        assert "model_stream_infer" in server.extensions
+        meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name=zoo.small.name))
+        assert meta.name == zoo.small.name and meta.platform == "onnxruntime_onnx"
+        assert list(meta.versions) == ["1"]
+        assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
+            (t.name, t.datatype, list(t.shape)) for t in zoo.small.inputs
+        ]
+        assert [t.name for t in meta.outputs] == ["logits"]
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ModelMetadata(pb.ModelMetadataRequest(name="no-such-model"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "no-such-model" in (err.value.details() or "")
+
+
+# Inference --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["tiny", "small"])
+async def test_edge_predictions_match_manifest_accuracy(zoo: Zoo, which: str) -> None:
+    variant: Variant = getattr(zoo, which)
+    async with serving(zoo, "edge", [variant]) as (_, stub):
+        preds = []
+        for i in range(0, len(zoo.x), MAX_BATCH):
+            reply = await stub.ModelInfer(request(variant, zoo.x[i : i + MAX_BATCH], f"r{i}"))
+            assert reply.id == f"r{i}" and reply.model_name == variant.name
+            assert param(reply, "batch_size") == len(zoo.x[i : i + MAX_BATCH])
+            assert param(reply, "queue_ms") >= 0 and param(reply, "compute_ms") > 0
+            preds.append(logits(reply).argmax(axis=1))
+    accuracy = float((np.concatenate(preds) == zoo.y).mean())
+    assert accuracy == pytest.approx(variant.accuracy, abs=0.02)
+
+
+async def test_typed_contents_match_raw(zoo: Zoo) -> None:
+    x = zoo.x[:3]
+    typed = pb.ModelInferRequest(
+        model_name=zoo.tiny.name,
+        inputs=[
+            Tensor(
+                name="input",
+                datatype="FP32",
+                shape=list(x.shape),
+                contents=pb.InferTensorContents(fp32_contents=x.ravel().tolist()),
+            )
+        ],
+    )
+    async with serving(zoo, "edge", [zoo.tiny]) as (_, stub):
+        by_typed = await stub.ModelInfer(typed)
+        by_raw = await stub.ModelInfer(request(zoo.tiny, x))
+    np.testing.assert_array_equal(logits(by_typed), logits(by_raw))
+
+
+def _bad_requests(zoo: Zoo) -> dict[str, tuple[pb.ModelInferRequest, grpc.StatusCode, str]]:
+    """Case name -> (request, expected status, text the message must hold)."""
+    name = zoo.tiny.name
+    x = zoo.x[:2]
+    flat = x.reshape(2, -1)
+    features = flat.shape[1]
+    inv, nf = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+
+    def build(**edits: Any) -> pb.ModelInferRequest:
+        req = request(name, x, "bad")
+        tensor = req.inputs[0]
+        if "datatype" in edits:
+            tensor.datatype = edits["datatype"]
+        if "shape" in edits:
+            del tensor.shape[:]
+            tensor.shape.extend(edits["shape"])
+        if "raw" in edits:
+            del req.raw_input_contents[:]
+            req.raw_input_contents.extend(edits["raw"])
+        return req
+
+    nan, inf = x.copy(), x.copy()
+    nan.flat[5] = np.nan
+    inf.flat[7] = -np.inf
+    two_inputs = build()
+    two_inputs.inputs.append(Tensor(name="extra", datatype="FP32", shape=list(x.shape)))
+    two_inputs.raw_input_contents.append(x.tobytes())
+    renamed = build()
+    renamed.inputs[0].name = "image"
+    short_typed = pb.ModelInferRequest(
+        model_name=name,
+        id="bad",
+        inputs=[
+            Tensor(
+                name="input",
+                datatype="FP32",
+                shape=list(x.shape),
+                contents=pb.InferTensorContents(fp32_contents=[0.5] * 3),
+            )
+        ],
+    )
+    no_data = build(raw=[])
+    other_output = build()
+    other_output.outputs.add(name="probabilities")
+    wrong_version = build()
+    wrong_version.model_version = "7"
+    big = np.repeat(x[:1], MAX_BATCH + 1, axis=0)
+    return {
+        "unknown-model": (request("no-such-model", x, "bad"), nf, "'no-such-model'"),
+        "unknown-version": (wrong_version, nf, f"'{name}'"),
+        "datatype": (build(datatype="FP64", raw=[x.astype("<f8").tobytes()]), inv, "FP64"),
+        "rank": (build(shape=[x.size]), inv, "unexpected shape"),
+        "dimension": (
+            build(shape=[1, 2 * features], raw=[x.tobytes()])
+            if len(x.shape) == 2
+            else build(shape=[2, *x.shape[1:-1], x.shape[-1] + 1]),
+            inv,
+            "unexpected shape",
+        ),
+        "negative-dimension": (build(shape=[-1, *x.shape[1:]]), inv, "unexpected shape"),
+        "byte-size": (build(raw=[x.tobytes()[:-4]]), inv, "byte size"),
+        "empty": (build(shape=[0, *x.shape[1:]], raw=[b""]), inv, "empty"),
+        "batch-too-big": (request(name, big, "bad"), inv, "batch-size must be <= 8"),
+        "input-count": (two_inputs, inv, "expected 1 inputs but got 2"),
+        "input-name": (renamed, inv, "unexpected inference input 'image'"),
+        "nan": (build(raw=[nan.tobytes()]), inv, "NaN or infinite"),
+        "inf": (build(raw=[inf.tobytes()]), inv, "NaN or infinite"),
+        "typed-count": (short_typed, inv, "contents.fp32_contents"),
+        "no-data": (no_data, inv, "no data"),
+        "raw-count": (build(raw=[x.tobytes(), x.tobytes()]), inv, "raw_input_contents"),
+        "output-name": (other_output, inv, "unexpected inference output 'probabilities'"),
+    }
+
+
+BAD_CASES = [
+    "unknown-model", "unknown-version", "datatype", "rank", "dimension", "negative-dimension",
+    "byte-size", "empty", "batch-too-big", "input-count", "input-name", "nan", "inf",
+    "typed-count", "no-data", "raw-count", "output-name",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+async def test_bad_input_is_rejected_and_server_keeps_serving(zoo: Zoo, case: str) -> None:
+    bad, code, text = _bad_requests(zoo)[case]
+    async with serving(zoo, "edge", [zoo.tiny]) as (_, stub):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ModelInfer(bad, timeout=10)
+        details = err.value.details() or ""
+        assert err.value.code() == code, details
+        assert details.startswith("[request id: bad] "), details
+        assert text in details, details
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            assert f"model '{zoo.tiny.name}'" in details
+            if case not in ("raw-count", "output-name", "batch-too-big", "input-count"):
+                assert "input '" in details
+        ok = await stub.ModelInfer(request(zoo.tiny, zoo.x[:1], "good"), timeout=10)
+        assert logits(ok).shape == (1, 10)
+
+
+# Slots, emulation and deadlines ---------------------------------------------
+
+
+async def test_slots_serialize_and_slowdown_holds_them(
+    zoo: Zoo, hold_factor: Callable[[float], float]
+) -> None:
+    slowdown = hold_factor(40)
+    x8 = zoo.x[:MAX_BATCH]
+    async with serving(zoo, "edge", [zoo.small], slots=1, slowdown=slowdown) as (_, stub):
+        t0 = time.perf_counter()
+        replies = await asyncio.gather(*(stub.ModelInfer(request(zoo.small, x8, f"r{i}")) for i in range(4)))
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    queued = sorted(param(r, "queue_ms") for r in replies)
+    held = [param(r, "compute_ms") for r in replies]
+    assert min(held) > 10, held  # the emulated slowdown really holds the slot
+    for rank, q in enumerate(queued):
+        # FIFO on one slot: the i-th waited for the i before it.
+        assert q >= 0.9 * rank * min(held), (queued, held)
+    assert wall_ms >= 0.9 * sum(held)
+
+    async with serving(zoo, "edge", [zoo.small], slots=4, slowdown=slowdown) as (_, stub):
+        replies = await asyncio.gather(*(stub.ModelInfer(request(zoo.small, x8, f"r{i}")) for i in range(4)))
+    held = [param(r, "compute_ms") for r in replies]
+    assert max(param(r, "queue_ms") for r in replies) < 0.5 * min(held)
+
+
+async def test_deadline_shorter_than_queue_wait(zoo: Zoo, hold_factor: Callable[[float], float]) -> None:
+    x8 = zoo.x[:MAX_BATCH]
+    async with serving(zoo, "edge", [zoo.small], slots=1, slowdown=hold_factor(150)) as (
+        _,
+        stub,
+    ):
+        first = asyncio.ensure_future(stub.ModelInfer(request(zoo.small, x8, "a")))
+        await asyncio.sleep(0.02)  # "a" holds the only slot now
+        t0 = time.perf_counter()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ModelInfer(request(zoo.small, x8, "b"), timeout=0.03)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.perf_counter() - t0 < 0.12
+        late = await stub.ModelInfer(request(zoo.small, x8, "c"))
+        a = await first
+    # "b" never took the slot: "c" waited only for the rest of "a".
+    assert param(late, "queue_ms") < param(a, "compute_ms")
+
+
+async def test_link_delay_is_a_round_trip_outside_the_slot(zoo: Zoo) -> None:
+    async with serving(zoo, "edge", [zoo.tiny], link_delay_ms=60) as (_, stub):
+        await stub.ModelInfer(request(zoo.tiny, zoo.x[:1]))
+        t0 = time.perf_counter()
+        reply = await stub.ModelInfer(request(zoo.tiny, zoo.x[:1]))
+        rtt_ms = (time.perf_counter() - t0) * 1e3
+    assert rtt_ms >= 59
+    assert param(reply, "queue_ms") + param(reply, "compute_ms") < 10
+
+
+async def test_stream_replies_out_of_order_with_per_message_errors(
+    zoo: Zoo, hold_factor: Callable[[float], float]
+) -> None:
+    x8 = zoo.x[:MAX_BATCH]
+    bad = x8.copy()
+    bad.flat[3] = np.nan
+    async with serving(zoo, "edge", [zoo.small], slots=1, slowdown=hold_factor(150)) as (
+        _,
+        stub,
+    ):
+        call = stub.ModelStreamInfer()
+        await call.write(request(zoo.small, x8, "a"))
+        await asyncio.sleep(0.02)  # "a" holds the only slot now
+        await call.write(request(zoo.small, bad, "b"))
+        await call.write(request("no-such-model", x8, "c"))
+        await call.write(request(zoo.small, x8, "d", timeout=20_000))  # microseconds
+        await call.write(request(zoo.small, x8[:1], "e"))
+        replies = [await asyncio.wait_for(call.read(), 10) for _ in range(5)]
+        # The stream outlives the errors.
+        await call.write(request(zoo.small, x8[:2], "f"))
+        after = await asyncio.wait_for(call.read(), 10)
+        await call.done_writing()
+        assert await asyncio.wait_for(call.read(), 10) == grpc.aio.EOF
+        unary = {
+            "a": await stub.ModelInfer(request(zoo.small, x8)),
+            "e": await stub.ModelInfer(request(zoo.small, x8[:1])),
+        }
+    order = [r.infer_response.id for r in replies]
+    assert set(order[:2]) == {"b", "c"} and order[2:] == ["d", "a", "e"], order
+    by_id = {r.infer_response.id: r for r in replies}
+    expected = {
+        "b": ("INVALID_ARGUMENT", "NaN or infinite"),
+        "c": ("NOT_FOUND", "'no-such-model'"),
+        "d": ("DEADLINE_EXCEEDED", "deadline"),
+    }
+    for rid, (status, text) in expected.items():
+        message = by_id[rid].error_message
+        assert message.startswith(f"[request id: {rid}] ") and text in message, message
+        assert by_id[rid].infer_response.parameters["status"].string_param == status
+    for rid in ("a", "e"):
+        assert not by_id[rid].error_message
+        np.testing.assert_allclose(logits(by_id[rid].infer_response), logits(unary[rid]), atol=1e-5)
+    assert not after.error_message and after.infer_response.id == "f"
+
+
+# Cloud worker -----------------------------------------------------------------
+
+
+async def test_cloud_worker_batches_and_predicts(zoo: Zoo) -> None:
+    async with serving(zoo, "cloud", [zoo.large], slots=1, max_wait_ms=50.0) as (_, stub):
+        meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name=zoo.large.name))
+        assert meta.platform.startswith("pytorch")
+        # Eight concurrent one-row requests meet in the batcher.
+        replies = await asyncio.gather(
+            *(stub.ModelInfer(request(zoo.large, zoo.x[i : i + 1], str(i))) for i in range(8))
+        )
+        assert max(param(r, "batch_size") for r in replies) > 1
+        for i, reply in enumerate(replies):
+            assert reply.id == str(i) and logits(reply).shape == (1, 10)
+        # Requests of different sizes are split back correctly.
+        sizes = [1, 3, 2, 2]
+        starts = np.cumsum([0, *sizes])
+        mixed = await asyncio.gather(
+            *(
+                stub.ModelInfer(request(zoo.large, zoo.x[starts[k] : starts[k + 1]]))
+                for k in range(len(sizes))
+            )
+        )
+        alone = await stub.ModelInfer(request(zoo.large, zoo.x[: starts[-1]]))
+        np.testing.assert_allclose(
+            np.concatenate([logits(r) for r in mixed]), logits(alone), rtol=1e-4, atol=1e-4
+        )
+        preds = []
+        for i in range(0, len(zoo.x), MAX_BATCH):
+            reply = await stub.ModelInfer(request(zoo.large, zoo.x[i : i + MAX_BATCH]))
+            preds.append(logits(reply).argmax(axis=1))
+    accuracy = float((np.concatenate(preds) == zoo.y).mean())
+    assert accuracy == pytest.approx(zoo.large.accuracy, abs=0.02)
+
+
+def test_cli_flags_become_worker_config(tmp_path: Path) -> None:
+    args = build_parser().parse_args(
+        ["worker", "cloud", "--models", str(tmp_path), "--variants", "a, b",
+         "--slots", "3", "--slowdown", "2.5", "--link-delay-ms", "30", "--ap", "127.0.0.1:1",
+         "--max-batch-size", "16", "--max-wait-ms", "4", "--device", "cpu"]
+    )  # fmt: skip
+    config = config_from_args(args)
+    assert config.kind == "cloud" and config.variants == ("a", "b")
+    assert (config.slots, config.slowdown, config.link_delay_ms) == (3, 2.5, 30.0)
+    assert (config.max_batch_size, config.max_wait_ms, config.device) == (16, 4.0, "cpu")
+    edge = config_from_args(build_parser().parse_args(["worker", "edge", "--variants", "x", "--models", "m"]))
+    assert edge.max_batch_size == MAX_BATCH and edge.ap is None
+
+
+# Registration and lifecycle --------------------------------------------------
+
+
+async def test_registration_retries_heartbeats_and_deregisters(zoo: Zoo) -> None:
+    ap = f"127.0.0.1:{free_port()}"
+    async with serving(
+        zoo, "edge", [zoo.tiny, zoo.small], ap=ap, heartbeat_s=0.05, slowdown=2.0,
+        link_delay_ms=4.0, cluster="edge-a", slots=2,
+    ) as (worker, _):  # fmt: skip
+        registrar = worker.registrar
+        assert registrar is not None
+        await asyncio.sleep(0.3)  # the AP is not up yet: the worker keeps trying
+        assert registrar.registrations == 0
+        async with registry_at(ap) as registry:
+            await wait_until(lambda: len(registry.registers) == 1)
+            first = registry.registers[0]
+            port = worker.address.rsplit(":", 1)[1]
+            assert first.worker_id == f"edge-edge-a-{port}"
+            assert first.address == worker.address
+            assert (first.cluster, first.kind, first.slots) == ("edge-a", "edge", 2)
+            assert first.streaming and first.link_delay_ms == 4.0
+            infos = {v.name: v for v in first.variants}
+            assert set(infos) == {zoo.tiny.name, zoo.small.name}
+            info = infos[zoo.small.name]
+            assert info.task == TASK and info.accuracy == pytest.approx(zoo.small.accuracy)
+            assert info.latency_ms == pytest.approx(2.0 * zoo.small.latency_ms_batch1)
+            assert info.latency_ms_batch8 == pytest.approx(2.0 * zoo.small.latency_ms_batch8)
+            assert info.max_batch_size == MAX_BATCH
+            assert [(t.name, list(t.shape)) for t in info.inputs] == [
+                (t.name, list(t.shape)) for t in zoo.small.inputs
+            ]
+            await wait_until(lambda: registry.heartbeats >= 2)
+            # The AP forgets the worker (a restart, say): the next heartbeat says so.
+            registry.known.clear()
+            await wait_until(lambda: len(registry.registers) == 2)
+            await worker.stop(grace=1.0)
+            assert registry.deregistered == [first.worker_id]
+
+
+async def test_graceful_stop_finishes_in_flight_requests(
+    zoo: Zoo, hold_factor: Callable[[float], float]
+) -> None:
+    async with serving(zoo, "edge", [zoo.small], slots=1, slowdown=hold_factor(150)) as (
+        worker,
+        stub,
+    ):
+        in_flight = asyncio.ensure_future(stub.ModelInfer(request(zoo.small, zoo.x[:8], "a")))
+        await asyncio.sleep(0.03)
+        assert await worker.stop(grace=5.0)
+        reply = await in_flight
+        assert reply.id == "a" and logits(reply).shape == (8, 10)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.ModelInfer(request(zoo.small, zoo.x[:1]), timeout=2)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_taken_port_fails_start(zoo: Zoo) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        config = WorkerConfig(
+            kind="edge", listen=f"127.0.0.1:{taken}", models=zoo.root, variants=(zoo.tiny.name,)
+        )
+        worker = Worker(config, make_logger("warning"))
+        with pytest.raises(OSError):
+            await worker.start()
+        await worker.stop(grace=0)
+
+
+# Interop and the torch-less edge ------------------------------------------------
+
+TRITON_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tritonclient.grpc as tc
+    from tritonclient.utils import InferenceServerException
+
+    url, model, samples = sys.argv[1:4]
+    client = tc.InferenceServerClient(url)
+    out = {"live": client.is_server_live()}
+    meta = client.get_model_metadata(model)
+    out["platform"] = meta.platform
+    spec = meta.inputs[0]
+    out["input"] = [spec.name, spec.datatype, list(spec.shape)]
+    with np.load(samples) as npz:
+        x = npz["x"][:8].astype(np.float32).reshape(8, *[int(d) for d in spec.shape[1:]])
+    tensor = tc.InferInput(spec.name, list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    result = client.infer(model, [tensor], request_id="t-1", parameters={"app": "interop"},
+                          client_timeout=10)
+    out["logits"] = result.as_numpy("logits").tolist()
+    response = result.get_response()
+    out["id"] = response.id
+    out["queue_ms"] = response.parameters["queue_ms"].double_param
+    try:
+        client.infer("no-such-model", [tensor])
+    except InferenceServerException as err:
+        out["unknown"] = str(err.status())
+    print(json.dumps(out))
+    """
+)
+
+
+async def test_tritonclient_interop(zoo: Zoo) -> None:
+    async with serving(zoo, "edge", [zoo.tiny]) as (worker, stub):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", TRITON_SCRIPT, worker.address, zoo.tiny.name,
+            str(zoo.root / "samples" / f"{TASK}.npz"),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env=subprocess_env(),
+        )  # fmt: skip
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+        reference = await stub.ModelInfer(request(zoo.tiny, zoo.x[:8]))
+    assert proc.returncode == 0, stderr.decode()
+    out = json.loads(stdout.decode().strip().splitlines()[-1])
+    assert out["live"] is True and out["platform"] == "onnxruntime_onnx"
+    assert out["input"][:2] == ["input", "FP32"]
+    assert out["id"] == "t-1" and out["queue_ms"] >= 0
+    np.testing.assert_allclose(np.array(out["logits"]), logits(reference), atol=1e-5)
+    assert "NOT_FOUND" in out["unknown"]
+
+
+NO_TORCH = textwrap.dedent(
+    """
+    import sys
+
+    class _NoTorch:
+        # Any attempt to import torch fails, as on an edge device without it.
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ImportError(f"no torch on this device ({name})")
+            return None
+
+    sys.meta_path.insert(0, _NoTorch())
+    """
+)
+
+
+async def _run_python(code: str, env: dict[str, str]) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, cwd=REPO, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    stdout, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, stdout.decode()
+    return stdout.decode()
+
+
+async def test_edge_modules_do_not_import_torch(tmp_path: Path) -> None:
+    check = "import sys, workers.edge, workers.server; print('torch' in sys.modules)"
+    assert (await _run_python(check, subprocess_env())).strip() == "False"
+    (tmp_path / "sitecustomize.py").write_text(NO_TORCH)
+    probe = "try:\n import torch\nexcept ImportError:\n print('blocked')"
+    assert (await _run_python(probe, subprocess_env(tmp_path))).strip() == "blocked"
+
+
+async def _serving_address(proc: asyncio.subprocess.Process, lines: list[str]) -> str:
+    assert proc.stdout is not None
+    while True:
+        raw = await proc.stdout.readline()
+        assert raw, "worker exited before serving:\n" + "".join(lines)
+        line = raw.decode()
+        lines.append(line)
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if event.get("event") == "serving":
+                return str(event["address"])
+
+
+async def test_edge_worker_without_torch_serves_registers_and_stops(zoo: Zoo, tmp_path: Path) -> None:
+    (tmp_path / "sitecustomize.py").write_text(NO_TORCH)
+    ap = f"127.0.0.1:{free_port()}"
+    async with registry_at(ap) as registry:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "apdispatch.cli", "worker", "edge",
+            "--models", str(zoo.root), "--variants", f"{zoo.tiny.name},{zoo.small.name}",
+            "--listen", "127.0.0.1:0", "--ap", ap, "--cluster", "edge-x", "--slots", "2",
+            cwd=REPO, env=subprocess_env(tmp_path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        lines: list[str] = []
+        try:
+            address = await asyncio.wait_for(_serving_address(proc, lines), 60)
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                reply = await stub.ModelInfer(request(zoo.small, zoo.x[:8], "nt"), timeout=10)
+            assert reply.id == "nt" and logits(reply).shape == (8, 10)
+            await wait_until(lambda: len(registry.registers) >= 1)
+            worker_id = registry.registers[0].worker_id
+            assert worker_id == f"edge-edge-x-{address.rsplit(':', 1)[1]}"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.stdout is not None
+            rest = await asyncio.wait_for(proc.stdout.read(), 30)
+            lines.append(rest.decode())
+            assert await asyncio.wait_for(proc.wait(), 30) == 0, "".join(lines)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert registry.deregistered == [worker_id]
+        events = [json.loads(x)["event"] for x in "".join(lines).splitlines() if x.startswith("{")]
+        assert "stopped" in events
+        assert not any("Traceback" in x for x in lines), "".join(lines)
+
+
+async def test_second_signal_forces_exit(zoo: Zoo, hold_factor: Callable[[float], float]) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "apdispatch.cli", "worker", "edge",
+        "--models", str(zoo.root), "--variants", zoo.small.name, "--listen", "127.0.0.1:0",
+        "--slowdown", str(hold_factor(30_000)), "--log-format", "json",
+        cwd=REPO, env=subprocess_env(),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        address = await asyncio.wait_for(_serving_address(proc, lines), 60)
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            # Holds the only slot far longer than the shutdown grace period.
+            in_flight = asyncio.ensure_future(stub.ModelInfer(request(zoo.small, zoo.x[:8])))
+            await asyncio.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            assert proc.returncode is None  # draining, within its grace period
+            t0 = time.perf_counter()
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(proc.wait(), 10) == 1
+            assert time.perf_counter() - t0 < 3
+            with pytest.raises(grpc.aio.AioRpcError):
+                await in_flight
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

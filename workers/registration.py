@@ -1,0 +1,134 @@
+"""The worker's side of the AP's ``apdispatch.v1.Registry``: register, heartbeat, deregister.
+
+Runs as one background task on the worker's event loop, over one grpc.aio
+channel. The worker serves whether or not the AP is there: an unreachable AP is
+retried with capped exponential backoff, forever, and never crashes the worker.
+A heartbeat answered ``known=false`` (the AP restarted or dropped the lease)
+and a failed heartbeat both lead back to ``Register``, which the AP treats as
+idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+from structlog.typing import FilteringBoundLogger
+
+from apdispatch.protocol import dispatcher_pb2 as dpb
+from apdispatch.protocol import dispatcher_pb2_grpc as dpb_grpc
+
+
+class Registrar:
+    def __init__(
+        self,
+        ap: str,
+        request: dpb.RegisterRequest,
+        log: FilteringBoundLogger,
+        *,
+        heartbeat_s: float = 1.0,
+        rpc_timeout_s: float = 2.0,
+        backoff_initial_s: float = 0.1,
+        backoff_max_s: float = 5.0,
+    ) -> None:
+        self.ap = ap
+        self.request = request
+        self.heartbeat_s = heartbeat_s
+        self.rpc_timeout_s = rpc_timeout_s
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self._log = log.bind(ap=ap)
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: dpb_grpc.RegistryStub | None = None
+        self._task: asyncio.Task[None] | None = None
+        # Set while the AP holds a lease for this worker, as far as it knows.
+        self.registered = asyncio.Event()
+        self.registrations = 0  # successful Register calls so far
+
+    @property
+    def worker_id(self) -> str:
+        return self.request.worker_id
+
+    def start(self) -> None:
+        if self._task is not None:
+            return
+        self._channel = grpc.aio.insecure_channel(self.ap)
+        self._stub = dpb_grpc.RegistryStub(self._channel)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="registrar")
+
+    async def stop(self, *, deregister: bool = True) -> None:
+        """Stop heartbeating and, when the AP knows this worker, deregister (best effort)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if deregister and self._stub is not None and self.registrations > 0:
+            try:
+                await self._stub.Deregister(
+                    dpb.DeregisterRequest(worker_id=self.worker_id),
+                    timeout=min(1.0, self.rpc_timeout_s),
+                )
+                self._log.info("deregistered", worker_id=self.worker_id)
+            except grpc.aio.AioRpcError as err:
+                self._log.warning("deregister_failed", code=err.code().name, error=err.details())
+        self.registered.clear()
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+            self._stub = None
+
+    async def _run(self) -> None:
+        assert self._stub is not None
+        stub = self._stub
+        backoff = self.backoff_initial_s
+        failures = 0
+        lease_s = 0.0
+        while True:
+            if not self.registered.is_set():
+                try:
+                    reply = await stub.Register(self.request, timeout=self.rpc_timeout_s)
+                except grpc.aio.AioRpcError as err:
+                    failures += 1
+                    # Loud once, then quiet: the AP may simply not be up yet.
+                    level = self._log.warning if failures == 1 else self._log.debug
+                    level(
+                        "register_failed",
+                        code=err.code().name,
+                        error=err.details(),
+                        retry_in_s=round(backoff, 3),
+                        failures=failures,
+                    )
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, self.backoff_max_s)
+                    continue
+                lease_s = reply.lease_s
+                self.registrations += 1
+                self.registered.set()
+                backoff = self.backoff_initial_s
+                self._log.info(
+                    "registered",
+                    worker_id=self.worker_id,
+                    lease_s=lease_s,
+                    after_failures=failures,
+                )
+                failures = 0
+            # Heartbeat well within the lease, whatever heartbeat_s says.
+            interval = self.heartbeat_s
+            if lease_s > 0:
+                interval = min(interval, lease_s / 3)
+            await asyncio.sleep(interval)
+            try:
+                beat = await stub.Heartbeat(
+                    dpb.HeartbeatRequest(worker_id=self.worker_id), timeout=self.rpc_timeout_s
+                )
+            except grpc.aio.AioRpcError as err:
+                self._log.warning("heartbeat_failed", code=err.code().name, error=err.details())
+                self.registered.clear()
+                continue
+            if beat.lease_s > 0:
+                lease_s = beat.lease_s
+            if not beat.known:
+                self._log.info("lease_lost", worker_id=self.worker_id)
+                self.registered.clear()

@@ -1,0 +1,302 @@
+"""Runtimes (one loaded model variant each) and the slots that run them.
+
+A :class:`Runtime` is MLServer style: ``load()``, ``predict(inputs) -> outputs``
+(synchronous, numpy in and out, called from a slot's thread or inline on the
+event loop), ``unload()``. It knows nothing about gRPC.
+
+:class:`Slots` is the worker's capacity: at most ``count`` executions at once
+(an ``asyncio.Semaphore`` plus a thread pool of that size); more wait in FIFO
+order. It also carries the *emulated* slowdown (see :meth:`Slots.execute`).
+
+A scheduler turns requests into executions: :class:`DirectScheduler` runs every
+request on its own (the edge worker); ``workers.cloud.BatchingScheduler`` groups
+requests into batches first.
+
+This module must not import torch (an edge device does not have it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import grpc
+import numpy as np
+
+from apdispatch.tensors import DATATYPE_TO_DTYPE
+from workers.zoo.manifest import TensorSpec, Variant
+
+T = TypeVar("T")
+
+# Below this much emulated extra hold time, asyncio.sleep cannot be trusted: the
+# selector rounds its timeout up to whole milliseconds, so an idle loop would turn
+# a 0.1 ms hold into 1 ms. Such short holds are slept in the slot's own thread
+# instead (time.sleep is accurate to tens of microseconds), which keeps the
+# slot just as busy without blocking the loop.
+THREAD_HOLD_BELOW_S = 0.002
+
+
+class RequestError(Exception):
+    """A request the worker answers with a gRPC status other than OK."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class DeadlineExceededError(RequestError):
+    def __init__(self, message: str = "deadline exceeded before the request got a slot") -> None:
+        super().__init__(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+
+
+@dataclass(slots=True)
+class InferResult:
+    outputs: list[np.ndarray]  # in the order of the variant's output specs
+    queue_ms: float  # waiting for a slot (and, when batching, for the batch to form)
+    compute_ms: float  # running the model, emulated slowdown included
+    batch_size: int  # rows in the forward pass that served this request
+
+
+class Runtime(ABC):
+    """One model variant, loaded into memory and ready to predict."""
+
+    platform: ClassVar[str] = ""  # OIP ModelMetadata platform string
+
+    def __init__(self, variant: Variant, path: Path, *, max_batch_size: int = 8) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self.variant = variant
+        self.path = path
+        self.max_batch_size = max_batch_size
+
+    @property
+    def name(self) -> str:
+        return self.variant.name
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return self.variant.inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return self.variant.outputs
+
+    @abstractmethod
+    def load(self) -> None:
+        """Read the model file and get ready; called once, before any predict."""
+
+    @abstractmethod
+    def predict(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """Outputs in the order of :attr:`outputs`, for inputs in the order of :attr:`inputs`.
+
+        Inputs may be read-only views over request bytes. Runs in a slot's thread
+        (or inline on the event loop for tiny models), so it must be thread safe.
+        """
+
+    def unload(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Free what :meth:`load` took."""
+
+    def example_inputs(self, rows: int) -> list[np.ndarray]:
+        """Zero inputs of ``rows`` rows (other variable dimensions: 1)."""
+        arrays = []
+        for spec in self.inputs:
+            shape = (rows, *(d if d > 0 else 1 for d in spec.shape[1:]))
+            arrays.append(np.zeros(shape, dtype=DATATYPE_TO_DTYPE[spec.datatype]))
+        return arrays
+
+    def warmup(self, rows: int = 1, runs: int = 15) -> float:
+        """Median milliseconds of ``predict`` at ``rows`` rows, measured here and now.
+
+        Also warms caches and lazy initialisation, so that the first request is
+        not the slow one.
+        """
+        inputs = self.example_inputs(rows)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            self.predict(inputs)
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        return times[len(times) // 2] * 1e3
+
+
+class Slots:
+    """At most ``count`` executions at once; more wait in FIFO order.
+
+    **Emulation.** ``slowdown`` F makes this worker behave like a device F times
+    slower than the machine it runs on: after an execution that really took c
+    seconds, the slot stays busy for a further c*(F-1) seconds before it is
+    released and the reply goes out. F <= 1 emulates nothing (a faster device
+    cannot be emulated by waiting).
+    """
+
+    def __init__(self, count: int, *, slowdown: float = 1.0) -> None:
+        if count < 1:
+            raise ValueError("slots must be >= 1")
+        self.count = count
+        self.slowdown = max(1.0, float(slowdown))
+        self._sem = asyncio.Semaphore(count)
+        self._pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="slot")
+        self.waiting = 0  # requests queued for a slot right now
+
+    @property
+    def busy(self) -> int:
+        """Slots held right now (executing, or holding for emulated slowdown)."""
+        return self.count - self._sem._value
+
+    async def acquire(self, deadline: float | None = None) -> None:
+        """Wait for a free slot (FIFO). ``deadline`` is in event-loop time.
+
+        Raises :class:`DeadlineExceededError` when the deadline passes while
+        waiting, or has already passed when the slot comes free: a dead request
+        must not take a slot from a live one.
+        """
+        sem = self._sem
+        if not sem.locked():
+            # Free slot and nobody queued: this does not suspend.
+            await sem.acquire()
+        else:
+            self.waiting += 1
+            try:
+                if deadline is None:
+                    await sem.acquire()
+                else:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            await sem.acquire()
+                    except TimeoutError:
+                        raise DeadlineExceededError() from None
+            finally:
+                self.waiting -= 1
+        if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+            sem.release()
+            raise DeadlineExceededError()
+
+    def release(self) -> None:
+        self._sem.release()
+
+    def emulates(self) -> bool:
+        return self.slowdown > 1.0
+
+    async def execute(self, fn: Callable[[], T], *, inline: bool = False) -> tuple[T, float]:
+        """Run ``fn`` in an acquired slot, hold the slot for the emulated slowdown, release it.
+
+        Returns ``fn``'s result and the seconds the slot was held (compute plus
+        emulated extra). ``inline`` runs ``fn`` on the event loop: worth it only
+        for models much faster than a thread hop, and never when emulating
+        (short holds are slept in the thread, see ``THREAD_HOLD_BELOW_S``).
+        """
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        if inline and not self.emulates():
+            try:
+                result = fn()
+            finally:
+                self._sem.release()
+            return result, time.perf_counter() - t0
+        fut = loop.run_in_executor(self._pool, self._run_in_slot, fn)
+        try:
+            result, extra = await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            # The thread cannot be stopped: keep the slot busy until it is done
+            # (and its emulated extra), so the slot count stays true for everyone else.
+            fut.add_done_callback(self._release_when_done)
+            raise
+        except BaseException:
+            self._sem.release()
+            raise
+        if extra > 0:
+            # Scheduled rather than released after the sleep: if this request is
+            # cancelled meanwhile, the emulated device is still busy for the full time.
+            loop.call_later(extra, self._sem.release)
+            await asyncio.sleep(extra)
+        else:
+            self._sem.release()
+        return result, time.perf_counter() - t0
+
+    def _run_in_slot(self, fn: Callable[[], T]) -> tuple[T, float]:
+        """In the slot's thread: run ``fn`` and emulate the slowdown on its real compute time.
+
+        Short extra holds are slept right here; a longer one is returned for the
+        event loop to hold (a thread blocked in sleep would be just as busy, but
+        the loop's timer keeps the thread pool free for cancellation and shutdown).
+        """
+        t0 = time.perf_counter()
+        result = fn()
+        extra = (time.perf_counter() - t0) * (self.slowdown - 1.0)
+        if 0.0 < extra < THREAD_HOLD_BELOW_S:
+            time.sleep(extra)
+            extra = 0.0
+        return result, extra
+
+    def _release_when_done(self, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            self._sem.release()
+            return
+        _, extra = fut.result()
+        if extra > 0:
+            fut.get_loop().call_later(extra, self._sem.release)
+        else:
+            self._sem.release()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Scheduler(Protocol):
+    """Turns requests for one variant into executions on the worker's slots."""
+
+    runtime: Runtime
+
+    async def infer(self, inputs: list[np.ndarray], rows: int, deadline: float | None) -> InferResult: ...
+
+    def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class DirectScheduler:
+    """Every request is one execution of its own."""
+
+    def __init__(self, runtime: Runtime, slots: Slots, *, inline: bool = False) -> None:
+        self.runtime = runtime
+        self.slots = slots
+        self.inline = inline
+
+    def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def infer(self, inputs: list[np.ndarray], rows: int, deadline: float | None) -> InferResult:
+        t0 = time.perf_counter()
+        await self.slots.acquire(deadline)
+        queued = time.perf_counter() - t0
+        outputs, held = await self.slots.execute(partial(self.runtime.predict, inputs), inline=self.inline)
+        return InferResult(outputs, queued * 1e3, held * 1e3, rows)
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """True when a float array holds no NaN or infinity.
+
+    One float64 reduction instead of a full boolean temporary: a NaN or an
+    infinity anywhere makes the sum non-finite. A non-finite sum can also come
+    from overflow of huge finite FP64 values, so only then check element-wise.
+    """
+    if math.isfinite(float(array.sum(dtype=np.float64))):
+        return True
+    return bool(np.isfinite(array).all())
+
+
+def format_shape(shape: Sequence[int]) -> str:
+    return "[" + ",".join(str(int(d)) for d in shape) + "]"
