@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from apdispatch.config import APConfig
 from apdispatch.scenario import Scenario, ScenarioError, load_scenario
 from apdispatch.topology import CLOUD, EDGE, WorkerSpec, build_topology
 from workers.zoo.manifest import MANIFEST_NAME, Manifest, load_manifest
@@ -33,7 +34,8 @@ from workers.zoo.manifest import MANIFEST_NAME, Manifest, load_manifest
 AP_PORT = 50051
 WORKER_PORT = 8001  # the Open Inference Protocol's usual gRPC port
 MODELS_DIR = "/models"
-DEFAULT_POLICY = "p2c"
+# The AP's own default, so that `docker compose up` behaves as `apdispatch serve`.
+DEFAULT_POLICY = APConfig().policy
 RESULTS_DIR = "build/compose"  # under the build context, like the demo's build/demo
 
 _DOCKERFILE = {"ap": "docker/ap.Dockerfile", EDGE: "docker/edge.Dockerfile", CLOUD: "docker/cloud.Dockerfile"}
@@ -51,12 +53,18 @@ def _build(role: str, context: str) -> dict[str, Any]:
 def _healthcheck(expected: int) -> dict[str, Any]:
     # Healthy once every worker of the scenario is registered, so that the
     # load starts against the whole topology.
-    probe = (
-        "import sys, grpc; "
-        "from apdispatch.protocol import dispatcher_pb2 as pb, dispatcher_pb2_grpc as rpc; "
-        f"stub = rpc.RegistryStub(grpc.insecure_channel('localhost:{AP_PORT}')); "
-        "n = len(stub.ListWorkers(pb.ListWorkersRequest(), timeout=2).workers); "
-        f"sys.exit(0 if n >= {expected} else 1)"
+    # An AP that is not up yet is unhealthy, not a traceback in the health log.
+    probe = "\n".join(
+        [
+            "import sys, grpc",
+            "from apdispatch.protocol import dispatcher_pb2 as pb, dispatcher_pb2_grpc as rpc",
+            f"stub = rpc.RegistryStub(grpc.insecure_channel('localhost:{AP_PORT}'))",
+            "try:",
+            "    n = len(stub.ListWorkers(pb.ListWorkersRequest(), timeout=2).workers)",
+            "except grpc.RpcError:",
+            "    n = 0",
+            f"sys.exit(0 if n >= {expected} else 1)",
+        ]
     )
     return {
         "test": ["CMD", "python", "-c", probe],
@@ -193,7 +201,7 @@ def render(
         f"# Scenario {scenario.name!r}: workers {', '.join(workers)}.",
         "# `docker compose up` builds the zoo, starts the AP and the workers, then runs the",
         f"# scenario's load once; the report lands in {_join(context, RESULTS_DIR)}/load.json.",
-        f"# The AP's policy is $POLICY (default {DEFAULT_POLICY}), e.g. `POLICY=fastest docker compose up`.",
+        f"# The AP's policy is $POLICY (default {DEFAULT_POLICY}), e.g. `POLICY=p2c docker compose up`.",
         "# Slow devices and far clusters are emulated (--slowdown, --link-delay-ms), as in",
         "# `apdispatch demo`.",
     ]

@@ -8,7 +8,11 @@ A scenario describes devices of different speeds and clusters at different
 round trips; one machine (or one container host) emulates them: a worker on
 a device of ``speed`` s runs every model ``slowdown = 1 / s`` times slower,
 and a worker in a cluster with ``rtt_ms`` r adds r ms of round trip to every
-request (``--link-delay-ms``).
+request (``--link-delay-ms``). Waiting can only make a device slower: a speed
+above 1 gives a slowdown below 1, which the worker runs at this machine's
+speed. What the live topology does not emulate, and the simulator does: the
+cluster's ``jitter_ms`` and the device's ``interference`` (live, requests
+sharing a worker interfere for real) and power draw.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ class WorkerSpec:
     device: str  # the scenario's device name
     variants: tuple[str, ...]
     slots: int
-    slowdown: float  # 1 / device speed: every compute time is multiplied by it
+    slowdown: float  # 1 / device speed: every compute time is multiplied by it (if > 1)
     link_delay_ms: float  # the cluster's RTT, added to every request
     max_batch_size: int = 1  # cloud only
     max_wait_ms: float = 0.0  # cloud only

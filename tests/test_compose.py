@@ -186,3 +186,18 @@ def test_cloud_and_ap_images_install_their_extras() -> None:
 
 def _extras(words: list[str]) -> set[str]:
     return {e for w in words if w.startswith(".[") for e in w[2:-1].split(",")}
+
+
+def test_ap_healthcheck_probe_fails_quietly_without_an_ap(doc: dict[str, Any]) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    test = doc["services"]["ap"]["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "-c"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nobody listens here once closed
+    probe = test[3].replace(f"localhost:{compose.AP_PORT}", f"localhost:{port}")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "Traceback" not in result.stderr

@@ -147,11 +147,7 @@ class Slots:
         self._sem = asyncio.Semaphore(count)
         self._pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="slot")
         self.waiting = 0  # requests queued for a slot right now
-
-    @property
-    def busy(self) -> int:
-        """Slots held right now (executing, or holding for emulated slowdown)."""
-        return self.count - self._sem._value
+        self.busy = 0  # slots held right now (executing, or holding for emulated slowdown)
 
     async def acquire(self, deadline: float | None = None) -> None:
         """Wait for a free slot (FIFO). ``deadline`` is in event-loop time.
@@ -177,11 +173,13 @@ class Slots:
                         raise DeadlineExceededError() from None
             finally:
                 self.waiting -= 1
+        self.busy += 1
         if deadline is not None and asyncio.get_running_loop().time() >= deadline:
-            sem.release()
+            self.release()
             raise DeadlineExceededError()
 
     def release(self) -> None:
+        self.busy -= 1
         self._sem.release()
 
     def emulates(self) -> bool:
@@ -201,7 +199,7 @@ class Slots:
             try:
                 result = fn()
             finally:
-                self._sem.release()
+                self.release()
             return result, time.perf_counter() - t0
         fut = loop.run_in_executor(self._pool, self._run_in_slot, fn)
         try:
@@ -212,15 +210,15 @@ class Slots:
             fut.add_done_callback(self._release_when_done)
             raise
         except BaseException:
-            self._sem.release()
+            self.release()
             raise
         if extra > 0:
             # Scheduled rather than released after the sleep: if this request is
             # cancelled meanwhile, the emulated device is still busy for the full time.
-            loop.call_later(extra, self._sem.release)
+            loop.call_later(extra, self.release)
             await asyncio.sleep(extra)
         else:
-            self._sem.release()
+            self.release()
         return result, time.perf_counter() - t0
 
     def _run_in_slot(self, fn: Callable[[], T]) -> tuple[T, float]:
@@ -240,13 +238,13 @@ class Slots:
 
     def _release_when_done(self, fut: asyncio.Future[Any]) -> None:
         if fut.cancelled() or fut.exception() is not None:
-            self._sem.release()
+            self.release()
             return
         _, extra = fut.result()
         if extra > 0:
-            fut.get_loop().call_later(extra, self._sem.release)
+            fut.get_loop().call_later(extra, self.release)
         else:
-            self._sem.release()
+            self.release()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -63,15 +63,16 @@ EXTENSIONS = ("parameters", "model_stream_infer")
 MODEL_VERSION = "1"
 # ONNX variants whose measured execution at full batch takes less than this
 # run inline on the event loop: handing them to a thread costs more than the
-# model itself (measured: see the worker's README figures).
+# model itself. Measured on digits-tiny (about 0.01 ms): inline serves about
+# 1.7x the streamed requests per second of a thread hop, at a lower p50.
 INLINE_BELOW_MS = 0.3
 # Message limits: large tensors are fine on loopback and in a LAN.
-GRPC_OPTIONS = [
+GRPC_OPTIONS = (
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
     # An explicit port must fail when taken, not be silently shared.
     ("grpc.so_reuseport", 0),
-]
+)
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -292,6 +293,9 @@ class Model:
         raw = []
         for i in picked:
             array = result.outputs[i]
+            # The spec's dtypes are explicitly little-endian: anything else
+            # (another width, big-endian) is converted, so the raw bytes below
+            # are what the wire wants.
             if array.dtype != self._output_dtypes[i]:
                 array = array.astype(self._output_dtypes[i])
             spec = self._output_specs[i]
@@ -300,9 +304,7 @@ class Model:
                     name=spec.name, datatype=spec.datatype, shape=array.shape
                 )
             )
-            # Row-major bytes in native order, which is little-endian on every
-            # platform the workers run on.
-            raw.append(array.tobytes())
+            raw.append(array.tobytes())  # row-major, whatever the array's strides
         return pb.ModelInferResponse(
             model_name=self.name,
             model_version=MODEL_VERSION,
@@ -622,7 +624,7 @@ class Worker:
             model.scheduler.start()
 
         servicer = InferenceServicer(self.models, self.log, link_delay_ms=config.link_delay_ms)
-        server = grpc.aio.server(options=GRPC_OPTIONS)
+        server = grpc.aio.server(options=list(GRPC_OPTIONS))
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         try:
             port = server.add_insecure_port(config.listen)
