@@ -4,7 +4,8 @@ One run on one machine, baseline and AP measured side by side:
 
 1. Latency at one request in flight: the same request sent directly to an
    edge worker (OIP ModelInfer) and through the AP (``Client.infer``), in
-   alternating rounds so that drift in the machine hits both alike.
+   alternating rounds so that drift in the machine hits both alike; then the
+   same over open streams (ModelStreamInfer direct, InferStream via the AP).
 2. Throughput: an open-loop ladder of offered rates through the AP (client
    streams) and, as the baseline, straight to the same workers
    (ModelStreamInfer); the highest rate with at least 99% of requests ok.
@@ -93,6 +94,59 @@ def one_in_flight(
         "added_p50_ms": round(a50 - d50, 3),
         "added_p99_ms": round(a99 - d99, 3),
         "samples_per_path": len(direct),
+    }
+
+
+async def one_in_flight_streams(
+    ap: str, worker: str, variant: str, x: np.ndarray, rounds: int, per_round: int
+) -> dict[str, float]:
+    """As ``one_in_flight``, over open streams: ModelStreamInfer direct, InferStream via the AP."""
+    direct: list[float] = []
+    via_ap: list[float] = []
+    template = _oip_request(variant, x)
+    outbox: asyncio.Queue[oip_pb2.ModelInferRequest | None] = asyncio.Queue()
+
+    async def requests():  # type: ignore[no-untyped-def]
+        while (item := await outbox.get()) is not None:
+            yield item
+
+    async with grpc.aio.insecure_channel(worker) as channel, AsyncClient(ap) as client:
+        direct_call = oip_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests())
+        ap_stream = client.open_stream()
+        ap_request = build_request(TASK, x, deadline_ms=1000, variant=variant)
+
+        async def direct_once() -> float:
+            t0 = time.perf_counter()
+            outbox.put_nowait(template)
+            reply = await direct_call.read()
+            assert not reply.error_message, reply.error_message
+            return (time.perf_counter() - t0) * 1000
+
+        async def ap_once() -> float:
+            t0 = time.perf_counter()
+            await ap_stream.send(ap_request)
+            result = await ap_stream.read()
+            assert result is not None and result.outcome == "ok", result
+            return (time.perf_counter() - t0) * 1000
+
+        for _ in range(200):
+            await direct_once()
+            await ap_once()
+        for _ in range(rounds):
+            direct += [await direct_once() for _ in range(per_round)]
+            via_ap += [await ap_once() for _ in range(per_round)]
+        outbox.put_nowait(None)
+        await ap_stream.done_writing()
+        ap_stream.cancel()
+    d50, d99 = percentiles(direct)
+    a50, a99 = percentiles(via_ap)
+    return {
+        "stream_direct_p50_ms": d50,
+        "stream_direct_p99_ms": d99,
+        "stream_ap_p50_ms": a50,
+        "stream_ap_p99_ms": a99,
+        "stream_added_p50_ms": round(a50 - d50, 3),
+        "stream_added_p99_ms": round(a99 - d99, 3),
     }
 
 
@@ -274,7 +328,9 @@ def main(args: argparse.Namespace) -> int:
         }
         wait_for_workers(ap, ap_child, worker_children, timeout_s=60)
         print(f"one request in flight ({rounds} rounds of {per_round} per path, {variant}):", flush=True)
-        latency = one_in_flight(ap, next(iter(workers.values())), variant, x, rounds, per_round)
+        first_worker = next(iter(workers.values()))
+        latency = one_in_flight(ap, first_worker, variant, x, rounds, per_round)
+        latency.update(asyncio.run(one_in_flight_streams(ap, first_worker, variant, x, rounds, per_round)))
         for key, value in latency.items():
             print(f"  {key:18s} {value}")
         print(f"open-loop ladder ({duration_s:g} s per step, deadline {DEADLINE_MS:g} ms):", flush=True)
