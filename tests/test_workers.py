@@ -383,10 +383,11 @@ async def test_slots_serialize_and_slowdown_holds_them(
     queued = sorted(param(r, "queue_ms") for r in replies)
     held = [param(r, "compute_ms") for r in replies]
     assert min(held) > 5, held  # the emulated slowdown really holds the slot
-    for rank, q in enumerate(queued):
-        # FIFO on one slot: the i-th waited for the i before it.
-        assert q >= 0.9 * rank * min(held), (queued, held)
-    assert wall_ms >= 0.9 * sum(held)
+    # One slot: they ran one after the other (the wall time covers every hold)
+    # and all but the first waited in the queue. How long each waited depends
+    # on when it arrived, which a loaded machine spreads out.
+    assert wall_ms >= 0.9 * sum(held), (wall_ms, held)
+    assert all(q > 0.1 * min(held) for q in queued[1:]), (queued, held)
 
     async with serving(zoo, "edge", [zoo.small], slots=4, slowdown=slowdown) as (_, stub):
         replies = await asyncio.gather(*(stub.ModelInfer(request(zoo.small, x8, f"r{i}")) for i in range(4)))
