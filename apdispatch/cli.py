@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, default=None, help="TOML config file")
     serve.add_argument("--log-level", default=None)
     serve.add_argument("--log-format", default=None, choices=["json", "console"])
+    serve.add_argument(
+        "--checkpoint",
+        default=None,
+        help="learned policies: resume from this checkpoint (X.pt + X.json), save to it periodically "
+        "and on shutdown (default: start from the shipped one, save nothing)",
+    )
+    serve.add_argument("--checkpoint-interval-s", type=float, default=None)
 
     worker = sub.add_parser("worker", help="run a worker")
     wsub = worker.add_subparsers(dest="kind", required=True)
@@ -96,6 +103,56 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", type=Path, default=None)
     bench.add_argument("--requests", type=int, default=3000)
     bench.add_argument("--quick", action="store_true", help="fewer requests and rates")
+    bench.add_argument(
+        "--decisions",
+        action="store_true",
+        help="measure one routing decision instead (in process): --policies on 4-16 candidates",
+    )
+    bench.add_argument("--policies", default="learned,fastest", help="--decisions: which policies")
+
+    sim = sub.add_parser("sim", help="simulate a scenario under each policy (discrete-event)")
+    sim.add_argument("scenario", type=Path)
+    sim.add_argument(
+        "--policies",
+        default="all",
+        help="comma-separated names, 'static' for the static policies, 'all' for every policy",
+    )
+    sim.add_argument("--json", type=Path, default=None, help="write the report here")
+    sim.add_argument(
+        "--plot", type=Path, default=None, help="PNG of success, violations, rejections over time"
+    )
+    sim.add_argument("--seed", type=int, default=None, help="arrivals and policies (default: the scenario's)")
+    sim.add_argument(
+        "--models", type=Path, default=DEFAULT_MODELS, help="variants the scenario does not define"
+    )
+    sim.add_argument("--duration", type=float, default=None, help="compress the scenario into S seconds")
+    sim.add_argument("--window", type=float, default=10.0, help="timeline window, seconds")
+    sim.add_argument(
+        "--calibration",
+        default=None,
+        metavar="SCALE[,OVERHEAD_MS]",
+        help="manifest variants take SCALE * latency / speed + OVERHEAD_MS (default 1,0)",
+    )
+    sim.add_argument("--no-bound", action="store_true", help="skip the upper bound")
+    sim.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="learned policies start from this checkpoint when it exists (else the shipped one) "
+        "and write it at the end of their run",
+    )
+    sim.add_argument("--bench", action="store_true", help="measure simulated queries/s instead")
+    sim.add_argument("--repeats", type=int, default=20, help="--bench: runs to measure")
+
+    train = sub.add_parser("train", help="pre-train a learned policy in the simulator, write a checkpoint")
+    train.add_argument("scenarios", type=Path, nargs="+", metavar="SCENARIO")
+    train.add_argument("--out", type=Path, required=True, help="checkpoint: writes OUT.pt and OUT.json")
+    train.add_argument("--policy", default="learned", choices=["learned", "actor-critic", "aset"])
+    train.add_argument("--teacher", default="slack", choices=["slack", "fastest"], help="imitated first")
+    train.add_argument("--episodes", type=int, default=6, help="reinforcement episodes, scenarios in turn")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--duration", type=float, default=None, help="compress each scenario into S seconds")
+    train.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="model zoo folder")
 
     compose = sub.add_parser("compose", help="write docker-compose.yml for a scenario")
     compose.add_argument("scenario", type=Path)
@@ -128,10 +185,22 @@ def main(argv: list[str] | None = None) -> int:
         from apdispatch.loadgen import main as load_main
 
         return load_main(args)
+    if args.command == "bench" and args.decisions:
+        from apdispatch.policies.learned.bench import main as decisions_main
+
+        return decisions_main(args)
     if args.command == "bench":
         from apdispatch.bench import main as bench_main
 
         return bench_main(args)
+    if args.command == "sim":
+        from apdispatch.sim.cli import main as sim_main
+
+        return sim_main(args)
+    if args.command == "train":
+        from apdispatch.policies.learned.train import main as train_main
+
+        return train_main(args)
     if args.command == "compose":
         from apdispatch.compose import main as compose_main
 

@@ -32,6 +32,12 @@ class APConfig:
     log_format: str = "json"
     summary_interval_s: float = 10.0
     shutdown_grace_s: float = 5.0
+    # Learned policies only. "" starts from the policy's shipped checkpoint and
+    # writes nothing; a path is loaded when it exists (else the shipped one is
+    # the start), then written every checkpoint_interval_s and on shutdown, so
+    # that a restarted AP resumes where the last one stopped.
+    checkpoint: str = ""
+    checkpoint_interval_s: float = 60.0
 
     def validate(self) -> APConfig:
         if self.lease_s <= 0:
@@ -44,6 +50,8 @@ class APConfig:
             raise ConfigError("log_format: must be 'json' or 'console'")
         if self.summary_interval_s <= 0:
             raise ConfigError("summary_interval_s: must be > 0")
+        if self.checkpoint_interval_s <= 0:
+            raise ConfigError("checkpoint_interval_s: must be > 0")
         return self
 
     def with_overrides(self, **overrides: Any) -> APConfig:

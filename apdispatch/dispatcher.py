@@ -22,9 +22,10 @@ from apdispatch.errors import ApdispatchError, RejectedError, UnavailableError
 from apdispatch.estimator import LatencyEstimator
 from apdispatch.forwarder import DeadlineReached, Forwarder, WorkerReply
 from apdispatch.metrics import Stats
-from apdispatch.policies import Candidate, Feedback, Policy, RequestView
+from apdispatch.policies import Policy, RequestView
 from apdispatch.protocol import dispatcher_pb2 as pb
 from apdispatch.registry import Registry, Target
+from apdispatch.routing import Decision, Router
 from apdispatch.validate import check_request
 
 OUTCOME_PB = {
@@ -45,10 +46,7 @@ class _InFlight:
     request: pb.InferRequest
     request_id: str
     arrival: float
-    view: RequestView
-    chosen: Candidate
-    target: Target
-    in_flight_at_dispatch: int
+    decision: Decision
     reply: Reply
 
 
@@ -67,13 +65,22 @@ class Dispatcher:
         self.config = config
         self.registry = registry
         self.estimator = estimator
-        self.policy = policy
+        # Admission, choice and feedback: the same code the simulator runs.
+        self.router = Router(policy, estimator)
         self.forwarder = forwarder
         self.stats = stats
         self._log = log
         self._debug = debug
         self._ids = itertools.count(1)
         self._late_grace_s = config.late_grace_ms / 1000.0
+
+    @property
+    def policy(self) -> Policy:
+        return self.router.policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        self.router.policy = policy
 
     async def infer(self, request: pb.InferRequest, arrival: float) -> pb.InferResponse:
         """Awaitable form of ``submit``: returns the reply or raises the error."""
@@ -98,13 +105,10 @@ class Dispatcher:
         # The deadline counts from arrival at the AP; time spent here so far is gone.
         left_ms = checked.deadline_ms - (time.monotonic() - arrival) * 1000.0
         view = RequestView(checked.task, request.app, left_ms, checked.min_accuracy)
-        candidates = self._candidates(checked.targets, checked.min_accuracy)
-        self._admit(view, checked.targets, candidates)
-        chosen = self.policy.choose(view, candidates)
-        target: Target = chosen.ref  # type: ignore[assignment]
+        decision = self.router.decide(view, checked.targets)
+        target = decision.target
         worker = target.worker
-        flight = _InFlight(request, request_id, arrival, view, chosen, target, worker.in_flight, reply)
-        worker.in_flight += 1
+        flight = _InFlight(request, request_id, arrival, decision, reply)
         deadline = arrival + request.sla.deadline_ms / 1000.0 + self._late_grace_s
         link = self.forwarder.link(worker.address, worker.streaming)
         link.submit(
@@ -116,44 +120,9 @@ class Dispatcher:
             lambda result: self._complete(flight, result),
         )
 
-    def _candidates(self, targets: list[Target], min_accuracy: float) -> list[Candidate]:
-        estimator = self.estimator
-        return [
-            Candidate(
-                key=t.key,
-                worker=t.worker.worker_id,
-                cluster=t.worker.cluster,
-                variant=t.variant.name,
-                accuracy=t.variant.accuracy,
-                rtt_ms=estimator.network_ms(t.worker),
-                in_flight=t.worker.in_flight,
-                slots=t.worker.slots,
-                predicted_ms=estimator.predict(t),
-                ref=t,
-            )
-            for t in targets
-            if t.variant.accuracy >= min_accuracy
-        ]
-
-    @staticmethod
-    def _admit(view: RequestView, targets: list[Target], candidates: list[Candidate]) -> None:
-        """Reject at once when no target can meet the SLA."""
-        if not candidates:
-            best = max(t.variant.accuracy for t in targets)
-            raise RejectedError(
-                f"sla.min_accuracy: no variant of {view.task!r} reaches {view.min_accuracy:g} "
-                f"(best {best:.4f})"
-            )
-        fastest = min(c.predicted_ms for c in candidates)
-        if fastest > view.deadline_ms:
-            raise RejectedError(
-                f"sla.deadline_ms: every predicted completion is past the deadline "
-                f"(fastest {fastest:.2f} ms, {view.deadline_ms:.2f} ms left)"
-            )
-
     def _complete(self, flight: _InFlight, result: WorkerReply | BaseException) -> None:
-        target = flight.target
-        target.worker.in_flight -= 1
+        target = flight.decision.target
+        self.router.release(flight.decision)
         now = time.monotonic()
         total_ms = (now - flight.arrival) * 1000.0
         late = total_ms > flight.request.sla.deadline_ms
@@ -173,7 +142,7 @@ class Dispatcher:
             self._fail(error, flight.request, flight.request_id, flight.arrival, target, flight.reply)
             return
         network_ms = max(0.0, (now - result.sent_at) * 1000.0 - result.queue_ms - result.compute_ms)
-        self.estimator.observe(target, flight.in_flight_at_dispatch, network_ms, result.compute_ms)
+        self.router.learn(flight.decision, network_ms, result.compute_ms)
         if late:
             outcome = "late"
         elif target.variant.accuracy < flight.request.sla.min_accuracy:
@@ -193,7 +162,7 @@ class Dispatcher:
         flight.reply(response)
 
     def _observe(self, flight: _InFlight, outcome: str, total_ms: float) -> None:
-        self.policy.observe(Feedback(flight.view, flight.chosen, outcome, total_ms))
+        self.router.observe(flight.decision, outcome, total_ms)
 
     def _fail(
         self,

@@ -87,14 +87,20 @@ class LatencyEstimator:
 
     def predict(self, target: Target, in_flight: int | None = None) -> float:
         """Predicted ms from dispatch to reply if ``target`` got one more request now."""
+        # Runs for every candidate of every request: the lookups of
+        # network_ms() and compute_ms() are inlined, and compute(slots) is
+        # evaluated once when it serves for both the queue and the compute.
         worker = target.worker
         n = (worker.in_flight if in_flight is None else in_flight) + 1
         slots = worker.slots
-        running = min(n, slots)
-        compute = self.compute_ms(target, running)
-        ahead = n - slots
-        queue = 0.0 if ahead <= 0 else ahead * self.compute_ms(target, slots) / slots
-        return self.network_ms(worker) + queue + compute
+        model = self._compute.get(target.key) or self._model(target)
+        network = self._network.get(worker.worker_id)
+        if network is None:
+            network = self.network_ms(worker)
+        if n <= slots:
+            return network + model.predict(n if n > 1 else 1)
+        compute = model.predict(slots)
+        return network + (n - slots) * compute / slots + compute
 
     def observe(
         self,

@@ -23,7 +23,7 @@ from apdispatch.estimator import LatencyEstimator
 from apdispatch.forwarder import Forwarder
 from apdispatch.logs import configure_logging, is_enabled
 from apdispatch.metrics import Stats
-from apdispatch.policies import make_policy
+from apdispatch.policies import LEARNED_POLICIES, Policy, make_policy
 from apdispatch.protocol import dispatcher_pb2_grpc as pb_grpc
 from apdispatch.registry import Registry
 from apdispatch.servicers import DispatcherServicer, RegistryServicer
@@ -41,7 +41,7 @@ class AccessPoint:
         self.log = log or structlog.get_logger()
         self.registry = Registry(lease_s=config.lease_s)
         self.estimator = LatencyEstimator()
-        self.policy = make_policy(config.policy, seed=config.seed)
+        self.policy = _make_policy(config)
         self.forwarder = Forwarder(config.forward_mode, self.log)
         self.stats = Stats()
         self.dispatcher = Dispatcher(
@@ -75,6 +75,8 @@ class AccessPoint:
             loop.create_task(self._expire_leases()),
             loop.create_task(self._summaries()),
         ]
+        if self._checkpoint_path() is not None:
+            self._background.append(loop.create_task(self._checkpoints()))
         self.log.info("serving", address=self.address, policy=self.config.policy)
         return self.address
 
@@ -84,7 +86,34 @@ class AccessPoint:
             task.cancel()
         await self.server.stop(grace)
         await self.forwarder.close()
+        if self.config.policy in LEARNED_POLICIES:
+            close = getattr(self.policy, "close", None)
+            if callable(close):
+                await asyncio.to_thread(close)  # waits for an update in progress
+            await self._save_checkpoint()
         self.log.info("stopped", requests=self.stats.total, **dict(self.stats.totals))
+
+    def _checkpoint_path(self) -> Path | None:
+        if self.config.policy in LEARNED_POLICIES and self.config.checkpoint:
+            return Path(self.config.checkpoint)
+        return None
+
+    async def _save_checkpoint(self) -> None:
+        path = self._checkpoint_path()
+        save = getattr(self.policy, "save", None)
+        if path is None or not callable(save):
+            return
+        try:
+            written = await asyncio.to_thread(save, path)
+        except Exception as exc:  # a full disk must not stop the AP
+            self.log.error("checkpoint failed", path=str(path), error=repr(exc))
+            return
+        self.log.info("checkpoint", path=str(written))
+
+    async def _checkpoints(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.checkpoint_interval_s)
+            await self._save_checkpoint()
 
     async def _expire_leases(self) -> None:
         interval = min(1.0, self.config.lease_s / 4)
@@ -108,6 +137,17 @@ class AccessPoint:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop(grace_s=0.5)
+
+
+def _make_policy(config: APConfig) -> Policy:
+    if config.policy not in LEARNED_POLICIES:
+        return make_policy(config.policy, seed=config.seed)
+    from apdispatch.policies.learned.checkpoint import exists
+
+    # Resume from the configured checkpoint when it is there; the first run
+    # starts from the shipped one and creates it.
+    start = config.checkpoint if config.checkpoint and exists(config.checkpoint) else None
+    return make_policy(config.policy, seed=config.seed, checkpoint=start)
 
 
 async def serve(config: APConfig, log: structlog.typing.FilteringBoundLogger) -> None:
@@ -142,8 +182,11 @@ def main(args: argparse.Namespace) -> int:
             policy=args.policy,
             log_level=args.log_level,
             log_format=args.log_format,
+            checkpoint=getattr(args, "checkpoint", None),
+            checkpoint_interval_s=getattr(args, "checkpoint_interval_s", None),
         )
-        make_policy(config.policy)  # fail fast on an unknown name
+        if config.policy not in LEARNED_POLICIES:
+            make_policy(config.policy)  # fail fast on an unknown name
     except (ConfigError, KeyError) as exc:
         print(f"apdispatch serve: {exc}")
         return 2

@@ -1,0 +1,145 @@
+"""Learned routing policies: ``aset``, ``actor-critic`` and ``learned`` (the shipped default).
+
+- ``aset`` (ASET): every window of decisions, an agent picks which static
+  policy dispatches the next window.
+- ``actor-critic`` (ECSRL): picks the target of each request from per-candidate
+  features, with an actor and a critic.
+- ``learned``: what the project ships, from ``checkpoints/learned.pt``: an
+  actor-critic pre-trained in the simulator (``apdispatch train``), that keeps
+  learning online.
+
+Every one of them decides on a numpy snapshot of its parameters and learns in
+a background learner (``learner.py``); torch is imported only here, never on
+the decision path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from apdispatch.policies.base import Policy
+from apdispatch.policies.learned.checkpoint import CHECKPOINTS, SHIPPED, CheckpointError, load_checkpoint
+
+LEARNED_POLICIES: tuple[str, ...] = ("aset", "actor-critic", "learned")
+
+__all__ = [
+    "LEARNED_POLICIES",
+    "SHIPPED",
+    "CheckpointError",
+    "LearnedPolicy",
+    "checkpoint_kind",
+    "default_checkpoint",
+    "make_learned_policy",
+    "uses_checkpoint",
+]
+
+
+@runtime_checkable
+class LearnedPolicy(Policy, Protocol):
+    def save(self, path: Path | str) -> Path:
+        """Write a checkpoint (state_dict + JSON config)."""
+        ...
+
+    def close(self) -> None:
+        """Stop the background learner."""
+        ...
+
+    def config(self) -> dict[str, Any]: ...
+
+
+def default_checkpoint(name: str) -> Path | None:
+    """The shipped checkpoint a learned policy starts from when none is given."""
+    path = CHECKPOINTS / f"{name}.pt"
+    if name == "learned" or path.is_file():
+        return path
+    return None
+
+
+def checkpoint_kind(path: Path | str) -> str | None:
+    """The kind ("actor-critic" or "aset") of the checkpoint at ``path``, None when there is none."""
+    from apdispatch.policies.learned.checkpoint import exists
+
+    if not exists(path):
+        return None
+    return str(load_checkpoint(path)[1].get("kind"))
+
+
+def uses_checkpoint(name: str, kind: str | None) -> bool:
+    """Whether policy ``name`` starts from (and saves to) a checkpoint of ``kind`` (None: none yet).
+
+    A checkpoint that does not exist yet is ``learned``'s to create.
+    """
+    if kind is None:
+        return name == "learned"
+    return name == "learned" or name == kind
+
+
+def make_learned_policy(
+    name: str,
+    seed: int = 0,
+    checkpoint: Path | str | None = None,
+    *,
+    background: bool = True,
+    learn: bool = True,
+    fresh: bool = False,
+    save_to: Path | str | None = None,
+    **overrides: Any,
+) -> LearnedPolicy:
+    """A learned policy, from ``checkpoint`` (or the shipped one), or fresh when there is none.
+
+    ``fresh=True``: newly initialised weights, whatever is shipped (``train`` starts so).
+    ``save_to``: ``close()`` writes the checkpoint there (a simulated run's "shutdown").
+    ``background=False`` runs the learner's updates inline, in ``observe``,
+    so that a seeded simulation is reproducible. ``overrides`` replace config
+    entries (``explore``, ``mask_late``, ``window``, ...) of a fresh or loaded policy.
+    """
+    if name not in LEARNED_POLICIES:
+        raise KeyError(name)
+    if fresh:
+        if name == "learned":
+            raise KeyError("a fresh policy is 'actor-critic' or 'aset'; 'learned' is what is shipped")
+        path = None
+    else:
+        path = Path(checkpoint) if checkpoint is not None else default_checkpoint(name)
+    state: dict[str, Any] | None = None
+    meta: dict[str, Any] = {}
+    if path is not None:
+        state, meta = load_checkpoint(path)
+    kind = meta.get("kind", "aset" if name == "aset" else "actor-critic")
+    if name != "learned" and kind != name:
+        raise CheckpointError(f"{path}: a {kind!r} checkpoint, not {name!r}")
+    meta = {**meta, **overrides}
+    if kind == "aset":
+        from apdispatch.policies import make_policy
+        from apdispatch.policies.learned.aset import ACTIONS, AsetAlgo, AsetConfig, AsetPolicy
+
+        aset_algo = AsetAlgo(AsetConfig.from_json(meta), seed=seed)
+        if state is not None:
+            aset_algo.load_state_dict(state)
+        aset_algo.updates = int(meta.get("updates", 0))
+        aset_algo.samples = int(meta.get("samples", 0))
+        aset = AsetPolicy(
+            name,
+            aset_algo,
+            [make_policy(a, seed=seed) for a in ACTIONS],
+            seed=seed,
+            background=background,
+            learn=learn,
+            meta=meta,
+        )
+        aset.save_to = save_to
+        return aset
+    if kind == "actor-critic":
+        from apdispatch.policies.learned.actor_critic import ActorCriticAlgo, ActorCriticConfig
+        from apdispatch.policies.learned.policy import ActorCriticPolicy
+
+        algo = ActorCriticAlgo(ActorCriticConfig.from_json(meta), seed=seed)
+        if state is not None:
+            algo.load_state_dict(state)
+        algo.updates = int(meta.get("updates", 0))
+        algo.samples = int(meta.get("samples", 0))
+        policy = ActorCriticPolicy(name, algo, seed=seed, background=background, learn=learn, meta=meta)
+        policy.save_to = save_to
+        return policy
+    raise CheckpointError(f"{path}: unknown kind {kind!r}")

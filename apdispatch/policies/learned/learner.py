@@ -1,0 +1,124 @@
+"""The background learner: feedback in through a bounded queue, snapshots out.
+
+The hot path (``choose``/``observe``) only appends to a ``deque`` (atomic,
+never blocks) and reads the current snapshot with one attribute access.
+The learner drains the queue in batches, runs the torch update, and
+publishes a new immutable snapshot by rebinding one attribute, which is
+atomic under the GIL: a decision sees either the old parameters or the new
+ones, never a mix.
+
+Two ways to run it:
+
+- ``background=True`` (the live AP): a daemon thread wakes every few ms,
+  updates when a batch is ready. torch releases the GIL inside its ops, so
+  the event loop keeps running while it trains.
+- ``background=False`` (the simulator, tests, ``apdispatch train``): the
+  update runs inside ``put`` when a batch is complete, so that a seeded run
+  gives the same decisions every time. Decisions still read a snapshot.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
+
+import torch
+
+T = TypeVar("T")
+S = TypeVar("S")
+S_co = TypeVar("S_co", covariant=True)
+
+# Transitions waiting for the learner beyond this are dropped (the oldest
+# first): under overload the AP keeps deciding and learns from a sample.
+QUEUE_LIMIT = 65536
+POLL_S = 0.005
+# Share of one core the background learner may use: after an update that took
+# t seconds it rests t * (1 / MAX_DUTY - 1), leaving the rest to serving.
+MAX_DUTY = 0.3
+
+
+class Algorithm(Protocol[T, S_co]):
+    batch_size: int
+
+    def update(self, batch: list[T]) -> S_co: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+
+class Learner(Generic[T, S]):
+    def __init__(
+        self,
+        algo: Algorithm[T, S],
+        publish: Callable[[S], None],
+        *,
+        background: bool,
+        queue_limit: int = QUEUE_LIMIT,
+        name: str = "learner",
+    ) -> None:
+        self.algo = algo
+        self._publish = publish
+        self._queue: deque[T] = deque(maxlen=queue_limit)
+        self._background = background
+        self._lock = threading.Lock()  # held while the parameters change or are saved
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._name = name
+        self.dropped = 0
+        self.updates = 0
+        self.error: BaseException | None = None
+        if background:
+            self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+            self._thread.start()
+
+    def put(self, item: T) -> None:
+        """Hand one transition over. Never blocks; drops the oldest when the queue is full."""
+        queue = self._queue
+        if len(queue) == queue.maxlen:
+            self.dropped += 1
+        queue.append(item)
+        if not self._background and len(queue) >= self.algo.batch_size:
+            self.step()
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def step(self) -> bool:
+        """One update if a batch is ready; True when one ran."""
+        n = self.algo.batch_size
+        if len(self._queue) < n:
+            return False
+        popleft = self._queue.popleft
+        batch = [popleft() for _ in range(n)]
+        with self._lock:
+            snapshot = self.algo.update(batch)
+            self.updates += 1
+        self._publish(snapshot)
+        return True
+
+    def _run(self) -> None:
+        # One thread for torch's own work: the AP's cores are for serving.
+        torch.set_num_threads(1)
+        while not self._stop.is_set():
+            try:
+                started = time.perf_counter()
+                if self.step():
+                    self._stop.wait((time.perf_counter() - started) * (1.0 / MAX_DUTY - 1.0))
+                else:
+                    self._stop.wait(POLL_S)
+            except Exception as exc:  # a failed update must not take the AP down
+                self.error = exc
+                self._queue.clear()
+                self._stop.wait(1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        with self._lock:
+            return self.algo.state_dict()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None

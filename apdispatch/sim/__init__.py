@@ -1,0 +1,15 @@
+"""The discrete-event simulator: the live AP's routing, driven by a model of a scenario.
+
+Modules, in the order a run uses them:
+
+- ``calibration``: manifest latencies to service times (``Calibration``, ``fit_calibration``);
+- ``model``: the scenario's variants, devices and workers (``build_model``);
+- ``arrivals``: the queries offered, the live load generator's plan (``plan_arrivals``);
+- ``engine``: one run of one policy (``Simulation``); the device model is documented there;
+- ``results``: every policy on the same arrivals, JSON and table (``run_policies``, ``to_json``);
+- ``plot``: timelines (``plot_report``);
+- ``env``: window-level control for ASET-style agents (``DispatchEnv``);
+- ``bench``: simulated queries per second; ``cli``: ``apdispatch sim``.
+
+Nothing is imported here, so that ``import apdispatch.sim.X`` loads only what X needs.
+"""

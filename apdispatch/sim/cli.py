@@ -1,0 +1,145 @@
+"""``apdispatch sim SCENARIO.toml``: every chosen policy on the same simulated arrivals.
+
+(The flags are defined in ``apdispatch.cli``, which imports this module only
+when ``sim`` runs.)
+
+Prints one line per policy as it finishes, then the table; ``--json`` writes
+the report (``apdispatch.sim.results``), ``--plot`` the timelines
+(``apdispatch.sim.plot``), ``--bench`` measures the simulator instead
+(``apdispatch.sim.bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from apdispatch.policies import LEARNED_POLICIES, STATIC_POLICIES, Policy, make_policy, policy_names
+from apdispatch.scenario import Scenario, ScenarioError, load_scenario
+from apdispatch.sim.calibration import MANIFEST, Calibration
+from apdispatch.sim.model import SimModel, build_model
+from apdispatch.sim.results import PolicyResult, format_table, ratios, run_policies, to_json
+from workers.zoo.manifest import MANIFEST_NAME, load_manifest
+
+
+def resolve_policies(text: str) -> list[str]:
+    """``all``, ``static`` or a comma list; unknown names are an error listing the known ones."""
+    known = list(policy_names())
+    names: list[str] = []
+    for raw in text.split(","):
+        name = raw.strip()
+        if not name:
+            continue
+        group = known if name == "all" else list(STATIC_POLICIES) if name == "static" else [name]
+        for n in group:
+            if n not in known:
+                raise ScenarioError(
+                    f"--policies: unknown policy {n!r} (known: all, static, {', '.join(known)})"
+                )
+            if n not in names:
+                names.append(n)
+    if not names:
+        raise ScenarioError("--policies: no policy given")
+    return names
+
+
+def parse_calibration(text: str | None) -> Calibration:
+    if text is None:
+        return MANIFEST
+    try:
+        parts = [float(p) for p in text.split(",")]
+        if len(parts) not in (1, 2):
+            raise ValueError
+        return Calibration(scale=parts[0], overhead_ms=parts[1] if len(parts) == 2 else 0.0)
+    except ValueError:
+        raise ScenarioError(
+            f"--calibration: expected SCALE[,OVERHEAD_MS] (scale > 0), got {text!r}"
+        ) from None
+
+
+def load_model(scenario: Scenario, models: Path | None, calibration: Calibration = MANIFEST) -> SimModel:
+    """The scenario's system; the manifest in ``models`` fills in variants (when it is there)."""
+    manifest = None
+    if models is not None and (models / MANIFEST_NAME).is_file():
+        manifest = load_manifest(models)
+    return build_model(scenario, manifest, calibration)
+
+
+def _checkpointed(checkpoint: Path | None) -> Callable[[str, int], Policy] | None:
+    """With ``--checkpoint``: learned policies resume from it and write it when their run ends."""
+    if checkpoint is None:
+        return None
+    from apdispatch.policies.learned import checkpoint_kind, uses_checkpoint
+
+    kind = checkpoint_kind(checkpoint)
+
+    def make(name: str, seed: int) -> Policy:
+        if name not in LEARNED_POLICIES:
+            return make_policy(name, seed)
+        if not uses_checkpoint(name, kind):
+            return make_policy(name, seed, background=False)
+        start = checkpoint if kind is not None else None
+        return make_policy(name, seed, start, background=False, save_to=checkpoint)
+
+    return make
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        scenario = load_scenario(args.scenario)
+        if args.duration is not None:
+            scenario = scenario.scaled(args.duration)
+        if args.window <= 0:
+            raise ScenarioError("--window: must be > 0")
+        model = load_model(scenario, args.models, parse_calibration(args.calibration))
+        policies = resolve_policies(args.policies)
+    except (ScenarioError, OSError, KeyError) as exc:
+        print(f"apdispatch sim: {exc}", file=sys.stderr)
+        return 2
+    if args.bench:
+        from apdispatch.sim.bench import DEFAULT_POLICY, run
+
+        policy = policies[0] if args.policies != "all" else DEFAULT_POLICY
+        return run(model, policy=policy, repeats=args.repeats, seed=args.seed, json_out=args.json)
+
+    seed = scenario.seed if args.seed is None else args.seed
+    print(
+        f"scenario {scenario.name}: {scenario.duration_s:g} s, seed {seed}, "
+        f"{len(model.workers)} workers in {len(model.clusters)} clusters",
+        flush=True,
+    )
+    started = time.perf_counter()
+
+    def progress(name: str, result: PolicyResult) -> None:
+        r = ratios(result.counts)
+        print(
+            f"[{name}] {result.total} queries: success {100 * r['success_ratio']:.1f} %, "
+            f"violations {100 * r['violation_ratio']:.1f} %, rejected {100 * r['rejection_ratio']:.1f} %",
+            flush=True,
+        )
+
+    report = run_policies(
+        model,
+        policies,
+        seed=seed,
+        window_s=args.window,
+        progress=progress,
+        bound=not args.no_bound,
+        make=_checkpointed(getattr(args, "checkpoint", None)),
+    )
+    print(f"\n{format_table(report)}")
+    print(f"\n{len(policies)} policies x {report.queries} queries in {time.perf_counter() - started:.1f} s")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(to_json(report), indent=2) + "\n")
+        print(f"report: {args.json}")
+    if args.plot is not None:
+        from apdispatch.sim.plot import plot_report
+
+        plot_report(report, args.plot)
+        print(f"plot: {args.plot}")
+    return 0

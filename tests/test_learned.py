@@ -1,0 +1,460 @@
+"""Learned policies: maths by hand, learning, snapshots, checkpoints, and resume in a real AP."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from apdispatch.config import ConfigError, load_config
+from apdispatch.policies import (
+    LEARNED_POLICIES,
+    STATIC_POLICIES,
+    Candidate,
+    Feedback,
+    RequestView,
+    make_policy,
+)
+from apdispatch.policies.learned import SHIPPED, make_learned_policy
+from apdispatch.policies.learned.actor_critic import (
+    MASKED,
+    Actor,
+    ActorSnapshot,
+    behaviour_log_prob,
+    compute_gae,
+    pad,
+)
+from apdispatch.policies.learned.aset import ACTIONS, AsetPolicy
+from apdispatch.policies.learned.checkpoint import load_checkpoint, paths
+from apdispatch.policies.learned.features import (
+    FEATURES,
+    N_FEATURES,
+    SPREAD,
+    Margins,
+    candidate_features_late,
+)
+from apdispatch.policies.learned.policy import ActorCriticPolicy
+
+REQUEST = RequestView(task="digits", app="ar", deadline_ms=50.0, min_accuracy=0.8)
+
+
+def _c(key: str, *, acc: float, rtt: float, busy: int, slots: int, predicted: float) -> Candidate:
+    return Candidate(
+        key=f"{key}/{key}/v",
+        worker=key,
+        cluster=key,
+        variant="v",
+        accuracy=acc,
+        rtt_ms=rtt,
+        in_flight=busy,
+        slots=slots,
+        predicted_ms=predicted,
+    )
+
+
+A = _c("a", acc=0.90, rtt=5.0, busy=1, slots=2, predicted=20.0)
+B = _c("b", acc=0.95, rtt=10.0, busy=3, slots=2, predicted=30.0)
+C = _c("c", acc=0.85, rtt=40.0, busy=0, slots=4, predicted=60.0)  # predicted past the deadline
+
+
+# -- maths against hand-computed cases -------------------------------------------------
+
+
+def test_features_of_known_candidates() -> None:
+    # Safety margins: a's replies come 5 ms later than predicted, c's 10 ms; b has none yet.
+    margins = {A.key: 5.0, C.key: 10.0}
+    x, late = candidate_features_late(REQUEST, [A, B, C], margins)
+    assert x.shape == (3, N_FEATURES)
+    expected = {
+        # slack, predicted, behind_fastest, accuracy_margin, most_accurate, load, free_slot,
+        # rtt, behind_closest, risk, safe_slack, bias.
+        # Deadline 50 ms: fastest 20/50 = 0.4, closest 5/50 = 0.1; a's risk 5/50 = 0.1.
+        "a": [0.6, 0.4, 0.0, 1.0, 0.0, 0.5, 1.0, 0.1, 0.0, 0.1, 0.5, 1.0],
+        # accuracy margin (0.95 - 0.8) * 10 = 1.5, clipped to 1; 3 in flight on 2 slots.
+        "b": [0.4, 0.6, 0.2, 1.0, 1.0, 1.5, 0.0, 0.2, 0.1, 0.0, 0.4, 1.0],
+        "c": [-0.2, 1.2, 0.8, 0.5, 0.0, 0.0, 1.0, 0.8, 0.7, 0.2, -0.4, 1.0],
+    }
+    for row, key in zip(x, "abc", strict=True):
+        np.testing.assert_allclose(row, expected[key], atol=1e-12, err_msg=key)
+    assert late == [2]
+    assert FEATURES[0] == "slack" and FEATURES[-1] == "bias"
+
+
+def test_features_are_clipped() -> None:
+    gone = RequestView("digits", "ar", deadline_ms=10.0, min_accuracy=0.0)
+    far = _c("far", acc=1.0, rtt=500.0, busy=50, slots=1, predicted=900.0)
+    near = _c("near", acc=1.0, rtt=1.0, busy=0, slots=1, predicted=2.0)
+    x, late = candidate_features_late(gone, [near, far])
+    np.testing.assert_allclose(x[1], [-1.0, 2.0, 2.0, 1.0, 1.0, 4.0, 0.0, 2.0, 2.0, 0.0, -1.0, 1.0])
+    assert late == [1]
+
+
+def test_margins_by_hand() -> None:
+    margins = Margins(alpha=0.5)
+    margins.observe("t", predicted_ms=10.0, latency_ms=12.0)
+    # The first residual (2) seeds the mean, no spread yet.
+    assert margins.margin["t"] == pytest.approx(2.0)
+    margins.observe("t", predicted_ms=10.0, latency_ms=14.0)
+    # mean 2 + 0.5 * (4 - 2) = 3; second moment 4 + 0.5 * (16 - 4) = 10; sd sqrt(10 - 9) = 1
+    assert margins.margin["t"] == pytest.approx(3.0 + SPREAD * 1.0)
+    margins.observe("u", predicted_ms=10.0, latency_ms=4.0)  # earlier than predicted
+    assert margins.margin["u"] == 0.0
+
+
+def test_gae_of_a_three_step_episode_by_hand() -> None:
+    rewards = np.array([1.0, 0.0, 1.0])
+    values = np.array([0.5, 0.4, 0.6])
+    adv, ret = compute_gae(rewards, values, last_value=0.3, gamma=0.9, lam=0.8)
+    # delta_2 = 1 + 0.9*0.3 - 0.6 = 0.67;  delta_1 = 0 + 0.9*0.6 - 0.4 = 0.14;
+    # delta_0 = 1 + 0.9*0.4 - 0.5 = 0.86;  gamma*lam = 0.72
+    # A_2 = 0.67;  A_1 = 0.14 + 0.72*0.67 = 0.6224;  A_0 = 0.86 + 0.72*0.6224 = 1.308128
+    np.testing.assert_allclose(adv, [1.308128, 0.6224, 0.67], atol=1e-12)
+    np.testing.assert_allclose(ret, [1.808128, 1.0224, 1.27], atol=1e-12)
+
+
+def test_softmax_log_prob_by_hand_and_masked() -> None:
+    logits = np.array([1.0, 2.0, MASKED])
+    # log softmax over the two unmasked: 1 - log(e + e^2)
+    assert behaviour_log_prob(logits, 0) == pytest.approx(1.0 - math.log(math.e + math.e**2))
+    assert behaviour_log_prob(logits, 1) == pytest.approx(2.0 - math.log(math.e + math.e**2))
+    # Every candidate masked: all equally likely, not a crash.
+    assert behaviour_log_prob(np.array([MASKED, MASKED]), 1) == pytest.approx(math.log(0.5))
+
+
+def test_numpy_snapshot_scores_like_the_torch_actor() -> None:
+    g = torch.Generator().manual_seed(1)
+    actor = Actor(N_FEATURES, (32, 32))
+    for p in actor.parameters():
+        with torch.no_grad():
+            p.uniform_(-0.5, 0.5, generator=g)
+    rng = np.random.default_rng(2)
+    xs = [rng.uniform(0, 1, size=(n, N_FEATURES)) for n in (2, 5, 9)]
+    x, mask = pad(xs)
+    with torch.no_grad():
+        ref = actor.logits(x, mask).double().numpy()
+    snap = ActorSnapshot.of(actor, version=0)
+    for i, xi in enumerate(xs):
+        np.testing.assert_allclose(snap.logits(xi), ref[i, : len(xi)], rtol=1e-5, atol=1e-5)
+    # The temperature divides the logits, folded into the output layer.
+    hot = ActorSnapshot.of(actor, version=0, temperature=0.5)
+    np.testing.assert_allclose(hot.logits(xs[0]), 2.0 * snap.logits(xs[0]), rtol=1e-9)
+
+
+def test_decisions_sample_the_softmax() -> None:
+    policy = make_learned_policy(
+        "actor-critic", seed=5, fresh=True, learn=False, temperature=1.0, mask_late=False
+    )
+    assert isinstance(policy, ActorCriticPolicy)
+    cands = [A, B, C]
+    x, _ = candidate_features_late(REQUEST, cands)
+    z = policy.snapshot.logits(x)
+    expected = np.exp(z - z.max())
+    expected /= expected.sum()
+    picks = [policy.choose(REQUEST, cands).key for _ in range(20_000)]
+    freq = np.array([picks.count(c.key) for c in cands]) / len(picks)
+    np.testing.assert_allclose(freq, expected, atol=0.015)
+
+
+def test_late_candidates_are_never_chosen_by_learned() -> None:
+    policy = make_policy("learned", seed=0, learn=False)
+    picks = {policy.choose(REQUEST, [A, B, C]).key for _ in range(2000)}
+    assert C.key not in picks
+
+
+# -- snapshots --------------------------------------------------------------------------
+
+
+def _synthetic(rng: np.random.Generator, count: int) -> list[tuple[RequestView, list[Candidate]]]:
+    """Four candidates per request, always in time; the 0.9-accurate one is the right one."""
+    out = []
+    for _ in range(count):
+        accs = rng.permutation([0.6, 0.7, 0.8, 0.9])
+        cands = [
+            _c(
+                f"c{k}",
+                acc=float(accs[k]),
+                rtt=float(rng.uniform(1, 20)),
+                busy=int(rng.integers(0, 3)),
+                slots=2,
+                predicted=float(rng.uniform(20, 60)),
+            )
+            for k in range(4)
+        ]
+        out.append((RequestView("t", "a", 100.0, 0.5), cands))
+    return out
+
+
+FAST_LEARNING = {
+    "actor_lr": 3e-3,
+    "lr": 3e-3,
+    "critic_warmup": 0,
+    "anchor_coef": 0.0,
+    "gamma": 0.0,
+    "gae_lambda": 0.0,
+    "batch_size": 50,
+    "minibatch_size": 50,
+    "update_epochs": 4,
+    "ent_coef": 0.0,
+}
+
+
+def _fresh(background: bool = False, **kw: object) -> ActorCriticPolicy:
+    policy = make_learned_policy(
+        "actor-critic",
+        seed=0,
+        fresh=True,
+        background=background,
+        hyper=FAST_LEARNING,
+        temperature=1.0,
+        mask_late=False,
+        **kw,
+    )
+    assert isinstance(policy, ActorCriticPolicy)
+    return policy
+
+
+def test_snapshot_is_immutable_and_swapped_whole() -> None:
+    policy = _fresh()
+    before = policy.snapshot
+    first = before.first.copy()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        before.version = 7  # type: ignore[misc]
+    for array in (before.first, before.out_w, *(a for layer in before.hidden for a in layer)):
+        assert not array.flags.writeable
+        assert isinstance(array, np.ndarray)
+    with pytest.raises(ValueError, match="read-only"):
+        before.first[0, 0] = 1.0
+    for req, cands in _synthetic(np.random.default_rng(0), 120):
+        chosen = policy.choose(req, cands)
+        policy.observe(Feedback(req, chosen, "ok", 10.0))
+    after = policy.snapshot
+    assert policy.algo.updates >= 2
+    assert after is not before and after.version > before.version
+    # The old snapshot (a decision in progress may hold it) was not touched.
+    np.testing.assert_array_equal(before.first, first)
+    assert not np.array_equal(after.first, first)
+
+
+def test_hot_path_never_touches_torch() -> None:
+    policy = make_policy("learned", seed=0)  # background learner, as in the AP
+    snap = policy.snapshot  # type: ignore[attr-defined]
+    for f in dataclasses.fields(snap):
+        value = getattr(snap, f.name)
+        leaves = [a for pair in value for a in pair] if f.name == "hidden" else [value]
+        assert all(isinstance(v, np.ndarray | float | int) for v in leaves), f.name
+    calls: list[str] = []
+
+    def profiler(frame, event, arg):  # type: ignore[no-untyped-def]
+        if event in ("call", "c_call"):
+            module = (
+                frame.f_globals.get("__name__", "") if event == "call" else getattr(arg, "__module__", "")
+            )
+            if (module or "").startswith("torch"):
+                calls.append(f"{module}")
+
+    saved = {k: v for k, v in sys.modules.items() if k == "torch" or k.startswith("torch.")}
+    try:
+        # With torch's modules gone, any import of them on the hot path would fail.
+        for k in saved:
+            sys.modules[k] = None  # type: ignore[assignment]
+        sys.setprofile(profiler)
+        for req, cands in _synthetic(np.random.default_rng(1), 200):
+            chosen = policy.choose(req, cands)
+            policy.observe(Feedback(req, chosen, "ok", 5.0))
+    finally:
+        sys.setprofile(None)
+        sys.modules.update(saved)
+        policy.close()  # type: ignore[attr-defined]
+    assert calls == []
+
+
+# -- learning ---------------------------------------------------------------------------
+
+
+def test_converges_when_one_candidate_is_always_right() -> None:
+    policy = _fresh()
+    evaluation = _synthetic(np.random.default_rng(99), 200)
+
+    def right_share() -> float:
+        hits = 0
+        for req, cands in evaluation:
+            x, _ = candidate_features_late(req, cands)
+            hits += cands[int(np.argmax(policy.snapshot.logits(x)))].accuracy == 0.9
+        return hits / len(evaluation)
+
+    start = right_share()
+    for req, cands in _synthetic(np.random.default_rng(0), 400):
+        chosen = policy.choose(req, cands)
+        policy.observe(Feedback(req, chosen, "ok" if chosen.accuracy == 0.9 else "late", 10.0))
+    assert start < 0.5
+    assert right_share() > 0.95
+    assert policy.algo.updates == 8
+
+
+def test_background_learner_updates_off_the_caller() -> None:
+    policy = _fresh(background=True)
+    try:
+        first = policy.snapshot
+        for req, cands in _synthetic(np.random.default_rng(0), 200):
+            chosen = policy.choose(req, cands)
+            policy.observe(Feedback(req, chosen, "ok", 10.0))
+        learner = policy.learner
+        assert learner is not None
+        deadline = time.monotonic() + 20
+        while learner.updates < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert learner.updates == 4 and learner.error is None
+        assert policy.snapshot is not first
+    finally:
+        policy.close()
+
+
+# -- checkpoints ------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip_gives_identical_decisions(tmp_path: Path) -> None:
+    policy = _fresh()
+    for req, cands in _synthetic(np.random.default_rng(3), 100):
+        policy.observe(Feedback(req, policy.choose(req, cands), "ok", 1.0))
+    written = policy.save(tmp_path / "ck")
+    weights, meta = paths(tmp_path / "ck")
+    assert written == weights and meta.is_file()
+    state = torch.load(weights, weights_only=True)  # tensors only, nothing pickled
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    config = json.loads(meta.read_text())
+    assert config["kind"] == "actor-critic" and config["updates"] == 2
+    again = make_learned_policy("actor-critic", seed=0, checkpoint=tmp_path / "ck.pt", background=False)
+    assert isinstance(again, ActorCriticPolicy)
+    assert again.algo.updates == 2
+    probe = _synthetic(np.random.default_rng(4), 300)
+    for (req, cands), (_, _) in zip(probe, probe, strict=True):
+        x, _ = candidate_features_late(req, cands)
+        np.testing.assert_array_equal(again.snapshot.logits(x), policy.snapshot.logits(x))
+    # Same seed, same parameters: the same sampled decisions.
+    a = make_learned_policy("actor-critic", seed=9, checkpoint=tmp_path / "ck", learn=False)
+    b = make_learned_policy("actor-critic", seed=9, checkpoint=tmp_path / "ck", learn=False)
+    assert [a.choose(r, c).key for r, c in probe] == [b.choose(r, c).key for r, c in probe]
+
+
+def test_shipped_checkpoint_is_small_and_says_how_it_was_made() -> None:
+    weights, _ = paths(SHIPPED)
+    assert weights.stat().st_size < 100_000
+    state, config = load_checkpoint(SHIPPED)
+    assert config["kind"] == "actor-critic"
+    assert config["command"].startswith("apdispatch train ")
+    assert config["trained_on"] and all(Path(p).name.endswith(".toml") for p in config["trained_on"])
+    assert set(state) == set(make_learned_policy("learned", learn=False).algo.state_dict())  # type: ignore[attr-defined]
+
+
+def test_aset_switches_static_policies_per_window_and_round_trips(tmp_path: Path) -> None:
+    policy = make_learned_policy("aset", seed=0, fresh=True, background=False, window=16)
+    assert isinstance(policy, AsetPolicy)
+    rng = np.random.default_rng(0)
+    for req, cands in _synthetic(rng, 16 * 40):
+        chosen = policy.choose(req, cands)
+        assert chosen in cands
+        policy.observe(Feedback(req, chosen, "ok" if chosen.accuracy >= 0.8 else "late", 10.0))
+    assert len(policy.history) == 40
+    assert len(set(policy.history)) > 1  # it explores the static policies
+    assert policy.algo.updates >= 2  # windows of 16, batches of 16 windows
+    assert policy.active in ACTIONS
+    policy.save(tmp_path / "aset")
+    again = make_learned_policy("aset", checkpoint=tmp_path / "aset", learn=False)
+    assert isinstance(again, AsetPolicy)
+    obs = np.linspace(0, 1, len(again.observation(again._window)))
+    np.testing.assert_allclose(again._snapshot.logits(obs), policy._snapshot.logits(obs))
+    with pytest.raises(ValueError, match="aset"):
+        make_learned_policy("actor-critic", checkpoint=tmp_path / "aset")
+
+
+def test_registry_and_config() -> None:
+    assert LEARNED_POLICIES == ("aset", "actor-critic", "learned")
+    assert len(STATIC_POLICIES) == 7
+    policy = make_policy("learned", seed=1, background=False)
+    assert policy.name == "learned"
+    assert policy.choose(REQUEST, [A]) is A
+    with pytest.raises(KeyError, match="learned"):
+        make_policy("nope")
+    with pytest.raises(ConfigError, match="checkpoint_interval_s"):
+        load_config(None, checkpoint_interval_s=0)
+
+
+# -- resume in a real AP ------------------------------------------------------------------
+
+
+def test_ap_checkpoints_on_shutdown_and_resumes(models_dir: Path, tmp_path: Path) -> None:
+    from apdispatch import Client
+    from apdispatch.client import StreamRequest
+    from apdispatch.processes import Children, free_port, wait_for_workers
+
+    # Start from the shipped checkpoint, with small batches so that a few
+    # hundred requests make updates.
+    ck = tmp_path / "ck"
+    weights, meta = paths(ck)
+    shutil.copy(paths(SHIPPED)[0], weights)
+    config = json.loads(paths(SHIPPED)[1].read_text())
+    config["hyper"].update(batch_size=64, minibatch_size=64, critic_warmup=0)
+    meta.write_text(json.dumps(config))
+    updates_before = config["updates"]
+    before = torch.load(weights, weights_only=True)
+
+    ap = f"127.0.0.1:{free_port()}"
+    children = Children(tmp_path / "logs")
+    x = np.load(models_dir / "samples" / "digits.npz")["x"][:1]
+    try:
+        ap_child = children.start(
+            "ap",
+            [
+                "serve",
+                "--listen",
+                ap,
+                "--policy",
+                "learned",
+                "--checkpoint",
+                str(ck),
+                "--log-format",
+                "console",
+            ],
+        )
+        worker = children.start(
+            "w1",
+            [
+                "worker",
+                "edge",
+                "--listen",
+                f"127.0.0.1:{free_port()}",
+                "--models",
+                str(models_dir),
+                "--variants",
+                "digits-tiny,digits-small",
+                "--ap",
+                ap,
+                "--worker-id",
+                "w1",
+                "--slots",
+                "2",
+            ],
+        )
+        wait_for_workers(ap, ap_child, {"w1": worker})
+        with Client(ap) as client:
+            # Two candidates per request (both variants reach 0.5): the policy decides.
+            requests = [StreamRequest("digits", x, deadline_ms=500.0, min_accuracy=0.5) for _ in range(400)]
+            outcomes = [r.outcome for r in client.stream(requests)]
+        assert outcomes.count("ok") == 400
+        assert children.stop(ap_child) == 0
+    finally:
+        children.close()
+    saved = json.loads(meta.read_text())
+    after = torch.load(weights, weights_only=True)
+    assert saved["updates"] > updates_before
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    resumed = make_learned_policy("learned", checkpoint=ck, learn=False)
+    assert resumed.algo.updates == saved["updates"]  # type: ignore[attr-defined]
