@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure one routing decision instead (in process): --policies on 4-16 candidates",
     )
     bench.add_argument("--policies", default="learned,fastest", help="--decisions: which policies")
+    bench.add_argument("--rate", type=float, default=2000.0, help="--decisions: decisions/s (0: unpaced)")
+    bench.add_argument(
+        "--sizes", default="4,8,16,4-16", help="--decisions: candidate set sizes (4-16: drawn per decision)"
+    )
 
     sim = sub.add_parser("sim", help="simulate a scenario under each policy (discrete-event)")
     sim.add_argument("scenario", type=Path)
@@ -150,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--policy", default="learned", choices=["learned", "actor-critic", "aset"])
     train.add_argument("--teacher", default="slack", choices=["slack", "fastest"], help="imitated first")
     train.add_argument("--episodes", type=int, default=6, help="reinforcement episodes, scenarios in turn")
+    train.add_argument(
+        "--energy-weight",
+        type=float,
+        default=0.0,
+        help="actor-critic reward: 1 if ok, minus W * latency / deadline (an energy proxy)",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--duration", type=float, default=None, help="compress each scenario into S seconds")
     train.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="model zoo folder")

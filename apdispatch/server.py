@@ -87,10 +87,11 @@ class AccessPoint:
         await self.server.stop(grace)
         await self.forwarder.close()
         if self.config.policy in LEARNED_POLICIES:
+            # Save first: the learner (a process for the actor-critic) holds the parameters.
+            await self._save_checkpoint()
             close = getattr(self.policy, "close", None)
             if callable(close):
-                await asyncio.to_thread(close)  # waits for an update in progress
-            await self._save_checkpoint()
+                await asyncio.to_thread(close)
         self.log.info("stopped", requests=self.stats.total, **dict(self.stats.totals))
 
     def _checkpoint_path(self) -> Path | None:

@@ -53,14 +53,14 @@ def make_policy(
     seed: int = 0,
     checkpoint: str | Path | None = None,
     *,
-    background: bool = True,
+    background: bool | str = True,
     **options: Any,
 ) -> Policy:
     """A fresh policy; randomised ones draw from their own seeded generator.
 
     Learned policies start from ``checkpoint`` (default: the shipped one) and
     keep learning; ``background=False`` runs their updates inline instead of
-    in a thread (reproducible simulations). ``options`` go to learned
+    in a background process or thread (reproducible simulations). ``options`` go to learned
     policies only (e.g. ``explore=False``, ``learn=False``).
     """
     if name in LEARNED_POLICIES:

@@ -7,6 +7,7 @@ Modules, in the order a run uses them:
 - ``arrivals``: the queries offered, the live load generator's plan (``plan_arrivals``);
 - ``engine``: one run of one policy (``Simulation``); the device model is documented there;
 - ``results``: every policy on the same arrivals, JSON and table (``run_policies``, ``to_json``);
+- ``bound``: the upper bound on the success ratio reported beside them (``upper_bound``);
 - ``plot``: timelines (``plot_report``);
 - ``env``: window-level control for ASET-style agents (``DispatchEnv``);
 - ``bench``: simulated queries per second; ``cli``: ``apdispatch sim``.

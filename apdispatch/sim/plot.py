@@ -53,7 +53,9 @@ def plot_report(report: SimReport, path: Path | str) -> Path:
         violations.plot(t, bad, label=name, linewidth=1.4)
         rejections.plot(t, rejected, label=name, linewidth=1.4)
     if report.upper_bound is not None:
-        success.axhline(100.0 * report.upper_bound, color="black", linestyle="--", linewidth=1, label="bound")
+        success.axhline(
+            100.0 * report.upper_bound, color="black", linestyle="--", linewidth=1, label="bound, whole run"
+        )
     success.set_ylabel("success %")
     violations.set_ylabel("QoS violations %")
     rejections.set_ylabel("rejected %")

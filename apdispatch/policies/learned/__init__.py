@@ -9,8 +9,10 @@
   learning online.
 
 Every one of them decides on a numpy snapshot of its parameters and learns in
-a background learner (``learner.py``); torch is imported only here, never on
-the decision path.
+the background: the actor-critic kinds in a learner process of their own
+(``process.py``), ASET in a thread (``learner.py``); in the simulator and in
+training, inline, so that a seeded run is reproducible. The decision path
+never touches torch.
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from apdispatch.policies import LEARNED_POLICIES
 from apdispatch.policies.base import Policy
 from apdispatch.policies.learned.checkpoint import CHECKPOINTS, SHIPPED, CheckpointError, load_checkpoint
-
-LEARNED_POLICIES: tuple[str, ...] = ("aset", "actor-critic", "learned")
 
 __all__ = [
     "LEARNED_POLICIES",
@@ -80,7 +81,7 @@ def make_learned_policy(
     seed: int = 0,
     checkpoint: Path | str | None = None,
     *,
-    background: bool = True,
+    background: bool | str = True,
     learn: bool = True,
     fresh: bool = False,
     save_to: Path | str | None = None,
@@ -90,8 +91,10 @@ def make_learned_policy(
 
     ``fresh=True``: newly initialised weights, whatever is shipped (``train`` starts so).
     ``save_to``: ``close()`` writes the checkpoint there (a simulated run's "shutdown").
-    ``background=False`` runs the learner's updates inline, in ``observe``,
-    so that a seeded simulation is reproducible. ``overrides`` replace config
+    ``background``: where the learner's updates run. True (the AP): in a
+    process of their own for the actor-critic kinds (``process.py``), in a
+    thread for ASET; ``"thread"``; False: inline, in ``observe``, so that a
+    seeded simulation is reproducible. ``overrides`` replace config
     entries (``explore``, ``mask_late``, ``window``, ...) of a fresh or loaded policy.
     """
     if name not in LEARNED_POLICIES:

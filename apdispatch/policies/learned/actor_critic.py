@@ -94,7 +94,7 @@ class Critic(nn.Module):
 class ActorCritic(nn.Module):
     """The two networks under one state_dict (what a checkpoint holds)."""
 
-    def __init__(self, actor_hidden: Sequence[int] = (32, 32), critic_hidden: Sequence[int] = (64, 64)):
+    def __init__(self, actor_hidden: Sequence[int] = (64,), critic_hidden: Sequence[int] = (64, 64)):
         super().__init__()
         self.actor = Actor(N_FEATURES, actor_hidden)
         self.critic = Critic(N_FEATURES, critic_hidden)
@@ -195,6 +195,11 @@ class ActorCriticHyper:
     vf_coef: float = 0.5
     ent_coef: float = 0.001
     max_grad_norm: float = 0.5
+    # The AP's learner (a process) learns from at most this many decisions per
+    # second, the rest are shed: its CPU time stays a small, bounded share
+    # whatever the load, so that decisions do not slow down while it trains.
+    # The simulator and training (inline) learn from every decision.
+    max_learn_per_s: float = 50.0
     # Reward = 1 if ok, minus this times latency / deadline: the interface has
     # no power figures, and ECSRL's energy term grows with the time served.
     energy_weight: float = 0.0
@@ -202,7 +207,8 @@ class ActorCriticHyper:
 
 @dataclass
 class ActorCriticConfig:
-    actor_hidden: tuple[int, ...] = (32, 32)
+    # One hidden layer: the decision's numpy forward pass is three calls.
+    actor_hidden: tuple[int, ...] = (64,)
     critic_hidden: tuple[int, ...] = (64, 64)
     # Never pick a candidate predicted to miss the deadline (admission
     # guarantees one that is predicted in time).
@@ -224,7 +230,7 @@ class ActorCriticConfig:
     def from_json(cls, d: dict[str, Any]) -> ActorCriticConfig:
         known = {k: v for k, v in d.get("hyper", {}).items() if k in ActorCriticHyper.__dataclass_fields__}
         return cls(
-            actor_hidden=tuple(d.get("actor_hidden", (32, 32))),
+            actor_hidden=tuple(d.get("actor_hidden", (64,))),
             critic_hidden=tuple(d.get("critic_hidden", (64, 64))),
             mask_late=bool(d.get("mask_late", True)),
             explore=bool(d.get("explore", True)),

@@ -271,7 +271,7 @@ class AsetPolicy:
         statics: Sequence[Policy],
         *,
         seed: int = 0,
-        background: bool = True,
+        background: bool | str = True,
         learn: bool = True,
         meta: dict[str, Any] | None = None,
     ) -> None:
@@ -288,8 +288,11 @@ class AsetPolicy:
         self._explore = algo.config.explore
         self._decided: dict[int, tuple[RequestView, _Window]] = {}
         self._previous: _Window | None = None
+        # One small update per 16 windows: a thread is enough ("process" runs as one).
         self.learner: Learner[WindowTransition, AsetSnapshot] | None = (
-            Learner(algo, self._publish, background=background, name=f"{name}-learner") if learn else None
+            Learner(algo, self._publish, background=background is not False, name=f"{name}-learner")
+            if learn
+            else None
         )
         self.history: list[int] = []  # action per window, for reports
         self._window = self._open(0, np.zeros(N_OBS))
@@ -415,9 +418,9 @@ class AsetPolicy:
         return save_checkpoint(path, state, self.config())
 
     def close(self) -> None:
-        """Stop the learner; then write the checkpoint when ``save_to`` is set."""
-        if self.learner is not None:
-            self.learner.close()
+        """Write the checkpoint when ``save_to`` is set, then stop the learner."""
         if self.save_to is not None:
             self.save(self.save_to)
             self.save_to = None
+        if self.learner is not None:
+            self.learner.close()

@@ -7,7 +7,8 @@ seeded generator and replayed identically to every policy. Each decision is
 timed alone (``perf_counter_ns`` around ``choose``), and so is the
 ``observe`` of its feedback, which the AP also calls on its event loop. The
 learned policy runs as in the AP: its background learner trains on the
-feedback while the decisions are timed.
+feedback while the decisions are timed, at the pace of a busy AP (2,000
+decisions/s, ``--rate``; 0 for back to back).
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ import numpy as np
 
 from apdispatch.policies import Candidate, Feedback, Policy, RequestView, make_policy
 
+# Decisions per second: the AP's measured capacity (README, Benchmark). The
+# learner's work per decision is fixed, so an unpaced loop (tens of thousands
+# per second) would have it train many times more, alongside, than in an AP.
+RATE = 2000.0
 SIZES: tuple[int | str, ...] = (4, 8, 16, "4-16")  # "4-16": sizes drawn uniformly per decision
 OUTCOMES = ("ok", "ok", "ok", "late")  # feedback mix: the learner gets something to learn
 
@@ -61,13 +66,24 @@ def candidate_sets(n: int | str, count: int, seed: int) -> list[tuple[RequestVie
     return out
 
 
-def measure(policy: Policy, sets: list[tuple[RequestView, list[Candidate]]], repeats: int) -> dict[str, Any]:
+def measure(
+    policy: Policy, sets: list[tuple[RequestView, list[Candidate]]], repeats: int, rate: float = 0.0
+) -> dict[str, Any]:
+    """Time ``choose`` and ``observe`` per decision; ``rate`` > 0 paces decisions (per second)."""
     choose_ns: list[int] = []
     observe_ns: list[int] = []
     clock = time.perf_counter_ns
+    gap = int(1e9 / rate) if rate > 0 else 0
+    due = clock()
     # A fresh RequestView per decision, as the AP makes one per request.
     for r in range(repeats):
         for i, (req, cands) in enumerate(sets):
+            if gap:
+                # The AP's own work between decisions, as a busy wait: the
+                # core stays as busy as a serving AP keeps it.
+                due += gap
+                while clock() < due:
+                    pass
             view = RequestView(req.task, req.app, req.deadline_ms, req.min_accuracy)
             t0 = clock()
             chosen = policy.choose(view, cands)
@@ -87,20 +103,31 @@ def measure(policy: Policy, sets: list[tuple[RequestView, list[Candidate]]], rep
     }
 
 
-def run(policies: list[str], decisions: int, seed: int, checkpoint: Path | None) -> dict[str, Any]:
-    report: dict[str, Any] = {"seed": seed, "results": {}}
+def run(
+    policies: list[str],
+    decisions: int,
+    seed: int,
+    checkpoint: Path | None,
+    rate: float = RATE,
+    sizes: tuple[int | str, ...] = SIZES,
+) -> dict[str, Any]:
+    report: dict[str, Any] = {"seed": seed, "rate_per_s": rate, "results": {}}
     per_set = 2000
     repeats = max(1, decisions // per_set)
-    for n in SIZES:
+    for n in sizes:
         sets = candidate_sets(n, per_set, seed + (n if isinstance(n, int) else 0))
         for name in policies:
             policy = make_policy(name, seed, checkpoint) if checkpoint else make_policy(name, seed)
+            learner = getattr(policy, "learner", None)
+            wait_ready = getattr(learner, "wait_ready", None)
+            if callable(wait_ready):
+                wait_ready()  # the learner process has imported torch and loaded the weights
             measure(policy, sets[:200], 1)  # warm-up: caches, first allocations
             gc.collect()
-            result = measure(policy, sets, repeats)
-            learner = getattr(policy, "learner", None)
+            before = getattr(learner, "updates", 0)
+            result = measure(policy, sets, repeats, rate)
             if learner is not None:
-                result["learner_updates"] = learner.updates
+                result["learner_updates"] = learner.updates - before  # while decisions were timed
             close = getattr(policy, "close", None)
             if callable(close):
                 close()
@@ -108,7 +135,8 @@ def run(policies: list[str], decisions: int, seed: int, checkpoint: Path | None)
             c, o = result["choose_us"], result["observe_us"]
             print(
                 f"{name:>8} | {n:>4} candidates | choose p50 {c['p50']:6.2f} us  p99 {c['p99']:6.2f} us | "
-                f"observe p50 {o['p50']:5.2f} us  p99 {o['p99']:5.2f} us",
+                f"observe p50 {o['p50']:5.2f} us  p99 {o['p99']:5.2f} us"
+                + (f" | {result['learner_updates']} updates" if "learner_updates" in result else ""),
                 flush=True,
             )
     return report
@@ -117,10 +145,12 @@ def run(policies: list[str], decisions: int, seed: int, checkpoint: Path | None)
 def main(args: argparse.Namespace) -> int:
     report = run(
         [p.strip() for p in args.policies.split(",") if p.strip()],
-        # At least 20,000 decisions per set size: p99 needs the samples.
-        max(args.requests, 20_000),
+        # At least 10,000 decisions per set size: p99 needs the samples.
+        max(args.requests, 10_000),
         seed=0,
         checkpoint=None,
+        rate=args.rate,
+        sizes=tuple(int(v) if v.isdigit() else v for v in args.sizes.split(",")),
     )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

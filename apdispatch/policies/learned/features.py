@@ -30,7 +30,6 @@ from apdispatch.policies.base import Candidate, RequestView
 
 FEATURES: tuple[str, ...] = (
     "slack",  # (deadline_left - predicted) / deadline_left: > 0 is predicted in time
-    "predicted",  # predicted / deadline_left
     "behind_fastest",  # (predicted - fastest predicted) / deadline_left: 0 for the fastest
     "accuracy_margin",  # (accuracy - min_accuracy) * 10: 1 = ten points above the floor
     "most_accurate",  # 1 for the most accurate candidates of the set
@@ -38,8 +37,7 @@ FEATURES: tuple[str, ...] = (
     "free_slot",  # 1 when a slot is free (the request would not queue)
     "rtt",  # rtt / deadline_left
     "behind_closest",  # (rtt - smallest rtt) / deadline_left: 0 for the closest
-    "risk",  # the target's safety margin / deadline_left
-    "safe_slack",  # slack less the risk
+    "risk",  # the target's safety margin / deadline_left: slack - risk > 0 is safely in time
     "bias",  # constant 1: the first layer's bias lives in its weights
 )
 N_FEATURES = len(FEATURES)
@@ -47,8 +45,8 @@ SLACK = FEATURES.index("slack")
 
 # Clipping keeps an odd candidate (a queue of 50, a deadline nearly gone)
 # inside the range the network was trained on.
-LOW = np.array([-1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0, 1.0])
-HIGH = np.array([1.0, 2.0, 2.0, 1.0, 1.0, 4.0, 1.0, 2.0, 2.0, 2.0, 1.0, 1.0])
+LOW = np.array([-1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0])
+HIGH = np.array([1.0, 2.0, 1.0, 1.0, 4.0, 1.0, 2.0, 2.0, 2.0, 1.0])
 LOW.flags.writeable = False
 HIGH.flags.writeable = False
 
@@ -116,13 +114,11 @@ def candidate_features_late(
         if p > 1.0:
             late.append(k)
         r = c.rtt_ms * inv
-        risk = margin(c.key, 0.0) * inv
         busy = c.in_flight
         slots = c.slots
         extend(
             (
                 1.0 - p,
-                p,
                 p - fastest,
                 (c.accuracy - floor) * 10.0,
                 c.accuracy >= best,
@@ -130,8 +126,7 @@ def candidate_features_late(
                 busy < slots,
                 r,
                 r - closest,
-                risk,
-                1.0 - p - risk,
+                margin(c.key, 0.0) * inv,
                 1.0,
             )
         )

@@ -9,9 +9,10 @@ ones, never a mix.
 
 Two ways to run it:
 
-- ``background=True`` (the live AP): a daemon thread wakes every few ms,
-  updates when a batch is ready. torch releases the GIL inside its ops, so
-  the event loop keeps running while it trains.
+- ``background=True``: a daemon thread, woken when a batch is ready. It
+  shares the GIL with the caller, so the AP runs the actor-critic's learner
+  in a process instead (``process.py``); ASET, with one small update per 16
+  windows, keeps this thread.
 - ``background=False`` (the simulator, tests, ``apdispatch train``): the
   update runs inside ``put`` when a batch is complete, so that a seeded run
   gives the same decisions every time. Decisions still read a snapshot.
@@ -34,7 +35,6 @@ S_co = TypeVar("S_co", covariant=True)
 # Transitions waiting for the learner beyond this are dropped (the oldest
 # first): under overload the AP keeps deciding and learns from a sample.
 QUEUE_LIMIT = 65536
-POLL_S = 0.005
 # Share of one core the background learner may use: after an update that took
 # t seconds it rests t * (1 / MAX_DUTY - 1), leaving the rest to serving.
 MAX_DUTY = 0.3
@@ -64,11 +64,18 @@ class Learner(Generic[T, S]):
         self._background = background
         self._lock = threading.Lock()  # held while the parameters change or are saved
         self._stop = threading.Event()
+        # Set when a batch is ready (or to stop). The thread sleeps on it
+        # instead of polling: each wake-up would take the GIL from the event loop.
+        self._ready = threading.Event()
         self._thread: threading.Thread | None = None
         self._name = name
         self.dropped = 0
         self.updates = 0
         self.error: BaseException | None = None
+        # One thread for torch's own work, in either mode: updates are small
+        # (a few hundred rows), where more threads only spin and contend with
+        # serving (the AP) or with the simulation's own loop.
+        torch.set_num_threads(1)
         if background:
             self._thread = threading.Thread(target=self._run, name=name, daemon=True)
             self._thread.start()
@@ -79,8 +86,11 @@ class Learner(Generic[T, S]):
         if len(queue) == queue.maxlen:
             self.dropped += 1
         queue.append(item)
-        if not self._background and len(queue) >= self.algo.batch_size:
-            self.step()
+        if len(queue) >= self.algo.batch_size:
+            if not self._background:
+                self.step()
+            elif not self._ready.is_set():
+                self._ready.set()  # once per batch: wake the learner thread
 
     def pending(self) -> int:
         return len(self._queue)
@@ -99,15 +109,15 @@ class Learner(Generic[T, S]):
         return True
 
     def _run(self) -> None:
-        # One thread for torch's own work: the AP's cores are for serving.
-        torch.set_num_threads(1)
         while not self._stop.is_set():
             try:
                 started = time.perf_counter()
                 if self.step():
                     self._stop.wait((time.perf_counter() - started) * (1.0 / MAX_DUTY - 1.0))
                 else:
-                    self._stop.wait(POLL_S)
+                    self._ready.clear()
+                    if len(self._queue) < self.algo.batch_size:  # a put may have come in between
+                        self._ready.wait()
             except Exception as exc:  # a failed update must not take the AP down
                 self.error = exc
                 self._queue.clear()
@@ -119,6 +129,7 @@ class Learner(Generic[T, S]):
 
     def close(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
+        self._ready.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None

@@ -27,6 +27,7 @@ from apdispatch.policies.learned.actor_critic import (
 from apdispatch.policies.learned.checkpoint import save_checkpoint
 from apdispatch.policies.learned.features import FEATURES, Margins, candidate_features_late
 from apdispatch.policies.learned.learner import Learner
+from apdispatch.policies.learned.process import ProcessLearner
 
 # Decisions whose feedback never came back (a sim cut short, a lost reply) are
 # forgotten, the oldest first, beyond this many.
@@ -40,7 +41,7 @@ class ActorCriticPolicy:
         algo: ActorCriticAlgo,
         *,
         seed: int = 0,
-        background: bool = True,
+        background: bool | str = True,
         learn: bool = True,
         meta: dict[str, Any] | None = None,
     ) -> None:
@@ -57,9 +58,16 @@ class ActorCriticPolicy:
         self._pending: dict[int, tuple[RequestView, int, np.ndarray, int, np.ndarray]] = {}
         self.margins = Margins()
         self._seq = 0
-        self.learner: Learner[Transition, ActorSnapshot] | None = (
-            Learner(algo, self._publish, background=background, name=f"{name}-learner") if learn else None
-        )
+        # Where updates run: "process" (the AP: off the GIL), "thread", or
+        # "inline" (simulator, training, tests: reproducible).
+        mode = "process" if background is True else "inline" if background is False else background
+        if mode not in ("process", "thread", "inline"):
+            raise ValueError(f"background: expected True, False, 'thread' or 'process', got {background!r}")
+        self.learner: Learner[Transition, ActorSnapshot] | ProcessLearner | None = None
+        if learn and mode == "process":
+            self.learner = ProcessLearner(algo, self._publish, name=f"{name}-learner")
+        elif learn:
+            self.learner = Learner(algo, self._publish, background=mode == "thread", name=f"{name}-learner")
 
     def _publish(self, snapshot: ActorSnapshot) -> None:
         self._snapshot = snapshot
@@ -127,13 +135,15 @@ class ActorCriticPolicy:
         }
 
     def save(self, path: Path | str) -> Path:
+        if isinstance(self.learner, ProcessLearner):
+            return self.learner.save(path, self.config())  # the process holds the parameters
         state = self.learner.state_dict() if self.learner is not None else self.algo.state_dict()
         return save_checkpoint(path, state, self.config())
 
     def close(self) -> None:
-        """Stop the learner; then write the checkpoint when ``save_to`` is set."""
-        if self.learner is not None:
-            self.learner.close()
+        """Write the checkpoint when ``save_to`` is set, then stop the learner."""
         if self.save_to is not None:
             self.save(self.save_to)
             self.save_to = None
+        if self.learner is not None:
+            self.learner.close()

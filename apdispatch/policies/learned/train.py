@@ -130,6 +130,7 @@ def train(
     policy: str = "learned",
     teacher: str = "slack",
     episodes: int = 6,
+    energy_weight: float = 0.0,
     seed: int = 0,
     duration_s: float | None = None,
     models: Path | None = Path("build/models"),
@@ -161,6 +162,9 @@ def train(
     fresh = make_learned_policy(kind, seed, background=False, fresh=True)
     assert isinstance(fresh, ActorCriticPolicy | AsetPolicy)
     learner: ActorCriticPolicy | AsetPolicy = fresh
+    if isinstance(learner, ActorCriticPolicy):
+        # Kept in the checkpoint's hyperparameters: online learning goes on with it.
+        learner.algo.hyper.energy_weight = energy_weight
 
     # Phase 1: imitation of fastest.
     xs: list[np.ndarray] = []
@@ -253,7 +257,15 @@ def _imitate_aset(policy: Any, action: int, steps: int = 300) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    command = "apdispatch " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    # The command as it would be typed again, from the parsed arguments.
+    parts = ["apdispatch", "train", *(str(p) for p in args.scenarios), "--out", str(args.out)]
+    parts += ["--policy", args.policy, "--teacher", args.teacher, "--episodes", str(args.episodes)]
+    parts += ["--seed", str(args.seed)]
+    if args.duration is not None:
+        parts += ["--duration", f"{args.duration:g}"]
+    if args.energy_weight:
+        parts += ["--energy-weight", f"{args.energy_weight:g}"]
+    command = " ".join(shlex.quote(p) for p in parts)
     missing = [str(p) for p in args.scenarios if not Path(p).is_file()]
     if missing:
         print(f"apdispatch train: no such scenario: {', '.join(missing)}", file=sys.stderr)
@@ -264,6 +276,7 @@ def main(args: argparse.Namespace) -> int:
         policy=args.policy,
         teacher=args.teacher,
         episodes=args.episodes,
+        energy_weight=args.energy_weight,
         seed=args.seed,
         duration_s=args.duration,
         models=args.models,
