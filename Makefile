@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 MODELS := build/models
 SCENARIO ?= scenarios/small-edge-cloud.toml
 
-.PHONY: env models demo test lint generate bench clean
+.PHONY: env models demo test lint generate bench eval clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,14 @@ generate: env
 
 bench: models
 	$(BIN)/apdispatch bench --models $(MODELS) --json build/bench.json
+
+# The evaluation table of docs/evaluation/: every policy, five seeds, on the
+# repo's scenarios and the held-out ones (about 15 minutes on 2 cores).
+SEEDS ?= 5
+JOBS ?= 2
+eval: models
+	$(BIN)/apdispatch evaluate scenarios/sim/*.toml scenarios/held-out/*.toml --models $(MODELS) \
+		--seeds $(SEEDS) --jobs $(JOBS) --out docs/evaluation
 
 clean:
 	rm -rf build $(VENV)
