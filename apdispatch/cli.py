@@ -83,6 +83,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, default=None, help="seconds per policy")
     demo.add_argument("--json", type=Path, default=None)
     demo.add_argument("--seed", type=int, default=None)
+    demo.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="PNG of every policy's success ratio over time (always written to the run folder too)",
+    )
+    demo.add_argument(
+        "--fidelity",
+        action="store_true",
+        help="also simulate the same run (scenario, seed, duration, policies): sim %% and live - sim, "
+        "with --calibration and with a calibration fitted to the live replies",
+    )
+    demo.add_argument(
+        "--calibration",
+        default=None,
+        metavar="SCALE[,OVERHEAD_MS]",
+        help="the simulator's calibration for --fidelity (default: the manifest's latencies); "
+        "implies --fidelity",
+    )
 
     load = sub.add_parser("load", help="open-loop load from a scenario against a running AP")
     load.add_argument("scenario", type=Path)
@@ -145,8 +164,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="learned policies start from this checkpoint when it exists (else the shipped one) "
         "and write it at the end of their run",
     )
+    sim.add_argument(
+        "--seeds",
+        default=None,
+        metavar="N|A-B|A,B,..",
+        help="run every policy on several seeds (N: N seeds from --seed); report means, 95%% intervals "
+        "and each learned policy's paired gap to the best static one",
+    )
+    sim.add_argument("--jobs", type=int, default=1, help="--seeds: seeds run in parallel processes")
     sim.add_argument("--bench", action="store_true", help="measure simulated queries/s instead")
     sim.add_argument("--repeats", type=int, default=20, help="--bench: runs to measure")
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="the evaluation table: every policy on several seeds of each scenario, with the bound",
+    )
+    evaluate.add_argument("scenarios", type=Path, nargs="+", metavar="SCENARIO")
+    evaluate.add_argument("--out", type=Path, default=Path("docs/evaluation"), help="JSON, PNG and table.md")
+    evaluate.add_argument("--policies", default="all", help="comma-separated names or 'all'")
+    evaluate.add_argument("--seeds", default="5", metavar="N|A-B|A,B,..", help="seeds (N: N from --seed)")
+    evaluate.add_argument("--seed", type=int, default=None, help="first seed (default: the first scenario's)")
+    evaluate.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes")
+    evaluate.add_argument(
+        "--duration", type=float, default=None, help="compress each scenario into S seconds"
+    )
+    evaluate.add_argument("--no-plot", action="store_true", help="skip the PNG timelines")
+    evaluate.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="model zoo folder")
 
     train = sub.add_parser("train", help="pre-train a learned policy in the simulator, write a checkpoint")
     train.add_argument("scenarios", type=Path, nargs="+", metavar="SCENARIO")
@@ -203,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         from apdispatch.bench import main as bench_main
 
         return bench_main(args)
+    if args.command == "evaluate":
+        from apdispatch.sim.evaluate import main as evaluate_main
+
+        return evaluate_main(args)
     if args.command == "sim":
         from apdispatch.sim.cli import main as sim_main
 

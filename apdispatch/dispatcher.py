@@ -103,8 +103,9 @@ class Dispatcher:
     def _dispatch(self, request: pb.InferRequest, request_id: str, arrival: float, reply: Reply) -> None:
         checked = check_request(request, self.registry, self.config.max_tensor_bytes)
         # The deadline counts from arrival at the AP; time spent here so far is gone.
-        left_ms = checked.deadline_ms - (time.monotonic() - arrival) * 1000.0
-        view = RequestView(checked.task, request.app, left_ms, checked.min_accuracy)
+        now = time.monotonic()
+        left_ms = checked.deadline_ms - (now - arrival) * 1000.0
+        view = RequestView(checked.task, request.app, left_ms, checked.min_accuracy, now)
         decision = self.router.decide(view, checked.targets)
         target = decision.target
         worker = target.worker

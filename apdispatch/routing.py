@@ -13,6 +13,10 @@ One :class:`Router` holds the policy and the latency estimator. Per request:
    :meth:`Router.learn` feeds a served reply's timings to the estimator and
    :meth:`Router.observe` tells the policy what became of its choice.
 
+A request that admission rejects never reaches the policy's ``choose``; a
+policy that defines ``rejected(view)`` (ASET, whose reward is a window's
+success over every request, rejected ones included) is told of it.
+
 ``apdispatch.dispatcher`` (the live AP) and ``apdispatch.sim`` (the simulator)
 both drive a ``Registry``'s targets through these calls and nothing else, so a
 policy, and the estimator, cannot tell which of the two runs them.
@@ -20,7 +24,7 @@ policy, and the estimator, cannot tell which of the two runs them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from apdispatch.errors import RejectedError
@@ -91,21 +95,37 @@ def admit(view: RequestView, targets: Sequence[Target], candidates: Sequence[Can
 class Router:
     """Admission, choice and feedback around one policy and one estimator."""
 
-    __slots__ = ("estimator", "policy")
+    __slots__ = ("_policy", "_rejected", "estimator")
 
     def __init__(self, policy: Policy, estimator: LatencyEstimator) -> None:
         self.policy = policy
         self.estimator = estimator
 
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        self._policy = policy
+        # Looked up once per policy, not per request: most policies have no
+        # such hook, and a rejection must cost them nothing.
+        self._rejected: Callable[[RequestView], None] | None = getattr(policy, "rejected", None)
+
     def decide(self, view: RequestView, targets: Sequence[Target]) -> Decision:
-        """Admit and route one request, or raise ``RejectedError``.
+        """Admit and route one request, or raise ``RejectedError`` (told to the policy's ``rejected``).
 
         The chosen worker counts the request in flight from here on; every
         decision must be released exactly once.
         """
         candidates = build_candidates(targets, view.min_accuracy, self.estimator)
-        admit(view, targets, candidates)
-        chosen = self.policy.choose(view, candidates)
+        try:
+            admit(view, targets, candidates)
+        except RejectedError:
+            if self._rejected is not None:
+                self._rejected(view)
+            raise
+        chosen = self._policy.choose(view, candidates)
         target: Target = chosen.ref  # type: ignore[assignment]
         worker = target.worker
         decision = Decision(view, chosen, target, worker.in_flight)
@@ -123,4 +143,4 @@ class Router:
 
     def observe(self, decision: Decision, outcome: str, latency_ms: float) -> None:
         """Tell the policy the outcome of its choice (never for rejections: it made none)."""
-        self.policy.observe(_new(Feedback, (decision.view, decision.chosen, outcome, latency_ms)))
+        self._policy.observe(_new(Feedback, (decision.view, decision.chosen, outcome, latency_ms)))

@@ -23,7 +23,7 @@ from apdispatch.policies import (
     RequestView,
     make_policy,
 )
-from apdispatch.policies.learned import SHIPPED, make_learned_policy
+from apdispatch.policies.learned import SHIPPED, CheckpointError, make_learned_policy
 from apdispatch.policies.learned.actor_critic import (
     MASKED,
     Actor,
@@ -42,6 +42,7 @@ from apdispatch.policies.learned.features import (
     candidate_features_late,
 )
 from apdispatch.policies.learned.policy import ActorCriticPolicy
+from apdispatch.scenario import load_scenario
 
 REQUEST = RequestView(task="digits", app="ar", deadline_ms=50.0, min_accuracy=0.8)
 
@@ -71,21 +72,30 @@ C = _c("c", acc=0.85, rtt=40.0, busy=0, slots=4, predicted=60.0)  # predicted pa
 def test_features_of_known_candidates() -> None:
     # Safety margins: a's replies come 5 ms later than predicted, c's 10 ms; b has none yet.
     margins = {A.key: 5.0, C.key: 10.0}
-    x, late = candidate_features_late(REQUEST, [A, B, C], margins)
+    x, masked = candidate_features_late(REQUEST, [A, B, C], margins)
     assert x.shape == (3, N_FEATURES)
     expected = {
         # slack, behind_fastest, accuracy_margin, most_accurate, load, free_slot, rtt,
-        # behind_closest, risk, bias.
-        # Deadline 50 ms: fastest 20/50 = 0.4, closest 5/50 = 0.1; a's risk 5/50 = 0.1.
-        "a": [0.6, 0.0, 1.0, 0.0, 0.5, 1.0, 0.1, 0.0, 0.1, 1.0],
+        # behind_closest, bias.
+        # Deadline 50 ms: fastest 20/50 = 0.4, closest 5/50 = 0.1.
+        "a": [0.6, 0.0, 1.0, 0.0, 0.5, 1.0, 0.1, 0.0, 1.0],
         # accuracy margin (0.95 - 0.8) * 10 = 1.5, clipped to 1; 3 in flight on 2 slots.
-        "b": [0.4, 0.2, 1.0, 1.0, 1.5, 0.0, 0.2, 0.1, 0.0, 1.0],
-        "c": [-0.2, 0.8, 0.5, 0.0, 0.0, 1.0, 0.8, 0.7, 0.2, 1.0],
+        "b": [0.4, 0.2, 1.0, 1.0, 1.5, 0.0, 0.2, 0.1, 1.0],
+        "c": [-0.2, 0.8, 0.5, 0.0, 0.0, 1.0, 0.8, 0.7, 1.0],
     }
     for row, key in zip(x, "abc", strict=True):
         np.testing.assert_allclose(row, expected[key], atol=1e-12, err_msg=key)
-    assert late == [2]
+    assert masked == [2]  # c: predicted 60 ms, past the 50 ms deadline
     assert FEATURES[0] == "slack" and FEATURES[-1] == "bias"
+
+
+def test_unsafe_candidates_are_masked_while_a_safe_one_remains() -> None:
+    # a: 20 + 35 = 55 > 50 ms, unsafe; b: 30 + 0, safe; c: late.
+    _, masked = candidate_features_late(REQUEST, [A, B, C], {A.key: 35.0})
+    assert masked == [0, 2]
+    # b unsafe too (30 + 25): nothing is safe, so only the late one is masked.
+    _, masked = candidate_features_late(REQUEST, [A, B, C], {A.key: 35.0, B.key: 25.0})
+    assert masked == [2]
 
 
 def test_features_are_clipped() -> None:
@@ -93,7 +103,7 @@ def test_features_are_clipped() -> None:
     far = _c("far", acc=1.0, rtt=500.0, busy=50, slots=1, predicted=900.0)
     near = _c("near", acc=1.0, rtt=1.0, busy=0, slots=1, predicted=2.0)
     x, late = candidate_features_late(gone, [near, far])
-    np.testing.assert_allclose(x[1], [-1.0, 2.0, 1.0, 1.0, 4.0, 0.0, 2.0, 2.0, 0.0, 1.0])
+    np.testing.assert_allclose(x[1], [-1.0, 2.0, 1.0, 1.0, 4.0, 0.0, 2.0, 2.0, 1.0])
     assert late == [1]
 
 
@@ -370,25 +380,168 @@ def test_shipped_checkpoint_is_small_and_says_how_it_was_made() -> None:
     assert set(state) == set(make_learned_policy("learned", learn=False).algo.state_dict())  # type: ignore[attr-defined]
 
 
+def _timed(
+    sets: list[tuple[RequestView, list[Candidate]]], start_s: float, step_s: float
+) -> list[tuple[RequestView, list[Candidate]]]:
+    """The requests stamped with the driver's clock: one every ``step_s`` from ``start_s``."""
+    return [(req._replace(now_s=start_s + i * step_s), cands) for i, (req, cands) in enumerate(sets)]
+
+
 def test_aset_switches_static_policies_per_window_and_round_trips(tmp_path: Path) -> None:
-    policy = make_learned_policy("aset", seed=0, fresh=True, background=False, window=16)
+    policy = make_learned_policy("aset", seed=0, fresh=True, background=False, window_s=1.0)
     assert isinstance(policy, AsetPolicy)
     rng = np.random.default_rng(0)
-    for req, cands in _synthetic(rng, 16 * 40):
+    # 16 requests a second for 40 s: 40 windows of 1 s.
+    for req, cands in _timed(_synthetic(rng, 16 * 40), 100.0, 1 / 16):
         chosen = policy.choose(req, cands)
         assert chosen in cands
         policy.observe(Feedback(req, chosen, "ok" if chosen.accuracy >= 0.58 else "late", 10.0))
     assert len(policy.history) == 40
     assert len(set(policy.history)) > 1  # it explores the static policies
-    assert policy.algo.updates >= 2  # windows of 16, batches of 16 windows
+    assert policy.algo.updates >= 2  # batches of 16 windows
     assert policy.active in ACTIONS
     policy.save(tmp_path / "aset")
+    saved = json.loads(paths(tmp_path / "aset")[1].read_text())
+    assert saved["window_s"] == 1.0 and saved["actions"] == list(STATIC_POLICIES)
     again = make_learned_policy("aset", checkpoint=tmp_path / "aset", learn=False)
     assert isinstance(again, AsetPolicy)
     obs = np.linspace(0, 1, len(again.observation(again._window)))
     np.testing.assert_allclose(again._snapshot.logits(obs), policy._snapshot.logits(obs))
     with pytest.raises(ValueError, match="aset"):
         make_learned_policy("actor-critic", checkpoint=tmp_path / "aset")
+
+
+def test_aset_windows_are_seconds_whatever_the_load() -> None:
+    def windows(timed: list[tuple[RequestView, list[Candidate]]]) -> int:
+        policy = make_learned_policy("aset", seed=0, fresh=True, learn=False, window_s=2.0)
+        assert isinstance(policy, AsetPolicy)
+        for req, cands in timed:
+            policy.choose(req, cands)
+        return len(policy.history)
+
+    rng = np.random.default_rng(1)
+    # 10 s at 5 and at 200 requests a second: 5 windows of 2 s either way.
+    assert windows(_timed(_synthetic(rng, 50), 0.0, 0.2)) == 5
+    assert windows(_timed(_synthetic(rng, 2000), 0.0, 0.005)) == 5
+    # Nothing for 30 s opens no windows: the next request opens one.
+    quiet = _timed(_synthetic(rng, 10), 0.0, 0.1) + _timed(_synthetic(rng, 10), 31.0, 0.1)
+    assert windows(quiet) == 2
+    # A clock that goes back before the window's start (the next simulated run) ends the window.
+    rerun = _timed(_synthetic(rng, 10), 1.0, 0.1) + _timed(_synthetic(rng, 10), 0.0, 0.1)
+    assert windows(rerun) == 2
+
+
+def test_aset_reward_counts_rejections() -> None:
+    # Batches larger than the run: every window's transition stays in the learner's queue.
+    policy = make_learned_policy(
+        "aset", seed=0, fresh=True, background=False, window_s=1.0, hyper={"batch_size": 1000}
+    )
+    assert isinstance(policy, AsetPolicy) and policy.learner is not None
+    rng = np.random.default_rng(2)
+    # Per 1 s window k: 4 decisions, all served ok, and k rejections.
+    for k in range(4):
+        for i, (req, cands) in enumerate(_timed(_synthetic(rng, 4 + k), k + 0.0, 0.1)):
+            if i < k:
+                policy.rejected(req)
+            else:
+                policy.observe(Feedback(req, policy.choose(req, cands), "ok", 10.0))
+    # Window k's reward is known once window k + 2 opens: windows 0 and 1 here.
+    rewards = [t.reward for t in policy.learner._queue]
+    assert rewards == pytest.approx([4 / 4, 4 / 5])
+    # Window 4 has rejections only: it counts (a reward of 0), it is not skipped as empty.
+    for req, _ in _timed(_synthetic(rng, 3), 4.0, 0.1):
+        policy.rejected(req)
+    for req, cands in _timed(_synthetic(rng, 2), 5.0, 1.0):
+        policy.choose(req, cands)
+    rewards = [t.reward for t in policy.learner._queue]
+    assert rewards == pytest.approx([4 / 4, 4 / 5, 4 / 6, 4 / 7, 0.0])
+    assert len(policy.history) == 7
+    policy.close()
+
+
+def test_aset_in_the_simulator_times_windows_and_hears_rejections(models_dir: Path) -> None:
+    from apdispatch.sim.arrivals import plan_arrivals
+    from apdispatch.sim.engine import REJECTED, Simulation
+    from apdispatch.sim.model import build_model
+    from workers.zoo.manifest import load_manifest
+
+    root = Path(__file__).resolve().parent.parent
+    scenario = load_scenario(root / "scenarios/sim/mixed-fast.toml").scaled(40.0)
+    model = build_model(scenario, load_manifest(models_dir))
+    policy = make_learned_policy("aset", seed=0, background=False, window_s=5.0)
+    assert isinstance(policy, AsetPolicy)
+    sim = Simulation(model, policy, plan_arrivals(scenario, seed=4))
+    sim.finish()
+    # 40 simulated seconds, windows of 5: 8 of them, however many queries came.
+    assert len(policy.history) == 8
+    # The last two windows are still held (their rewards wait for later windows):
+    # the rejections of their 10 s reached them through the router.
+    assert policy._previous is not None
+    held = policy._previous.rejected + policy._window.rejected
+    assert 0 < held < sim.resolved[REJECTED]
+    policy.close()
+
+
+def test_aset_reads_checkpoints_whose_windows_were_decisions(tmp_path: Path) -> None:
+    policy = make_learned_policy("aset", seed=0, fresh=True, learn=False)
+    policy.save(tmp_path / "old")
+    _, meta = paths(tmp_path / "old")
+    config = json.loads(meta.read_text())
+    del config["window_s"]
+    config["window"] = 256  # what checkpoints said before windows were timed
+    meta.write_text(json.dumps(config))
+    old = make_learned_policy("aset", checkpoint=tmp_path / "old", learn=False)
+    assert isinstance(old, AsetPolicy) and old.algo.config.window_s == 10.0
+    assert "window" not in old.config() and old.config()["window_s"] == 10.0
+    # A checkpoint whose actions are not these static policies, in this order, is refused.
+    config["actions"] = list(reversed(STATIC_POLICIES))
+    meta.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="actions"):
+        make_learned_policy("aset", checkpoint=tmp_path / "old", learn=False)
+
+
+def test_margins_round_trip_through_a_checkpoint(tmp_path: Path) -> None:
+    margins = Margins(alpha=0.5)
+    for latency in (12.0, 14.0, 11.0):
+        margins.observe("e/w1/v", predicted_ms=10.0, latency_ms=latency)
+    margins.observe("c/w2/v", predicted_ms=10.0, latency_ms=4.0)
+    state = margins.state()
+    assert state["e/w1/v"]["replies"] == 3 and state["c/w2/v"]["replies"] == 1
+    again = Margins(alpha=0.5)
+    again.load(json.loads(json.dumps(state)))
+    assert again.margin == margins.margin and again.state() == state
+    # It goes on learning from where it was, exactly as the original does.
+    for m in (margins, again):
+        m.observe("e/w1/v", predicted_ms=10.0, latency_ms=20.0)
+    assert again.margin == margins.margin and again.replies("e/w1/v") == 4
+
+    # In a policy's checkpoint, restored when it loads.
+    policy = _fresh()
+    for req, cands in _synthetic(np.random.default_rng(5), 60):
+        chosen = policy.choose(req, cands)
+        policy.observe(Feedback(req, chosen, "ok", chosen.predicted_ms + 3.0))
+    keys = set(policy.margins.margin)
+    assert keys == {f"c{k}/c{k}/v" for k in range(4)}
+    policy.save(tmp_path / "ck")
+    saved = json.loads(paths(tmp_path / "ck")[1].read_text())["margins"]
+    assert set(saved) == keys and sum(s["replies"] for s in saved.values()) == 60
+    resumed = make_learned_policy("actor-critic", checkpoint=tmp_path / "ck", learn=False)
+    assert isinstance(resumed, ActorCriticPolicy)
+    assert resumed.margins.margin == pytest.approx(policy.margins.margin)
+    assert resumed.margins.state() == saved
+    # Every decision uses them: the same masks as the policy that learned them.
+    assert min(resumed.margins.margin.values()) > 0
+    for req, cands in _synthetic(np.random.default_rng(6), 50):
+        mask_before = candidate_features_late(req, cands, policy.margins.margin)[1]
+        assert candidate_features_late(req, cands, resumed.margins.margin)[1] == mask_before
+    # A checkpoint from before margins were saved has none; a broken entry is refused.
+    assert make_learned_policy("learned", learn=False).margins.margin == {}  # type: ignore[attr-defined]
+    meta = paths(tmp_path / "ck")[1]
+    config = json.loads(meta.read_text())
+    config["margins"]["c0/c0/v"] = {"mean_ms": 1.0}
+    meta.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="mean_sq_ms2"):
+        make_learned_policy("actor-critic", checkpoint=tmp_path / "ck", learn=False)
 
 
 def test_registry_and_config() -> None:
@@ -473,7 +626,18 @@ def test_ap_checkpoints_on_shutdown_and_resumes(models_dir: Path, tmp_path: Path
     assert saved["updates"] > updates_before
     assert any(not torch.equal(before[k], after[k]) for k in before)
     resumed = make_learned_policy("learned", checkpoint=ck, learn=False)
-    assert resumed.algo.updates == saved["updates"]  # type: ignore[attr-defined]
+    assert isinstance(resumed, ActorCriticPolicy)
+    assert resumed.algo.updates == saved["updates"]
+    # The safety margins of w1's targets, learned in the AP's process (the
+    # learner process writes the file), are saved: one per target used, from
+    # every one of the 400 replies.
+    margins = saved["margins"]
+    targets = {"w1/digits-tiny", "w1/digits-small"}
+    assert margins and all(k.split("/", 1)[1] in targets and k.count("/") == 2 for k in margins)
+    assert sum(m["replies"] for m in margins.values()) == 400
+    # ... and a restarted AP's policy starts from them.
+    assert resumed.margins.state() == margins
+    assert all(resumed.margins.replies(k) > 0 and k in resumed.margins.margin for k in margins)
 
 
 def test_train_writes_a_checkpoint_that_loads(models_dir: Path, tmp_path: Path) -> None:
@@ -508,3 +672,14 @@ def test_sim_resumes_from_and_writes_its_checkpoint(models_dir: Path, tmp_path: 
     assert main(argv) == 0  # resumes from it
     second = json.loads(paths(ck)[1].read_text())
     assert second["samples"] > first["samples"] and second["command"] == shipped["command"]
+
+
+def test_a_checkpoint_of_other_features_is_refused(tmp_path: Path) -> None:
+    ck = tmp_path / "old"
+    weights, meta = paths(ck)
+    shutil.copy(paths(SHIPPED)[0], weights)
+    config = json.loads(paths(SHIPPED)[1].read_text())
+    config["features"] = [*config["features"][:-1], "risk", "bias"]
+    meta.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="features"):
+        make_learned_policy("learned", checkpoint=ck, learn=False)

@@ -1,10 +1,18 @@
-"""Static policies on hand-made candidate sets."""
+"""Static policies on hand-made candidate sets, and the router's optional rejection hook."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from apdispatch.policies import STATIC_POLICIES, Candidate, RequestView, make_policy
+from apdispatch.policies.static import FastestPolicy
+from apdispatch.scenario import load_scenario
+
+ROOT = Path(__file__).resolve().parent.parent
 
 REQUEST = RequestView(task="digits", app="ar", deadline_ms=50.0, min_accuracy=0.8)
 
@@ -74,3 +82,73 @@ def test_single_candidate_is_always_chosen() -> None:
 def test_unknown_policy_names_the_known_ones() -> None:
     with pytest.raises(KeyError, match="round-robin"):
         make_policy("nope")
+
+
+# -- the optional rejection hook -----------------------------------------------------------
+
+
+class SeesRejections(FastestPolicy):
+    """``fastest``, with the optional ``rejected`` hook: what the router tells it."""
+
+    def __init__(self) -> None:
+        self.rejections: list[RequestView] = []
+
+    def rejected(self, request: RequestView) -> None:
+        self.rejections.append(request)
+
+
+def test_router_tells_rejections_in_the_simulator(models_dir: Path) -> None:
+    from apdispatch.sim.arrivals import plan_arrivals
+    from apdispatch.sim.engine import REJECTED, Simulation
+    from apdispatch.sim.model import build_model
+    from workers.zoo.manifest import load_manifest
+
+    scenario = load_scenario(ROOT / "scenarios/sim/mixed-fast.toml").scaled(20.0)
+    model = build_model(scenario, load_manifest(models_dir))
+    policy = SeesRejections()
+    arrivals = plan_arrivals(scenario, seed=3)
+    sim = Simulation(model, policy, arrivals)
+    sim.finish()
+    rejected = sim.resolved[REJECTED]
+    assert rejected > 50  # the scenario's peaks overload it: there is something to tell
+    # Each rejection, and nothing else, reached the policy, stamped with the simulated clock.
+    assert len(policy.rejections) == rejected
+    times_s = [r.now_s for r in policy.rejections]
+    assert times_s == sorted(times_s) and times_s[0] >= 0.0 and times_s[-1] <= scenario.duration_s
+    assert set(times_s) <= {float(t) * 0.001 for t in arrivals.times_ms}
+
+
+def test_router_tells_rejections_in_the_live_ap(models_dir: Path) -> None:
+    import structlog
+
+    from apdispatch.client import build_request
+    from apdispatch.config import APConfig
+    from apdispatch.dispatcher import Dispatcher
+    from apdispatch.errors import ApdispatchError, RejectedError
+    from apdispatch.estimator import LatencyEstimator
+    from apdispatch.metrics import Stats
+    from apdispatch.protocol import dispatcher_pb2 as pb
+    from apdispatch.registry import Registry
+    from apdispatch.sim.model import build_model
+    from workers.zoo.manifest import load_manifest
+
+    # The AP's registry, with the workers of the demo scenario registered as live ones register.
+    model = build_model(load_scenario(ROOT / "scenarios/small-edge-cloud.toml"), load_manifest(models_dir))
+    registry = Registry(60.0)
+    for spec in model.workers:
+        registry.register(spec.register_request())
+    policy = SeesRejections()
+    # No forwarder: a rejected request never reaches one.
+    ap = Dispatcher(APConfig(), registry, LatencyEstimator(), policy, None, Stats(), structlog.get_logger())  # type: ignore[arg-type]
+    x = np.load(models_dir / "samples" / "digits.npz")["x"][:1]
+    replies: list[pb.InferResponse | ApdispatchError] = []
+    before = time.monotonic()
+    # No worker answers within a microsecond: admission rejects it.
+    ap.submit(build_request("digits", x, deadline_ms=0.001, app="ar"), time.monotonic(), replies.append)
+    assert len(replies) == 1 and isinstance(replies[0], RejectedError)
+    assert [(r.task, r.app) for r in policy.rejections] == [("digits", "ar")]
+    assert before <= policy.rejections[0].now_s <= time.monotonic()
+    # Invalid input is not a routing decision: the policy hears nothing of it.
+    ap.submit(build_request("digits", x[0, :1], deadline_ms=100.0), time.monotonic(), replies.append)
+    assert len(replies) == 2 and not isinstance(replies[1], RejectedError)
+    assert len(policy.rejections) == 1

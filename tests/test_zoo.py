@@ -159,9 +159,7 @@ def file_states(root: Path) -> dict[str, tuple[int, str]]:
 
 
 def weight_hashes(manifest: Manifest) -> dict[str, str]:
-    return {
-        v.name: hashlib.sha256(manifest.path(v).read_bytes()).hexdigest() for v in manifest.variants
-    }
+    return {v.name: hashlib.sha256(manifest.path(v).read_bytes()).hexdigest() for v in manifest.variants}
 
 
 def kill_mid_build(out: Path) -> None:

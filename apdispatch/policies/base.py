@@ -11,6 +11,12 @@ values, built on the hot path for every request (a candidate for every
 eligible target of every request), where a named tuple costs a third of what
 a frozen dataclass does to build. Each request gets its own ``RequestView``
 object, and its ``Feedback`` carries that very object back.
+
+``RequestView.now_s`` is the driver's clock (seconds, ``time.monotonic()`` in
+the live AP, simulated time in the simulator): a policy that needs time (ASET's
+windows) reads it there, so that it keeps the simulator's runs reproducible
+and never asks the wall clock itself. It comes last, with a default, so that
+views built by hand (tests, benches) need not name it.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ class RequestView(NamedTuple):
     app: str
     deadline_ms: float  # time left until the deadline, at the decision
     min_accuracy: float
+    now_s: float = 0.0  # the driver's clock at the decision, seconds (only differences mean anything)
 
 
 class Candidate(NamedTuple):
@@ -61,3 +68,10 @@ class Policy(Protocol):
     def observe(self, feedback: Feedback) -> None:
         """Learn from an outcome; static policies ignore it. Must be cheap."""
         ...
+
+
+# Optional, not part of ``Policy`` (static policies need nothing): a policy
+# with a method ``rejected(request: RequestView) -> None`` is told of every
+# request that admission rejected before it could choose (``Router.decide``).
+# Its outcomes alone would hide those: a window where admission turned away
+# half the requests would look as good as its admitted half.

@@ -22,7 +22,7 @@ from apdispatch.policies import LEARNED_POLICIES, STATIC_POLICIES, Policy, make_
 from apdispatch.scenario import Scenario, ScenarioError, load_scenario
 from apdispatch.sim.calibration import MANIFEST, Calibration
 from apdispatch.sim.model import SimModel, build_model
-from apdispatch.sim.results import PolicyResult, format_table, ratios, run_policies, to_json
+from apdispatch.sim.results import PolicyResult, SimReport, format_table, ratios, run_policies, to_json
 from workers.zoo.manifest import MANIFEST_NAME, load_manifest
 
 
@@ -107,6 +107,8 @@ def main(args: argparse.Namespace) -> int:
         return run(model, policy=policy, repeats=args.repeats, seed=args.seed, json_out=args.json)
 
     seed = scenario.seed if args.seed is None else args.seed
+    if getattr(args, "seeds", None) is not None:
+        return _main_seeds(args, scenario, model, policies, seed)
     print(
         f"scenario {scenario.name}: {scenario.duration_s:g} s, seed {seed}, "
         f"{len(model.workers)} workers in {len(model.clusters)} clusters",
@@ -142,4 +144,59 @@ def main(args: argparse.Namespace) -> int:
 
         plot_report(report, args.plot)
         print(f"plot: {args.plot}")
+    return 0
+
+
+def _main_seeds(
+    args: argparse.Namespace, scenario: Scenario, model: SimModel, policies: list[str], seed: int
+) -> int:
+    """``--seeds``: every policy on every seed; means, intervals and paired gaps."""
+    from apdispatch.sim import seeds as multi
+
+    try:
+        seeds = multi.parse_seeds(args.seeds, seed)
+        if args.jobs < 1:
+            raise ValueError("--jobs: must be >= 1")
+        if getattr(args, "checkpoint", None) is not None:
+            # Parallel seeds writing one checkpoint would race; resuming is a one-seed affair.
+            raise ValueError("--checkpoint: not with --seeds (run one seed to resume and save)")
+    except ValueError as exc:
+        print(f"apdispatch sim: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"scenario {scenario.name}: {scenario.duration_s:g} s, seeds {', '.join(map(str, seeds))}, "
+        f"{len(model.workers)} workers in {len(model.clusters)} clusters, {args.jobs} job(s)",
+        flush=True,
+    )
+    spec = multi.RunSpec(
+        scenario=args.scenario,
+        duration_s=args.duration,
+        models=args.models,
+        calibration=args.calibration,
+        policies=tuple(policies),
+        window_s=args.window,
+        bound=not args.no_bound,
+    )
+    started = time.perf_counter()
+
+    def progress(report: SimReport) -> None:
+        best = max(report.results.values(), key=lambda r: ratios(r.counts)["success_ratio"])
+        print(
+            f"[seed {report.seed}] {report.queries} queries; best {best.policy} "
+            f"{100 * ratios(best.counts)['success_ratio']:.1f} %",
+            flush=True,
+        )
+
+    reports = multi.run_seeds(spec, seeds, jobs=args.jobs, progress=progress)
+    print(f"\n{multi.format_table(reports)}")
+    print(f"\n{len(policies)} policies x {len(seeds)} seeds in {time.perf_counter() - started:.1f} s")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(multi.to_json(reports), indent=2) + "\n")
+        print(f"report: {args.json}")
+    if args.plot is not None:
+        from apdispatch.sim.plot import plot_report
+
+        plot_report(reports[0], args.plot)  # the timelines of the first seed
+        print(f"plot: {args.plot} (seed {reports[0].seed})")
     return 0

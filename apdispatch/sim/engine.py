@@ -384,8 +384,9 @@ class Simulation:
         cell = (w if w < self.windows else self.windows - 1) * N_OUTCOMES
         # A fresh view per query, as the live AP makes: a policy may key its
         # pending decisions by the view's identity. The AP spends no simulated
-        # time before deciding, so the whole deadline is left.
-        view = _new(RequestView, (task, name, deadline_ms, min_accuracy))
+        # time before deciding, so the whole deadline is left. Its clock is
+        # simulated time, in seconds as the live AP's ``time.monotonic()``.
+        view = _new(RequestView, (task, name, deadline_ms, min_accuracy, t * 0.001))
         try:
             decision = self._decide(view, targets)
         except RejectedError:

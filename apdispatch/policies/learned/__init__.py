@@ -1,7 +1,7 @@
 """Learned routing policies: ``aset``, ``actor-critic`` and ``learned`` (the shipped default).
 
-- ``aset`` (ASET): every window of decisions, an agent picks which static
-  policy dispatches the next window.
+- ``aset`` (ASET): every time window, an agent picks which static policy
+  dispatches the next window.
 - ``actor-critic`` (ECSRL): picks the target of each request from per-candidate
   features, with an actor and a critic.
 - ``learned``: what the project ships, from ``checkpoints/learned.pt``: an
@@ -18,11 +18,17 @@ never touches torch.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from apdispatch.policies import LEARNED_POLICIES
 from apdispatch.policies.base import Policy
 from apdispatch.policies.learned.checkpoint import CHECKPOINTS, SHIPPED, CheckpointError, load_checkpoint
+
+if TYPE_CHECKING:
+    import torch
+
+    from apdispatch.policies.learned.aset import AsetPolicy
+    from apdispatch.policies.learned.policy import ActorCriticPolicy
 
 __all__ = [
     "LEARNED_POLICIES",
@@ -95,7 +101,7 @@ def make_learned_policy(
     process of their own for the actor-critic kinds (``process.py``), in a
     thread for ASET; ``"thread"``; False: inline, in ``observe``, so that a
     seeded simulation is reproducible. ``overrides`` replace config
-    entries (``explore``, ``mask_late``, ``window``, ...) of a fresh or loaded policy.
+    entries (``explore``, ``mask_late``, ``window_s``, ...) of a fresh or loaded policy.
     """
     if name not in LEARNED_POLICIES:
         raise KeyError(name)
@@ -113,36 +119,65 @@ def make_learned_policy(
     if name != "learned" and kind != name:
         raise CheckpointError(f"{path}: a {kind!r} checkpoint, not {name!r}")
     meta = {**meta, **overrides}
+    try:
+        policy = _restore(name, kind, state, meta, seed=seed, background=background, learn=learn)
+    except (KeyError, TypeError, ValueError) as exc:
+        if path is None or isinstance(exc, CheckpointError):
+            raise  # the caller's own arguments, or already said
+        # A config entry of the wrong shape (or an override that does not fit it).
+        raise CheckpointError(f"{path}: {type(exc).__name__}: {exc}") from exc
+    policy.save_to = save_to
+    return policy
+
+
+class _Restorable(Protocol):
+    updates: int
+    samples: int
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+def _resume(algo: _Restorable, state: dict[str, torch.Tensor] | None, meta: dict[str, Any]) -> None:
+    """The parameters and counters of a checkpoint (none: a fresh start) into ``algo``."""
+    if state is not None:
+        algo.load_state_dict(state)
+    algo.updates = int(meta.get("updates", 0))
+    algo.samples = int(meta.get("samples", 0))
+
+
+def _restore(
+    name: str,
+    kind: str,
+    state: dict[str, torch.Tensor] | None,
+    meta: dict[str, Any],
+    *,
+    seed: int,
+    background: bool | str,
+    learn: bool,
+) -> AsetPolicy | ActorCriticPolicy:
+    """The policy of ``kind`` from a checkpoint's ``state`` and config ``meta`` (with the overrides)."""
     if kind == "aset":
         from apdispatch.policies import make_policy
         from apdispatch.policies.learned.aset import ACTIONS, AsetAlgo, AsetConfig, AsetPolicy
 
+        if meta.get("actions", list(ACTIONS)) != list(ACTIONS):
+            raise ValueError(f"ASET actions {meta['actions']}, not {list(ACTIONS)}")
         aset_algo = AsetAlgo(AsetConfig.from_json(meta), seed=seed)
-        if state is not None:
-            aset_algo.load_state_dict(state)
-        aset_algo.updates = int(meta.get("updates", 0))
-        aset_algo.samples = int(meta.get("samples", 0))
-        aset = AsetPolicy(
-            name,
-            aset_algo,
-            [make_policy(a, seed=seed) for a in ACTIONS],
-            seed=seed,
-            background=background,
-            learn=learn,
-            meta=meta,
-        )
-        aset.save_to = save_to
-        return aset
+        _resume(aset_algo, state, meta)
+        statics = [make_policy(a, seed=seed) for a in ACTIONS]
+        return AsetPolicy(name, aset_algo, statics, seed=seed, background=background, learn=learn, meta=meta)
     if kind == "actor-critic":
         from apdispatch.policies.learned.actor_critic import ActorCriticAlgo, ActorCriticConfig
+        from apdispatch.policies.learned.features import FEATURES
         from apdispatch.policies.learned.policy import ActorCriticPolicy
 
+        if meta.get("features", list(FEATURES)) != list(FEATURES):
+            # A network scores feature rows by position: other features, other meaning.
+            raise ValueError(f"features {meta['features']}, not {list(FEATURES)}")
         algo = ActorCriticAlgo(ActorCriticConfig.from_json(meta), seed=seed)
-        if state is not None:
-            algo.load_state_dict(state)
-        algo.updates = int(meta.get("updates", 0))
-        algo.samples = int(meta.get("samples", 0))
+        _resume(algo, state, meta)
         policy = ActorCriticPolicy(name, algo, seed=seed, background=background, learn=learn, meta=meta)
-        policy.save_to = save_to
+        # What the AP learned of its targets before it stopped (checkpoints before these had none).
+        policy.margins.load(meta.get("margins") or {})
         return policy
-    raise CheckpointError(f"{path}: unknown kind {kind!r}")
+    raise ValueError(f"unknown kind {kind!r}")

@@ -2,9 +2,12 @@
 
 The agent observes the window that just ended and picks one of the static
 policies for the coming window; its reward is that window's success ratio.
-A window is a number of decisions, not seconds: a policy has no clock it
-could trust in both the live AP and the simulator, and a count keeps the
-agent's view of a window equally rich at any load.
+A window is ``window_s`` seconds of the driver's clock (``RequestView.now_s``:
+the AP's monotonic clock, the simulator's simulated time), so that it means
+the same span in both. A window opens with the first request that comes
+after the previous one ended (none opens while nothing comes) and ends
+``window_s`` later; a clock that goes back before its start (the next
+simulated run of the same policy) ends it too.
 
 Observations are fixed-size summaries, so one network fits any scenario:
 how tight deadlines are against the best prediction, load (in flight per
@@ -12,15 +15,18 @@ slot) over all targets and on the busiest cluster, how many candidates
 requests have, the outcome mix and latency/deadline of the replies seen,
 on average and on the slowest cluster, and the policy that ran.
 
-The reward only counts requests that reached a policy: admission rejects
-before any policy runs, and rejections do not come back as feedback.
+The reward is the share of the window's requests that came back ok:
+ok / (decisions + rejections). Admission rejects before any policy runs, and
+the router tells ASET of each rejection (``rejected``): a policy that
+crowds the fast targets until admission turns requests away must not look
+good for the requests it did route.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -28,20 +34,15 @@ import torch
 from torch import nn
 from torch.distributions import Categorical
 
+from apdispatch.policies import STATIC_POLICIES
 from apdispatch.policies.base import Candidate, Feedback, Policy, RequestView
 from apdispatch.policies.learned.actor_critic import compute_gae, init_linear
-from apdispatch.policies.learned.checkpoint import save_checkpoint
+from apdispatch.policies.learned.checkpoint import CheckpointedPolicy
 from apdispatch.policies.learned.learner import Learner
 
-ACTIONS: tuple[str, ...] = (
-    "random",
-    "round-robin",
-    "closest",
-    "fastest",
-    "most-accurate",
-    "least-loaded",
-    "p2c",
-)
+# The agent's actions, in the order its output layer scores them: a
+# checkpoint records them ("actions") and loads only where they are the same.
+ACTIONS: tuple[str, ...] = STATIC_POLICIES
 OBSERVATIONS: tuple[str, ...] = (
     "tightness",  # mean over decisions of the fastest prediction / deadline
     "load_mean",  # in_flight / slots over candidates seen
@@ -158,10 +159,15 @@ class AsetHyper:
     max_grad_norm: float = 0.5
 
 
+# Seconds per window: the simulator's report window, long enough for every
+# reply to a window's decisions to be back before the next one ends.
+WINDOW_S = 10.0
+
+
 @dataclass
 class AsetConfig:
     hidden: tuple[int, ...] = (64, 64)
-    window: int = 256  # decisions per window
+    window_s: float = WINDOW_S
     explore: bool = True
     hyper: AsetHyper = field(default_factory=AsetHyper)
 
@@ -173,9 +179,14 @@ class AsetConfig:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> AsetConfig:
         known = {k: v for k, v in d.get("hyper", {}).items() if k in AsetHyper.__dataclass_fields__}
+        # Checkpoints from before windows were timed have ``window`` (a
+        # count of decisions): it has no meaning in seconds and is ignored.
+        window_s = float(d.get("window_s", WINDOW_S))
+        if not window_s > 0:
+            raise ValueError(f"window_s must be > 0, got {window_s}")
         return cls(
             hidden=tuple(d.get("hidden", (64, 64))),
-            window=int(d.get("window", 256)),
+            window_s=window_s,
             explore=bool(d.get("explore", True)),
             hyper=AsetHyper(**known),
         )
@@ -256,12 +267,19 @@ class _Window:
     outcomes: dict[str, int] = field(default_factory=dict)
     latency: float = 0.0
     cluster_latency: dict[str, list[float]] = field(default_factory=dict)
-    # Replies to this window's own decisions: its reward.
+    # Requests admission rejected during this window (the policy chose none of them).
+    rejected: int = 0
+    # Replies to this window's own decisions: with ``decisions`` and ``rejected``, its reward.
     answered: int = 0
     ok: int = 0
 
+    def reward(self) -> float:
+        """Success over every request of the window: ok / (decisions + rejections)."""
+        total = self.decisions + self.rejected
+        return self.ok / total if total else 0.0
 
-class AsetPolicy:
+
+class AsetPolicy(CheckpointedPolicy):
     """Dispatches with the static policy its agent picked for the current window."""
 
     def __init__(
@@ -280,11 +298,14 @@ class AsetPolicy:
         self.name = name
         self.algo = algo
         self.meta = dict(meta or {})
-        self.save_to: Path | str | None = None
         self._statics = list(statics)
         self._rng = np.random.default_rng(seed)
         self._snapshot: AsetSnapshot = algo.snapshot()
-        self._window_size = algo.config.window
+        self._window_s = algo.config.window_s
+        # The current window's span on the driver's clock; the first request
+        # (decided or rejected) starts it.
+        self._start_s = math.inf
+        self._end_s = -math.inf
         self._explore = algo.config.explore
         self._decided: dict[int, tuple[RequestView, _Window]] = {}
         self._previous: _Window | None = None
@@ -318,8 +339,8 @@ class AsetPolicy:
 
     def choose(self, request: RequestView, candidates: Sequence[Candidate]) -> Candidate:
         w = self._window
-        if w.decisions >= self._window_size:
-            w = self._roll()
+        if not self._start_s <= request.now_s < self._end_s:
+            w = self._roll(request.now_s)
         w.decisions += 1
         n = len(candidates)
         w.candidates += n
@@ -332,6 +353,13 @@ class AsetPolicy:
                 del self._decided[next(iter(self._decided))]
             self._decided[id(request)] = (request, w)
         return self._statics[w.action].choose(request, candidates)
+
+    def rejected(self, request: RequestView) -> None:
+        """Admission rejected ``request`` (the router tells): it counts against the window."""
+        w = self._window
+        if not self._start_s <= request.now_s < self._end_s:
+            w = self._roll(request.now_s)
+        w.rejected += 1
 
     @staticmethod
     def _sample(w: _Window, request: RequestView, candidates: Sequence[Candidate]) -> None:
@@ -388,23 +416,32 @@ class AsetPolicy:
         obs[11 + w.action] = 1.0
         return obs
 
-    def _roll(self) -> _Window:
-        """Close the current window, pick the policy of the next one, hand the last-but-one to learning."""
+    def _roll(self, now_s: float) -> _Window:
+        """A window starts at ``now_s``: close the current one, pick the next one's policy.
+
+        The window before the one closed is handed to learning. A window that
+        saw no request yet (the first) is not closed: it starts now.
+        """
+        self._start_s = now_s
+        self._end_s = now_s + self._window_s
         done = self._window
+        if not done.decisions and not done.rejected:
+            return done
         obs = self.observation(done)
         # The window before the one just closed has had a whole window's time
         # for its replies to come back: its reward is known now.
         if self._previous is not None and self.learner is not None:
             p = self._previous
-            reward = p.ok / p.answered if p.answered else 0.0
-            self.learner.put(WindowTransition(p.index, p.obs, p.action, p.logits, reward))
+            self.learner.put(WindowTransition(p.index, p.obs, p.action, p.logits, p.reward()))
         self._previous = done
         self._window = self._open(done.index + 1, obs)
         return self._window
 
     def config(self) -> dict[str, Any]:
+        # An old checkpoint's window in decisions (``window``) is not carried over.
+        meta = {k: v for k, v in self.meta.items() if k != "window"}
         return {
-            **self.meta,
+            **meta,
             "kind": "aset",
             "actions": list(ACTIONS),
             "observations": list(OBSERVATIONS),
@@ -413,14 +450,6 @@ class AsetPolicy:
             "samples": self.algo.samples,
         }
 
-    def save(self, path: Path | str) -> Path:
-        state = self.learner.state_dict() if self.learner is not None else self.algo.state_dict()
-        return save_checkpoint(path, state, self.config())
-
-    def close(self) -> None:
-        """Write the checkpoint when ``save_to`` is set, then stop the learner."""
-        if self.save_to is not None:
-            self.save(self.save_to)
-            self.save_to = None
-        if self.learner is not None:
-            self.learner.close()
+    def parameters(self) -> dict[str, torch.Tensor]:
+        # The learner's copy is taken under its lock: never half an update.
+        return self.learner.state_dict() if self.learner is not None else self.algo.state_dict()

@@ -84,7 +84,8 @@ def measure(
                 due += gap
                 while clock() < due:
                     pass
-            view = RequestView(req.task, req.app, req.deadline_ms, req.min_accuracy)
+            # Stamped with the clock as the AP stamps its views (ASET's windows are timed).
+            view = RequestView(req.task, req.app, req.deadline_ms, req.min_accuracy, time.monotonic())
             t0 = clock()
             chosen = policy.choose(view, cands)
             t1 = clock()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -61,3 +61,36 @@ def load_checkpoint(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{weights}: expected a state_dict of tensors")
     return state, config
+
+
+class _Stoppable(Protocol):
+    def close(self) -> None: ...
+
+
+class CheckpointedPolicy:
+    """What the learned policies share around their checkpoints: ``save``, and ``close`` with ``save_to``.
+
+    A subclass says what to write: ``parameters()`` (the state_dict decisions
+    use now) and ``config()`` (the JSON beside it).
+    """
+
+    learner: _Stoppable | None = None
+    # Where ``close()`` writes the checkpoint: a simulated run's "shutdown".
+    save_to: Path | str | None = None
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def save(self, path: Path | str) -> Path:
+        return save_checkpoint(path, self.parameters(), self.config())
+
+    def close(self) -> None:
+        """Write the checkpoint when ``save_to`` is set, then stop the learner."""
+        if self.save_to is not None:
+            self.save(self.save_to)
+            self.save_to = None
+        if self.learner is not None:
+            self.learner.close()

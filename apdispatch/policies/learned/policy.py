@@ -13,7 +13,7 @@ import random
 from collections.abc import Sequence
 from math import exp
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,17 +24,20 @@ from apdispatch.policies.learned.actor_critic import (
     ActorSnapshot,
     Transition,
 )
-from apdispatch.policies.learned.checkpoint import save_checkpoint
+from apdispatch.policies.learned.checkpoint import CheckpointedPolicy
 from apdispatch.policies.learned.features import FEATURES, Margins, candidate_features_late
 from apdispatch.policies.learned.learner import Learner
 from apdispatch.policies.learned.process import ProcessLearner
+
+if TYPE_CHECKING:
+    import torch
 
 # Decisions whose feedback never came back (a sim cut short, a lost reply) are
 # forgotten, the oldest first, beyond this many.
 PENDING_LIMIT = 100_000
 
 
-class ActorCriticPolicy:
+class ActorCriticPolicy(CheckpointedPolicy):
     def __init__(
         self,
         name: str,
@@ -48,7 +51,6 @@ class ActorCriticPolicy:
         self.name = name
         self.algo = algo
         self.meta = dict(meta or {})
-        self.save_to: Path | str | None = None
         # Python's generator, seeded per policy (never the global one): one
         # uniform draw per decision costs tens of ns instead of numpy's ~0.3 us.
         self._random = random.Random(seed).random
@@ -56,6 +58,7 @@ class ActorCriticPolicy:
         self._explore = algo.config.explore
         self._mask_late = algo.config.mask_late
         self._pending: dict[int, tuple[RequestView, int, np.ndarray, int, np.ndarray]] = {}
+        # Learned here, in the deciding process, whatever runs the updates; saved with the checkpoint.
         self.margins = Margins()
         self._seq = 0
         # Where updates run: "process" (the AP: off the GIL), "thread", or
@@ -124,7 +127,7 @@ class ActorCriticPolicy:
 
     def config(self) -> dict[str, Any]:
         # What the checkpoint was made from (the training command...) is kept;
-        # the live counters and the architecture override it.
+        # the live counters, the architecture and the margins override it.
         return {
             **self.meta,
             "kind": "actor-critic",
@@ -132,18 +135,17 @@ class ActorCriticPolicy:
             **self.algo.config.to_json(),
             "updates": self.algo.updates,
             "samples": self.algo.samples,
+            "margins": self.margins.state(),
         }
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        if isinstance(self.learner, Learner):
+            return self.learner.state_dict()  # under its lock: never half an update
+        return self.algo.state_dict()
 
     def save(self, path: Path | str) -> Path:
         if isinstance(self.learner, ProcessLearner):
-            return self.learner.save(path, self.config())  # the process holds the parameters
-        state = self.learner.state_dict() if self.learner is not None else self.algo.state_dict()
-        return save_checkpoint(path, state, self.config())
-
-    def close(self) -> None:
-        """Write the checkpoint when ``save_to`` is set, then stop the learner."""
-        if self.save_to is not None:
-            self.save(self.save_to)
-            self.save_to = None
-        if self.learner is not None:
-            self.learner.close()
+            # The process holds the parameters; the config, margins included,
+            # is made here, where decisions and feedback are.
+            return self.learner.save(path, self.config())
+        return super().save(path)

@@ -230,6 +230,10 @@ def train(
             "torch": torch.__version__,
         }
     )
+    if isinstance(learner, ActorCriticPolicy):
+        # The margins describe the training scenarios' targets, not a
+        # deployment's: a pre-trained checkpoint ships none.
+        learner.margins = Margins()
     learner.save(out)
     learner.close()
     log(f"checkpoint: {paths(out)[0]} + {paths(out)[1].name} ({time.perf_counter() - started:.0f} s)")
