@@ -10,6 +10,12 @@ state and sees the same arrivals (same seed).
 Every subprocess runs in its own session and is killed on the way out,
 whatever the way out (error, Ctrl-C, SIGTERM); their logs go to
 ``build/demo/<timestamp>/``.
+
+After the live runs: ``report.json`` (written first, so that nothing later
+can lose it), with ``--fidelity`` the simulator on the same run
+(``apdispatch.fidelity``: two more pairs of columns in the table), and the
+figure of success over time (``apdispatch.demo_plot``), into the run folder
+and to ``--plot``.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
@@ -31,10 +38,12 @@ from apdispatch.errors import ApdispatchError
 from apdispatch.policies import STATIC_POLICIES, policy_names
 from apdispatch.processes import Child, ChildError, Children, free_port, wait_for_workers
 from apdispatch.scenario import Scenario, ScenarioError, load_scenario
+from apdispatch.sim.calibration import Calibration
 from apdispatch.topology import WorkerSpec, build_topology
 from workers.zoo.manifest import MANIFEST_NAME, load_manifest
 
 DEMO_ROOT = Path("build/demo")
+PLOT_NAME = "success.png"  # written into every run folder
 REGISTER_TIMEOUT_S = 90.0  # a cold cloud worker imports torch and loads models first
 
 
@@ -116,11 +125,38 @@ def summary_row(policy: str, report: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+# Columns the table gains with --fidelity: (header, row key), shown when some row has the key.
+FIDELITY_COLUMNS = (
+    ("sim %", "sim_pct"),
+    ("live - sim", "sim_gap"),
+    ("sim fit %", "fit_pct"),
+    ("live - fit", "fit_gap"),
+)
+
+
+def add_fidelity(rows: Sequence[dict[str, Any]], label: str, sim_pct: dict[str, float]) -> None:
+    """Put one simulator run's success % and gap (points) into the rows: ``sim_*`` for the
+    given calibration, ``fit_*`` for the fitted one."""
+    prefix = "fit" if label == "fitted" else "sim"
+    for row in rows:
+        pct = sim_pct.get(row["policy"])
+        if pct is not None:
+            row[f"{prefix}_pct"] = pct
+            row[f"{prefix}_gap"] = row["success_pct"] - pct
+
+
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    header = ["policy", "sent", *OUTCOMES, "success %", "p50 ms", "p99 ms"]
+    extra = [(h, k) for h, k in FIDELITY_COLUMNS if any(k in r for r in rows)]
+    header = ["policy", "sent", *OUTCOMES, "success %", "p50 ms", "p99 ms", *(h for h, _ in extra)]
 
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}"
+
+    def pct(row: dict[str, Any], key: str) -> str:
+        value = row.get(key)
+        if value is None:
+            return "-"
+        return f"{value:+.1f}" if key.endswith("_gap") else f"{value:.1f}"
 
     body = [
         [
@@ -130,6 +166,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             f"{r['success_pct']:.1f}",
             ms(r["p50_ms"]),
             ms(r["p99_ms"]),
+            *(pct(r, k) for _, k in extra),
         ]
         for r in rows
     ]
@@ -201,6 +238,9 @@ def run_demo(
                 f"{time.monotonic() - started:.1f} s; {scenario.duration_s:.0f} s of load",
                 flush=True,
             )
+            # What else loads this machine shows in live results (slowed workers,
+            # a load generator behind schedule): keep it beside them.
+            load_before = os.getloadavg()
             try:
                 report = asyncio.run(_load(scenario, ap, models, seed, progress))
             except (ApdispatchError, OSError, ValueError) as exc:
@@ -213,6 +253,7 @@ def run_demo(
                 "summary": summary_row(policy, report),
                 "ap_exit_code": rc,
                 "ap_log": str(ap_child.log),
+                "loadavg_1m": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
             }
             for child in workers.values():
                 if child.exited() is not None:
@@ -232,6 +273,14 @@ def main(args: argparse.Namespace) -> int:
         if not (models / MANIFEST_NAME).is_file():
             raise DemoError(f"no model zoo at {models} (build it: apdispatch models build --out {models})")
         specs = plan_workers(scenario, models)
+        calibration_arg: str | None = getattr(args, "calibration", None)
+        # --calibration alone asks for the comparison it calibrates.
+        fidelity = bool(getattr(args, "fidelity", False)) or calibration_arg is not None
+        calibration = None
+        if calibration_arg is not None:
+            from apdispatch.sim.cli import parse_calibration
+
+            calibration = parse_calibration(calibration_arg)
     except (ScenarioError, DemoError, OSError) as exc:
         print(f"apdispatch demo: {exc}", file=sys.stderr)
         return 2
@@ -264,7 +313,7 @@ def main(args: argparse.Namespace) -> int:
     if rc != 0:
         print(f"\nresults of the {len(results)} of {len(policies)} policies that finished:", file=sys.stderr)
     rows = [r["summary"] for r in results.values()]
-    doc = {
+    doc: dict[str, Any] = {
         "scenario": scenario.name,
         "scenario_path": str(scenario.path) if scenario.path else None,
         "duration_s": scenario.duration_s,
@@ -273,15 +322,72 @@ def main(args: argparse.Namespace) -> int:
         "complete": rc == 0,
         "policies": results,
     }
-    text = json.dumps(doc, indent=2) + "\n"
-    (run_dir / "report.json").write_text(text)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text)
+    # Written before the simulator and the plot run, so that neither can lose the live results.
+    _write_report(doc, run_dir, args)
+    notes: list[str] = []
+    if fidelity:
+        try:
+            notes.append(_fidelity(doc, rows, scenario, specs, models, seed, calibration))
+        except (ScenarioError, ValueError, KeyError, OSError) as exc:
+            notes.append(f"sim fidelity failed: {exc}")
+            rc = rc or 1
+        _write_report(doc, run_dir, args)
+    plots = [run_dir / PLOT_NAME]
+    plot_arg: Path | None = getattr(args, "plot", None)
+    if plot_arg is not None:
+        plots.append(plot_arg)
+    try:
+        from apdispatch.demo_plot import plot_success
+
+        for path in plots:
+            plot_success(doc, path)
+        notes.append(f"plot: {', '.join(str(p) for p in plots)}")
+    except ImportError as exc:
+        # matplotlib comes with the `all` extra; without it only an asked-for plot is an error.
+        notes.append(f"no plot ({exc}; install the 'all' extra)")
+        if plot_arg is not None:
+            rc = rc or 1
     print()
     print(format_table(rows))
+    for note in notes:
+        print(note)
     print(
         f"\nlogs and report.json in {run_dir}"
         + (f"; reports also in {args.json}" if args.json is not None else "")
     )
     return rc
+
+
+def _write_report(doc: dict[str, Any], run_dir: Path, args: argparse.Namespace) -> None:
+    text = json.dumps(doc, indent=2) + "\n"
+    (run_dir / "report.json").write_text(text)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text)
+
+
+def _fidelity(
+    doc: dict[str, Any],
+    rows: Sequence[dict[str, Any]],
+    scenario: Scenario,
+    specs: Sequence[WorkerSpec],
+    models: Path,
+    seed: int,
+    calibration: Calibration | None,
+) -> str:
+    """The simulator on what just ran live: columns into ``rows``, ``fidelity`` into ``doc``;
+    returns the summary lines."""
+    # Imported here: the simulator (and, for learned policies, torch) only when asked for.
+    from apdispatch import fidelity as fid
+    from apdispatch.demo_plot import window_s
+
+    live_pct = {r["policy"]: float(r["success_pct"]) for r in rows}
+    reports = [r["report"] for r in doc["policies"].values()]
+    fit = fid.fit_live(reports, specs, load_manifest(models))
+    print(f"simulating {len(live_pct)} policies for sim fidelity ...", flush=True)
+    started = time.monotonic()
+    runs = fid.run_fidelity(scenario, models, live_pct, seed, calibration, fit, window_s(scenario.duration_s))
+    for run in runs:
+        add_fidelity(rows, run.label, run.sim_pct)
+    doc["fidelity"] = fid.to_json(runs, fit)
+    return f"{fid.format_summary(runs, fit)}\n(simulated in {time.monotonic() - started:.1f} s)"

@@ -32,7 +32,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final, Literal, NamedTuple
@@ -252,6 +252,17 @@ def _counts_block(sent: int, counts: list[int], latencies_s: list[float]) -> dic
     return block
 
 
+def _compute_stats(values_ms: list[float]) -> dict[str, float]:
+    a = np.asarray(values_ms)
+    p50, p90 = np.percentile(a, [50, 90])
+    return {
+        "n": len(values_ms),
+        "mean": round(float(a.mean()), 4),
+        "p50": round(float(p50), 4),
+        "p90": round(float(p90), 4),
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class LoadReport:
     """What a run measured; ``to_dict()`` is the ``--json`` document."""
@@ -276,6 +287,10 @@ class LoadReport:
     unmatched_replies: int
     wall_s: float
     stopped_at_s: float | None = None  # when sending was stopped early (Ctrl-C), else None
+    # What the workers reported holding a slot for, per target (n, mean, p50,
+    # p90 over served replies): the live service times a simulator calibration
+    # is fitted to (apdispatch.fidelity).
+    compute_ms: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -324,6 +339,7 @@ class LoadReport:
             "timeline": self.timeline,
             "served_by": self.served_by,
             "observed_accuracy": self.observed_accuracy,
+            "compute_ms": self.compute_ms,
             "errors": self.errors,
             "unmatched_replies": self.unmatched_replies,
             "grace_s": self.grace_s,
@@ -404,6 +420,7 @@ class _Tally:
         self.latency: list[list[float]] = [[] for _ in range(n_apps)]
         self.reject_latency: list[float] = []
         self.served_by: Counter[str] = Counter()
+        self.compute: dict[str, list[float]] = {}
         self.judged: Counter[str] = Counter()
         self.correct: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
@@ -430,6 +447,9 @@ class _Tally:
             if result.served_by is not None:
                 key = result.served_by.key
                 self.served_by[key] += 1
+                # A reply the AP cut off at the deadline carries no worker timings.
+                if result.timings.compute_ms > 0.0:
+                    self.compute.setdefault(key, []).append(result.timings.compute_ms)
                 if p.label >= 0 and len(result.outputs) == 1:
                     out = result.output
                     if out.size > 1:
@@ -703,6 +723,7 @@ def _report(runner: _Runner, scenario: Scenario, ap: str, seed: int, wall_s: flo
         timeline=timeline,
         served_by=dict(sorted(tally.served_by.items())),
         observed_accuracy=accuracy,
+        compute_ms={key: _compute_stats(v) for key, v in sorted(tally.compute.items())},
         errors=dict(tally.errors.most_common()),
         unmatched_replies=tally.unmatched,
         wall_s=wall_s,

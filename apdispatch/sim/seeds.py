@@ -33,6 +33,7 @@ minus the best static one, per seed)::
 from __future__ import annotations
 
 import math
+import multiprocessing
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -119,7 +120,10 @@ def run_seeds(
                 progress(report)
             reports.append(report)
         return reports
-    with ProcessPoolExecutor(max_workers=min(jobs, len(seeds))) as pool:
+    # Spawned, not forked: a fork of a process that runs gRPC or torch
+    # threads (the AP, a test session) can deadlock in the child.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(jobs, len(seeds)), mp_context=context) as pool:
         futures = [pool.submit(run_seed, spec, seed) for seed in seeds]
         done: list[SimReport] = []
         for future in futures:
