@@ -191,8 +191,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-plot", action="store_true", help="skip the PNG timelines")
     evaluate.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="model zoo folder")
 
+    generate = sub.add_parser(
+        "generate", help="write random scenarios (topology, SLAs, load pattern) drawn from seeds"
+    )
+    generate.add_argument("--seeds", default="1", metavar="N|A-B|A,B,..", help="one scenario per seed")
+    generate.add_argument("--out", type=Path, required=True, help="folder: writes generated-SEED.toml")
+    generate.add_argument("--duration", type=float, default=300.0, help="scenario length, seconds")
+    generate.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="model zoo (its manifest)")
+
     train = sub.add_parser("train", help="pre-train a learned policy in the simulator, write a checkpoint")
-    train.add_argument("scenarios", type=Path, nargs="+", metavar="SCENARIO")
+    train.add_argument("scenarios", type=Path, nargs="*", metavar="SCENARIO")
+    train.add_argument(
+        "--generated",
+        metavar="SEEDS",
+        help="also train on generated scenarios (apdispatch generate) of these seeds: N, A-B or A,B,C",
+    )
     train.add_argument("--out", type=Path, required=True, help="checkpoint: writes OUT.pt and OUT.json")
     train.add_argument("--policy", default="learned", choices=["learned", "actor-critic", "aset"])
     train.add_argument("--teacher", default="slack", choices=["slack", "fastest"], help="imitated first")
@@ -254,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         from apdispatch.sim.cli import main as sim_main
 
         return sim_main(args)
+    if args.command == "generate":
+        from apdispatch.sim.generate import main as generate_main
+
+        return generate_main(args)
     if args.command == "train":
         from apdispatch.policies.learned.train import main as train_main
 

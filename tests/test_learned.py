@@ -98,6 +98,25 @@ def test_unsafe_candidates_are_masked_while_a_safe_one_remains() -> None:
     assert masked == [2]
 
 
+def test_slower_variants_of_one_worker_are_masked() -> None:
+    # a and a2 are two variants on worker "a"; a2 is predicted sooner, so a is masked.
+    a2 = A._replace(key="a/a/v2", variant="v2", predicted_ms=12.0)
+    _, masked = candidate_features_late(REQUEST, [A, a2, B, C], {})
+    assert masked == [0, 3]
+    # A margin counts: a2's replies come 10 ms late (12 + 10 > 20 + 0), so a2 is the slower one.
+    _, masked = candidate_features_late(REQUEST, [A, a2, B, C], {a2.key: 10.0})
+    assert masked == [1, 3]
+    # Deadline 15 ms, nothing safe: only the late (a, b) are masked, a2 stays the one open
+    # though its margin makes it the slower of a's variants.
+    tight = RequestView("digits", "ar", deadline_ms=15.0, min_accuracy=0.8)
+    _, masked = candidate_features_late(tight, [A, a2, B], {a2.key: 10.0})
+    assert masked == [0, 2]
+    # Equal expectations: the first of them stays open.
+    twin = A._replace(key="a/a/v3", variant="v3")
+    _, masked = candidate_features_late(REQUEST, [A, twin, B], {})
+    assert masked == [1]
+
+
 def test_features_are_clipped() -> None:
     gone = RequestView("digits", "ar", deadline_ms=10.0, min_accuracy=0.0)
     far = _c("far", acc=1.0, rtt=500.0, busy=50, slots=1, predicted=900.0)

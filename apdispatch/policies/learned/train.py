@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -35,8 +35,14 @@ import torch
 from apdispatch.policies.base import Candidate, Feedback, Policy, RequestView
 from apdispatch.policies.learned.features import Margins, candidate_features
 
-# Imitation samples kept per scenario: plenty for a 10-feature scorer.
+if TYPE_CHECKING:
+    from apdispatch.scenario import Scenario
+    from apdispatch.sim.model import SimModel
+
+# Imitation samples kept per scenario (20,000: plenty for a 9-feature
+# scorer), and in all: with many scenarios each gives a share.
 IMITATION_SAMPLES = 20_000
+IMITATION_TOTAL = 160_000
 
 
 class SlackTeacher:
@@ -127,6 +133,7 @@ def train(
     scenario_paths: Sequence[Path],
     out: Path,
     *,
+    generated: Sequence[int] = (),
     policy: str = "learned",
     teacher: str = "slack",
     episodes: int = 6,
@@ -145,16 +152,26 @@ def train(
     from apdispatch.scenario import load_scenario
     from apdispatch.sim.arrivals import plan_arrivals
     from apdispatch.sim.cli import load_model
+    from apdispatch.sim.generate import DURATION_S, generated_scenario
     from apdispatch.sim.results import simulate
+    from workers.zoo.manifest import load_manifest
 
     torch.set_num_threads(1)
     started = time.perf_counter()
-    loaded = []
+    loaded: list[tuple[str, Scenario, SimModel]] = []
     for path in scenario_paths:
         scenario = load_scenario(path)
         if duration_s is not None:
             scenario = scenario.scaled(duration_s)
-        loaded.append((path, scenario, load_model(scenario, models)))
+        loaded.append((str(path), scenario, load_model(scenario, models)))
+    if generated:
+        if models is None:
+            raise ValueError("generated scenarios need the model zoo's manifest (--models)")
+        manifest = load_manifest(models)
+        for g in generated:
+            scenario = generated_scenario(g, manifest, duration_s or DURATION_S)
+            loaded.append((f"generated:{g}", scenario, load_model(scenario, models)))
+    per_scenario = min(IMITATION_SAMPLES, IMITATION_TOTAL // max(1, len(loaded)))
 
     kind = "aset" if policy == "aset" else "actor-critic"
     # A fresh policy of the kind asked for: the shipped checkpoint is what we
@@ -173,7 +190,7 @@ def train(
         arrivals = plan_arrivals(scenario, seed + 1000 + i)
         if kind == "actor-critic":
             teach: Policy = SlackTeacher() if teacher == "slack" else make_policy(teacher)
-            recorder = Recorder(teach, IMITATION_SAMPLES, seed + i)
+            recorder = Recorder(teach, per_scenario, seed + i)
             simulate(model, recorder, arrivals)
             xs += recorder.xs
             ys += recorder.ys
@@ -193,7 +210,7 @@ def train(
     baseline: dict[tuple[int, int], float] = {}
     for e in range(episodes):
         k = e % len(loaded)
-        path, scenario, model = loaded[k]
+        _, scenario, model = loaded[k]
         ep_seed = seed + e
         arrivals = plan_arrivals(scenario, ep_seed)
         if (k, ep_seed) not in baseline:
@@ -218,7 +235,7 @@ def train(
     learner.meta.update(
         {
             "command": command,
-            "trained_on": [str(p) for p, _, _ in loaded],
+            "trained_on": [p for p, _, _ in loaded],
             "episodes": episodes,
             "seed": seed,
             "teacher": teacher if kind == "actor-critic" else "fastest",
@@ -263,6 +280,8 @@ def _imitate_aset(policy: Any, action: int, steps: int = 300) -> None:
 def main(args: argparse.Namespace) -> int:
     # The command as it would be typed again, from the parsed arguments.
     parts = ["apdispatch", "train", *(str(p) for p in args.scenarios), "--out", str(args.out)]
+    if args.generated:
+        parts += ["--generated", args.generated]
     parts += ["--policy", args.policy, "--teacher", args.teacher, "--episodes", str(args.episodes)]
     parts += ["--seed", str(args.seed)]
     if args.duration is not None:
@@ -270,13 +289,24 @@ def main(args: argparse.Namespace) -> int:
     if args.energy_weight:
         parts += ["--energy-weight", f"{args.energy_weight:g}"]
     command = " ".join(shlex.quote(p) for p in parts)
+    from apdispatch.sim.seeds import parse_seeds
+
     missing = [str(p) for p in args.scenarios if not Path(p).is_file()]
     if missing:
         print(f"apdispatch train: no such scenario: {', '.join(missing)}", file=sys.stderr)
         return 2
+    try:
+        generated = parse_seeds(args.generated, 0) if args.generated else []
+    except ValueError as exc:
+        print(f"apdispatch train: {str(exc).replace('--seeds', '--generated')}", file=sys.stderr)
+        return 2
+    if not args.scenarios and not generated:
+        print("apdispatch train: give scenario files, --generated SEEDS, or both", file=sys.stderr)
+        return 2
     train(
         args.scenarios,
         args.out,
+        generated=generated,
         policy=args.policy,
         teacher=args.teacher,
         episodes=args.episodes,
