@@ -28,6 +28,7 @@ from apdispatch.policies.learned.checkpoint import CheckpointedPolicy
 from apdispatch.policies.learned.features import FEATURES, Margins, candidate_features_late
 from apdispatch.policies.learned.learner import Learner
 from apdispatch.policies.learned.process import ProcessLearner
+from apdispatch.policies.learned.reserve import Reservations
 
 if TYPE_CHECKING:
     import torch
@@ -60,6 +61,8 @@ class ActorCriticPolicy(CheckpointedPolicy):
         self._pending: dict[int, tuple[RequestView, int, np.ndarray, int, np.ndarray]] = {}
         # Learned here, in the deciding process, whatever runs the updates; saved with the checkpoint.
         self.margins = Margins()
+        # Workers other apps cannot do without (learned online, not checkpointed).
+        self.reserve = Reservations()
         self._seq = 0
         # Where updates run: "process" (the AP: off the GIL), "thread", or
         # "inline" (simulator, training, tests: reproducible).
@@ -80,10 +83,14 @@ class ActorCriticPolicy(CheckpointedPolicy):
         return self._snapshot
 
     def choose(self, request: RequestView, candidates: Sequence[Candidate]) -> Candidate:
+        reserve = self.reserve
+        reserve.arrive(request)
+        reserve.note(request, candidates)
         if len(candidates) == 1:
             return candidates[0]
         snapshot = self._snapshot  # one read: the whole decision uses one set of parameters
         x, late = candidate_features_late(request, candidates, self.margins.margin)
+        late = reserve.mask(request, candidates, late)
         z = snapshot.scores(x)
         if late and self._mask_late:
             z[late] = MASKED
@@ -112,6 +119,10 @@ class ActorCriticPolicy(CheckpointedPolicy):
             # object decided on; holding it keeps its id from being reused.
             pending[id(request)] = (request, self._seq, x, i, z)
         return candidates[i]
+
+    def rejected(self, request: RequestView) -> None:
+        """Admission rejected ``request``: it still counts in its app's demand."""
+        self.reserve.arrive(request)
 
     def observe(self, feedback: Feedback) -> None:
         chosen = feedback.chosen
