@@ -173,9 +173,6 @@ def candidate_features_late(
     late: list[int] = []
     unsafe: list[int] = []
     expected_at: list[float] = []
-    # Per worker, its candidate expected soonest so far; the others are dominated.
-    soonest: dict[str, int] = {}
-    dominated: list[int] = []
     extend = flat.extend
     for k, c in enumerate(candidates):
         p = c.predicted_ms * inv
@@ -185,13 +182,6 @@ def candidate_features_late(
         expected_at.append(expected)
         if expected > 1.0:
             unsafe.append(k)
-        first = soonest.setdefault(c.worker, k)
-        if first != k:
-            if expected < expected_at[first]:
-                soonest[c.worker] = k
-                dominated.append(first)
-            else:
-                dominated.append(k)
         r = c.rtt_ms * inv
         busy = c.in_flight
         slots = c.slots
@@ -210,15 +200,10 @@ def candidate_features_late(
         )
     x = np.array(flat, dtype=np.float64).reshape(-1, N_FEATURES)
     np.clip(x, LOW, HIGH, out=x)
-    if not dominated:
-        return x, unsafe if len(unsafe) < len(candidates) else late
-    if len(unsafe) < len(candidates):
-        # A dominated candidate is expected later than one of its worker's,
-        # so the safe ones are dominated only by safe ones: the mask is the union.
-        return x, sorted(set(unsafe).union(dominated))
-    # Nothing is safe; among the candidates not late, per worker, the soonest.
-    closed = set(late)
-    soonest.clear()
+    masked = unsafe if len(unsafe) < len(candidates) else late
+    closed = set(masked)
+    # Of the candidates left, per worker, the one expected soonest stays open.
+    soonest: dict[str, int] = {}
     for k, c in enumerate(candidates):
         if k in closed:
             continue
@@ -229,4 +214,4 @@ def candidate_features_late(
                 closed.add(first)
             else:
                 closed.add(k)
-    return x, sorted(closed)
+    return x, sorted(closed) if len(closed) > len(masked) else masked

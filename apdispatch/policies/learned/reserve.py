@@ -111,8 +111,6 @@ class Reservations:
 
     def mask(self, request: RequestView, candidates: Sequence[Candidate], masked: list[int]) -> list[int]:
         """``masked`` plus the open candidates on reserved workers, while another stays open."""
-        if not any(w is not None and a != request.app for a, w in self._depends.items()):
-            return masked
         reserved = self.reserved(request)
         if not reserved:
             return masked
