@@ -49,10 +49,10 @@ eval: models
 	$(BIN)/apdispatch evaluate scenarios/sim/*.toml scenarios/held-out/*.toml --models $(MODELS) \
 		--seeds $(SEEDS) --jobs $(JOBS) --out docs/evaluation
 
-# The same on ten random scenarios (apdispatch generate, seeds 100-109, 150 s
-# each, one seed): deployments nobody chose (about 80 s).
+# The same on thirty random scenarios (apdispatch generate, seeds 100-129, 150 s
+# each, one seed): deployments nobody chose (about 4 minutes).
 eval-generated: models
-	$(BIN)/apdispatch generate --seeds 100-109 --duration 150 --models $(MODELS) --out build/generated
+	$(BIN)/apdispatch generate --seeds 100-129 --duration 150 --models $(MODELS) --out build/generated
 	$(BIN)/apdispatch evaluate build/generated/generated-*.toml --models $(MODELS) --seeds 1 \
 		--no-plot --out docs/evaluation/generated
 

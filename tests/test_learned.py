@@ -37,9 +37,11 @@ from apdispatch.policies.learned.checkpoint import load_checkpoint, paths
 from apdispatch.policies.learned.features import (
     FEATURES,
     N_FEATURES,
+    RISK_SPREAD,
     SPREAD,
     Margins,
     candidate_features_late,
+    risky_mask,
 )
 from apdispatch.policies.learned.policy import ActorCriticPolicy
 from apdispatch.scenario import load_scenario
@@ -103,15 +105,15 @@ def test_slower_variants_of_one_worker_are_masked() -> None:
     a2 = A._replace(key="a/a/v2", variant="v2", predicted_ms=12.0)
     _, masked = candidate_features_late(REQUEST, [A, a2, B, C], {})
     assert masked == [0, 3]
-    # A margin counts: a2's replies come 10 ms late (12 + 10 > 20 + 0), so a2 is the slower one.
+    # Between variants of one worker the margins do not count, only the predictions: a2's
+    # margin (12 + 10 > 20 + 0) leaves it the one open.
     _, masked = candidate_features_late(REQUEST, [A, a2, B, C], {a2.key: 10.0})
-    assert masked == [1, 3]
-    # Deadline 15 ms, nothing safe: only the late (a, b) are masked, a2 stays the one open
-    # though its margin makes it the slower of a's variants.
+    assert masked == [0, 3]
+    # Deadline 15 ms, nothing safe: only the late (a, b) are masked, a2 stays the one open.
     tight = RequestView("digits", "ar", deadline_ms=15.0, min_accuracy=0.8)
     _, masked = candidate_features_late(tight, [A, a2, B], {a2.key: 10.0})
     assert masked == [0, 2]
-    # Equal expectations: the first of them stays open.
+    # Equal predictions: the first of them stays open.
     twin = A._replace(key="a/a/v3", variant="v3")
     _, masked = candidate_features_late(REQUEST, [A, twin, B], {})
     assert masked == [1]
@@ -125,7 +127,7 @@ def _reference_mask(request: RequestView, cands: list[Candidate], margins: dict[
     kept = set()
     for worker in {cands[k].worker for k in open_}:
         mine = [k for k in open_ if cands[k].worker == worker]
-        kept.add(min(mine, key=lambda k: (expected[k], k)))
+        kept.add(min(mine, key=lambda k: (cands[k].predicted_ms, k)))
     return [k for k in range(len(cands)) if k not in kept]
 
 
@@ -174,6 +176,27 @@ def test_margins_by_hand() -> None:
     assert margins.margin["t"] == pytest.approx(3.0 + SPREAD * 1.0)
     margins.observe("u", predicted_ms=10.0, latency_ms=4.0)  # earlier than predicted
     assert margins.margin["u"] == 0.0
+    # The wider margin: mean 3 + RISK_SPREAD (2) sd.
+    assert margins.risk["t"] == pytest.approx(3.0 + RISK_SPREAD * 1.0)
+    # Late chance, normal fit (mean 3, sd 1): 40 ms predicted, 44 ms deadline is
+    # one sd of slack, 1 - Phi(1) = 0.1587; two sd, 0.0228.
+    assert margins.late_chance("t", 40.0, 44.0) == pytest.approx(0.158655, abs=1e-5)
+    assert margins.late_chance("t", 40.0, 45.0) == pytest.approx(0.022750, abs=1e-5)
+    # No spread: late exactly when the corrected prediction is; no replies: the prediction alone.
+    # ("u" replies 6 ms before its predictions.)
+    assert margins.late_chance("u", 10.0, 3.9) == 1.0
+    assert margins.late_chance("u", 10.0, 4.0) == 0.0
+    assert margins.late_chance("never", 10.0, 10.0) == 0.0
+
+
+def test_risky_mask_closes_what_the_wider_margin_puts_late_while_one_stays_open() -> None:
+    near = _c("near", acc=0.9, rtt=2.0, busy=0, slots=1, predicted=10.0)
+    cloud = _c("cloud", acc=0.95, rtt=30.0, busy=0, slots=4, predicted=32.0)
+    risk = {cloud.key: 20.0, near.key: 1.0}  # 32 + 20 = 52 > 50: risky; 10 + 1: not
+    assert risky_mask(REQUEST, [near, cloud], [], risk) == [1]
+    # Already masked stay masked; with nothing safe left open, nothing more is closed.
+    assert risky_mask(REQUEST, [near, cloud], [0], risk) == [0]
+    assert risky_mask(REQUEST, [near, cloud], [], {**risk, near.key: 45.0}) == []
 
 
 def test_gae_of_a_three_step_episode_by_hand() -> None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from apdispatch.policies.base import Candidate, RequestView
 from apdispatch.policies.learned.reserve import Reservations
 
 
-def _c(worker: str, variant: str, *, rtt: float, predicted: float, slots: int = 1) -> Candidate:
+def _c(
+    worker: str, variant: str, *, rtt: float, predicted: float, slots: int = 1, in_flight: int = 0
+) -> Candidate:
     return Candidate(
         key=f"{worker}/{worker}/{variant}",
         worker=worker,
@@ -16,7 +20,7 @@ def _c(worker: str, variant: str, *, rtt: float, predicted: float, slots: int = 
         variant=variant,
         accuracy=0.95,
         rtt_ms=rtt,
-        in_flight=0,
+        in_flight=in_flight,
         slots=slots,
         predicted_ms=predicted,
     )
@@ -26,6 +30,10 @@ def _c(worker: str, variant: str, *, rtt: float, predicted: float, slots: int = 
 MEC = _c("mec", "large", rtt=7.0, predicted=18.0)
 CLOUD = _c("cloud", "large", rtt=48.0, predicted=50.0, slots=4)
 EDGE = _c("edge", "tiny", rtt=5.0, predicted=10.0)
+
+
+# After 30 s at a steady rate, the decayed rate (tau 10 s) has reached 1 - e^-3 of it.
+WARMED = 1.0 - math.exp(-3.0)
 
 
 def _view(app: str, deadline: float, now: float) -> RequestView:
@@ -59,12 +67,12 @@ def test_a_dependent_apps_demand_reserves_the_worker_against_others() -> None:
     _feed(r, "ar", 25.0, [MEC, CLOUD], qps=30.0, seconds=30.0)
     count = _view("count", 60.0, 30.0)
     r.note(count, [MEC, EDGE, CLOUD])
-    assert r.reserved(count) == {"mec"}
+    assert set(r.reserved(count, {"mec", "edge", "cloud"})) == {"mec"}
     assert r.mask(count, [MEC, EDGE, CLOUD], []) == [0]
     # Already-masked candidates stay masked; the MEC joins them.
     assert r.mask(count, [MEC, EDGE, CLOUD], [2]) == [0, 2]
     # The app that depends on it is not kept off it.
-    assert r.reserved(_view("ar", 25.0, 30.0)) == set()
+    assert r.reserved(_view("ar", 25.0, 30.0), {"mec", "cloud"}) == {}
 
 
 def test_no_reservation_below_the_load_share_or_without_an_alternative() -> None:
@@ -72,7 +80,7 @@ def test_no_reservation_below_the_load_share_or_without_an_alternative() -> None
     # 15/s is 0.165 of the MEC's capacity: below a quarter.
     _feed(r, "ar", 25.0, [MEC, CLOUD], qps=15.0, seconds=30.0)
     count = _view("count", 60.0, 30.0)
-    assert r.reserved(count) == set()
+    assert r.reserved(count, {"mec", "edge", "cloud"}) == {}
     r2 = Reservations(load=0.25)
     _feed(r2, "ar", 25.0, [MEC, CLOUD], qps=30.0, seconds=30.0)
     # The MEC is the only candidate left open: it is not taken away.
@@ -83,4 +91,79 @@ def test_an_app_with_two_feasible_workers_depends_on_none() -> None:
     r = Reservations(load=0.25)
     # Deadline 60 ms: both the MEC (18) and the cloud (50) are feasible.
     _feed(r, "ar", 60.0, [MEC, CLOUD], qps=80.0, seconds=30.0)
-    assert r.reserved(_view("count", 60.0, 30.0)) == set()
+    assert r.reserved(_view("count", 60.0, 30.0), {"mec", "edge", "cloud"}) == {}
+
+
+def test_apps_that_share_two_workers_keep_both_from_an_app_with_a_third() -> None:
+    r = Reservations(load=0.25)
+    a = _c("a", "small", rtt=5.0, predicted=15.0)  # 10 ms alone: 100/s
+    b = _c("b", "tiny", rtt=6.0, predicted=11.0)  # 5 ms alone: 200/s
+    # Two 35 ms apps can use a and b only (the cloud is too far): 40/s each
+    # offers 80 of the pair's 300/s, 0.27 of it.
+    _feed(r, "shapes-1", 35.0, [a, b, CLOUD], qps=40.0, seconds=30.0)
+    _feed(r, "shapes-2", 35.0, [a, b, CLOUD], qps=40.0, seconds=30.0)
+    count = _view("count", 100.0, 30.0)
+    assert r.pressure("shapes-1", 30.0) == pytest.approx(WARMED * 40.0 / 300.0, rel=0.01)
+    # An app that can also use the cloud leaves both to them ...
+    assert r.reserved(count, {"a", "b", "cloud"}).keys() == {"a", "b"}
+    assert r.mask(count, [a, b, CLOUD], []) == [0, 1]
+    # ... but not when a and b are all it has: it takes nothing from them that it has elsewhere.
+    assert r.reserved(count, {"a", "b"}) == {}
+    # Nor is either reserved against the apps that share them.
+    assert r.reserved(_view("shapes-1", 35.0, 30.0), {"a", "b", "cloud"}) == {}
+
+
+def test_the_dependent_apps_own_service_time_sets_the_capacity() -> None:
+    r = Reservations(load=0.25)
+    # One slot, 9 ms away: app "ar" needs its 8 ms variant; another app's 1 ms
+    # variant on it is not what "ar" can get.
+    small = _c("edge", "digits-small", rtt=9.0, predicted=17.0)
+    tiny = _c("edge", "shapes-tiny", rtt=9.0, predicted=10.0)
+    _feed(r, "ar", 23.0, [small, CLOUD], qps=40.0, seconds=30.0)
+    r.note(_view("count", 100.0, 30.0), [tiny, CLOUD])
+    # 40/s x 8 ms = 0.32 of the slot; with the worker's fastest (1 ms) it would look 0.04.
+    assert r.pressure("ar", 30.0) == pytest.approx(WARMED * 0.32, rel=0.01)
+    assert set(r.reserved(_view("count", 100.0, 30.0), {"edge", "cloud"})) == {"edge"}
+
+
+def test_one_hopeful_prediction_does_not_make_a_worker_feasible() -> None:
+    r = Reservations(load=0.25)
+    near_cloud = _c("cloud", "large", rtt=24.0, predicted=26.0, slots=4)
+    lucky = near_cloud._replace(predicted_ms=24.5)
+    busy_mec = MEC._replace(in_flight=1, predicted_ms=40.0)
+    view = _view("ar", 25.0, 0.0)
+    r.note(view, [MEC, lucky])
+    # Queued predictions say nothing of the target itself: they leave its typical value alone.
+    for i in range(1, 200):
+        r.note(_view("ar", 25.0, i * 0.1), [busy_mec, near_cloud])
+    for i in range(200, 900):
+        v = _view("ar", 25.0, i / 30.0)
+        r.arrive(v)
+        r.note(v, [MEC, near_cloud])
+    # The cloud's typical prediction (26 ms) misses the deadline; the one 24.5 ms was luck.
+    assert set(r.reserved(_view("count", 100.0, 30.0), {"mec", "cloud", "edge"})) == {"mec"}
+
+
+def test_a_reserved_worker_stays_open_when_every_other_target_is_likelier_late() -> None:
+    r = Reservations(load=0.25)
+    _feed(r, "ar", 25.0, [MEC, CLOUD], qps=30.0, seconds=30.0)
+    count = _view("count", 60.0, 30.0)
+    pressure = r.reserved(count, {"mec", "cloud"})["mec"]
+    assert pressure == pytest.approx(WARMED * 30.0 * 11.0 / 1000.0, rel=0.01)  # 0.31
+    # The cloud would be late one time in ten: the MEC is still left to "ar".
+    assert r.mask(count, [MEC, CLOUD], [], lambda c: 0.1 if c.worker == "cloud" else 0.0) == [0]
+    # One time in two: fewer of "ar"'s requests would find the MEC busy than this one would miss.
+    assert r.mask(count, [MEC, CLOUD], [], lambda c: 0.5 if c.worker == "cloud" else 0.0) == []
+
+
+def test_where_every_open_worker_is_reserved_the_least_pressed_stays_open() -> None:
+    r = Reservations(load=0.05)
+    edge2 = _c("edge2", "tiny", rtt=3.0, predicted=5.0)  # 2 ms alone: 500/s
+    # "ar" depends on the MEC alone (30/s x 11 ms: 0.31 of it); "count" on edge2 (40/s x 2 ms: 0.08).
+    _feed(r, "ar", 25.0, [MEC, CLOUD], qps=30.0, seconds=30.0)
+    _feed(r, "count", 8.0, [edge2, MEC], qps=40.0, seconds=30.0)
+    view = _view("video", 30.0, 30.0)
+    # "video" can use both; each is reserved against it, the MEC by far the more.
+    pressed = r.reserved(view, {"mec", "edge2"})
+    assert pressed.keys() == {"mec", "edge2"} and pressed["mec"] > pressed["edge2"]
+    assert r.mask(view, [MEC, edge2], []) == [0]

@@ -25,7 +25,7 @@ from apdispatch.policies.learned.actor_critic import (
     Transition,
 )
 from apdispatch.policies.learned.checkpoint import CheckpointedPolicy
-from apdispatch.policies.learned.features import FEATURES, Margins, candidate_features_late
+from apdispatch.policies.learned.features import FEATURES, Margins, candidate_features_late, risky_mask
 from apdispatch.policies.learned.learner import Learner
 from apdispatch.policies.learned.process import ProcessLearner
 from apdispatch.policies.learned.reserve import Reservations
@@ -85,12 +85,17 @@ class ActorCriticPolicy(CheckpointedPolicy):
     def choose(self, request: RequestView, candidates: Sequence[Candidate]) -> Candidate:
         reserve = self.reserve
         reserve.arrive(request)
-        reserve.note(request, candidates)
+        reserve.note(request, candidates, self.margins.margin)
         if len(candidates) == 1:
             return candidates[0]
         snapshot = self._snapshot  # one read: the whole decision uses one set of parameters
         x, late = candidate_features_late(request, candidates, self.margins.margin)
-        late = reserve.mask(request, candidates, late)
+        margins = self.margins
+        deadline = request.deadline_ms
+        late = reserve.mask(
+            request, candidates, late, lambda c: margins.late_chance(c.key, c.predicted_ms, deadline)
+        )
+        late = risky_mask(request, candidates, late, self.margins.risk)
         z = snapshot.scores(x)
         if late and self._mask_late:
             z[late] = MASKED
