@@ -151,9 +151,16 @@ def test_a_reserved_worker_stays_open_when_every_other_target_is_likelier_late()
     pressure = r.reserved(count, {"mec", "cloud"})["mec"]
     assert pressure == pytest.approx(WARMED * 30.0 * 11.0 / 1000.0, rel=0.01)  # 0.31
     # The cloud would be late one time in ten: the MEC is still left to "ar".
-    assert r.mask(count, [MEC, CLOUD], [], lambda c: 0.1 if c.worker == "cloud" else 0.0) == [0]
+    assert r.mask(
+        count, [MEC, CLOUD], [], lambda key, predicted, deadline: 0.1 if key.startswith("cloud") else 0.0
+    ) == [0]
     # One time in two: fewer of "ar"'s requests would find the MEC busy than this one would miss.
-    assert r.mask(count, [MEC, CLOUD], [], lambda c: 0.5 if c.worker == "cloud" else 0.0) == []
+    assert (
+        r.mask(
+            count, [MEC, CLOUD], [], lambda key, predicted, deadline: 0.5 if key.startswith("cloud") else 0.0
+        )
+        == []
+    )
 
 
 def test_where_every_open_worker_is_reserved_the_least_pressed_stays_open() -> None:

@@ -90,11 +90,7 @@ class ActorCriticPolicy(CheckpointedPolicy):
             return candidates[0]
         snapshot = self._snapshot  # one read: the whole decision uses one set of parameters
         x, late = candidate_features_late(request, candidates, self.margins.margin)
-        margins = self.margins
-        deadline = request.deadline_ms
-        late = reserve.mask(
-            request, candidates, late, lambda c: margins.late_chance(c.key, c.predicted_ms, deadline)
-        )
+        late = reserve.mask(request, candidates, late, self.margins.late_chance)
         late = risky_mask(request, candidates, late, self.margins.risk)
         z = snapshot.scores(x)
         if late and self._mask_late:

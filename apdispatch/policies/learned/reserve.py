@@ -158,15 +158,29 @@ class Reservations:
         """
         here = frozenset(open_workers)
         now = request.now_s
-        pressure: dict[str, float] = {}
-        for app, (feasible, _) in self._feasible.items():
+        tau = self._tau
+        arrivals = self._arrivals
+        claims: list[tuple[frozenset[str], float]] = []
+        total = 0.0
+        for app, (feasible, inverse_capacity) in self._feasible.items():
             if app == request.app or here <= feasible:
                 continue  # the request has nowhere to go that this app could not use
             taken = feasible & here
-            if taken:
-                p = self.pressure(app, now)
-                for w in taken:
-                    pressure[w] = pressure.get(w, 0.0) + p
+            if taken and app in arrivals:
+                count, at = arrivals[app]
+                p = count * exp((at - now) / tau) / tau * inverse_capacity
+                claims.append((taken, p))
+                total += p
+        # The hot path's common cases without a loop over workers: nobody
+        # presses enough in all, or one app alone does.
+        if total < self._load:
+            return {}
+        if len(claims) == 1:
+            return dict.fromkeys(claims[0][0], total)
+        pressure: dict[str, float] = {}
+        for taken, p in claims:
+            for w in taken:
+                pressure[w] = pressure.get(w, 0.0) + p
         return {w: p for w, p in pressure.items() if p >= self._load}
 
     def mask(
@@ -174,28 +188,42 @@ class Reservations:
         request: RequestView,
         candidates: Sequence[Candidate],
         masked: list[int],
-        late_chance: Callable[[Candidate], float] | None = None,
+        late_chance: Callable[[str, float, float], float] | None = None,
     ) -> list[int]:
         """``masked`` plus the open candidates on reserved workers that cost more than the cheapest.
 
         A candidate's cost is its worker's pressure (0 unless reserved) plus,
-        with ``late_chance``, its chance to reply past the deadline: a
-        reserved worker stays open when every other target is likelier to be
-        late than the dependent apps' pressure on it, and where every open
-        worker is reserved the least pressed stay open. The cheapest
-        candidate always stays open.
+        with ``late_chance`` (``Margins.late_chance``: target key, prediction,
+        deadline), its chance to reply past the deadline: a reserved worker
+        stays open when every other target is likelier to be late than the
+        dependent apps' pressure on it, and where every open worker is
+        reserved the least pressed stay open. The cheapest candidate always
+        stays open.
         """
         closed = set(masked)
         open_ = [k for k in range(len(candidates)) if k not in closed]
         reserved = self.reserved(request, {candidates[k].worker for k in open_})
         if not reserved:
             return masked
-        cost = {}
+        deadline = request.deadline_ms
+        taken = []
+        cheapest = float("inf")
         for k in open_:
             c = candidates[k]
-            cost[k] = reserved.get(c.worker, 0.0) + (late_chance(c) if late_chance is not None else 0.0)
-        cheapest = min(cost.values())
-        taken = [k for k in open_ if candidates[k].worker in reserved and cost[k] > cheapest]
+            if c.worker in reserved:
+                taken.append(k)
+            elif cheapest > 0.0:  # a free target sure to be in time: nothing costs less
+                cheapest = min(cheapest, late_chance(c.key, c.predicted_ms, deadline) if late_chance else 0.0)
+        if cheapest > 0.0:
+            # Every reserved candidate's cost, when no free one is sure.
+            cost = {}
+            for k in taken:
+                c = candidates[k]
+                cost[k] = reserved[c.worker] + (
+                    late_chance(c.key, c.predicted_ms, deadline) if late_chance else 0.0
+                )
+            cheapest = min(cheapest, *cost.values())
+            taken = [k for k in taken if cost[k] > cheapest]
         if not taken:
             return masked
         closed.update(taken)
