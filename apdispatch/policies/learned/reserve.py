@@ -83,7 +83,7 @@ class Reservations:
         self._arrivals: dict[str, tuple[float, float]] = {}  # app -> (decayed count, at now_s)
         # (app, target key) -> its prediction when a slot is free, averaged, ms
         self._typical: dict[tuple[str, str], float] = {}
-        # app -> (its feasible workers, seconds of slot time per request over the set's slots)
+        # app -> (its feasible workers, 1 / their capacity for it in requests a second)
         self._feasible: dict[str, tuple[frozenset[str], float]] = {}
         self._service: dict[tuple[str, str], float] = {}  # (app, worker) -> service alone, ms
         self._slots: dict[str, int] = {}  # worker -> slots
@@ -158,17 +158,14 @@ class Reservations:
         """
         here = frozenset(open_workers)
         now = request.now_s
-        tau = self._tau
-        arrivals = self._arrivals
         claims: list[tuple[frozenset[str], float]] = []
         total = 0.0
         for app, (feasible, inverse_capacity) in self._feasible.items():
             if app == request.app or here <= feasible:
                 continue  # the request has nowhere to go that this app could not use
             taken = feasible & here
-            if taken and app in arrivals:
-                count, at = arrivals[app]
-                p = count * exp((at - now) / tau) / tau * inverse_capacity
+            if taken and app in self._arrivals:
+                p = self.rate(app, now) * inverse_capacity
                 claims.append((taken, p))
                 total += p
         # The hot path's common cases without a loop over workers: nobody
@@ -206,22 +203,21 @@ class Reservations:
         if not reserved:
             return masked
         deadline = request.deadline_ms
+
+        def late(c: Candidate) -> float:
+            return late_chance(c.key, c.predicted_ms, deadline) if late_chance is not None else 0.0
+
         taken = []
         cheapest = float("inf")
         for k in open_:
             c = candidates[k]
             if c.worker in reserved:
                 taken.append(k)
-            elif cheapest > 0.0:  # a free target sure to be in time: nothing costs less
-                cheapest = min(cheapest, late_chance(c.key, c.predicted_ms, deadline) if late_chance else 0.0)
+            elif cheapest > 0.0:  # once a free target is sure to be in time, nothing costs less
+                cheapest = min(cheapest, late(c))
         if cheapest > 0.0:
-            # Every reserved candidate's cost, when no free one is sure.
-            cost = {}
-            for k in taken:
-                c = candidates[k]
-                cost[k] = reserved[c.worker] + (
-                    late_chance(c.key, c.predicted_ms, deadline) if late_chance else 0.0
-                )
+            # No free target is sure: every reserved candidate's cost counts.
+            cost = {k: reserved[candidates[k].worker] + late(candidates[k]) for k in taken}
             cheapest = min(cheapest, *cost.values())
             taken = [k for k in taken if cost[k] > cheapest]
         if not taken:
