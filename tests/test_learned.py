@@ -36,12 +36,15 @@ from apdispatch.policies.learned.aset import ACTIONS, AsetPolicy
 from apdispatch.policies.learned.checkpoint import load_checkpoint, paths
 from apdispatch.policies.learned.features import (
     FEATURES,
+    HIGH,
+    LOW,
     N_FEATURES,
     RISK_SPREAD,
     SPREAD,
     Margins,
-    candidate_features_late,
+    candidate_features,
     risky_mask,
+    screen,
 )
 from apdispatch.policies.learned.policy import ActorCriticPolicy
 from apdispatch.scenario import load_scenario
@@ -63,6 +66,14 @@ def _c(key: str, *, acc: float, rtt: float, busy: int, slots: int, predicted: fl
     )
 
 
+def _masked(
+    request: RequestView, cands: list[Candidate], margins: dict[str, float] | None = None
+) -> list[int]:
+    """The candidates ``screen`` masks: those it leaves out of the open ones."""
+    open_ = screen(request, cands, margins).open
+    return [k for k in range(len(cands)) if k not in open_]
+
+
 A = _c("a", acc=0.90, rtt=5.0, busy=1, slots=2, predicted=20.0)
 B = _c("b", acc=0.95, rtt=10.0, busy=3, slots=2, predicted=30.0)
 C = _c("c", acc=0.85, rtt=40.0, busy=0, slots=4, predicted=60.0)  # predicted past the deadline
@@ -74,7 +85,8 @@ C = _c("c", acc=0.85, rtt=40.0, busy=0, slots=4, predicted=60.0)  # predicted pa
 def test_features_of_known_candidates() -> None:
     # Safety margins: a's replies come 5 ms later than predicted, c's 10 ms; b has none yet.
     margins = {A.key: 5.0, C.key: 10.0}
-    x, masked = candidate_features_late(REQUEST, [A, B, C], margins)
+    x = candidate_features(REQUEST, [A, B, C])
+    masked = _masked(REQUEST, [A, B, C], margins)
     assert x.shape == (3, N_FEATURES)
     expected = {
         # slack, behind_fastest, accuracy_margin, most_accurate, load, free_slot, rtt,
@@ -93,29 +105,29 @@ def test_features_of_known_candidates() -> None:
 
 def test_unsafe_candidates_are_masked_while_a_safe_one_remains() -> None:
     # a: 20 + 35 = 55 > 50 ms, unsafe; b: 30 + 0, safe; c: late.
-    _, masked = candidate_features_late(REQUEST, [A, B, C], {A.key: 35.0})
+    masked = _masked(REQUEST, [A, B, C], {A.key: 35.0})
     assert masked == [0, 2]
     # b unsafe too (30 + 25): nothing is safe, so only the late one is masked.
-    _, masked = candidate_features_late(REQUEST, [A, B, C], {A.key: 35.0, B.key: 25.0})
+    masked = _masked(REQUEST, [A, B, C], {A.key: 35.0, B.key: 25.0})
     assert masked == [2]
 
 
 def test_slower_variants_of_one_worker_are_masked() -> None:
     # a and a2 are two variants on worker "a"; a2 is predicted sooner, so a is masked.
     a2 = A._replace(key="a/a/v2", variant="v2", predicted_ms=12.0)
-    _, masked = candidate_features_late(REQUEST, [A, a2, B, C], {})
+    masked = _masked(REQUEST, [A, a2, B, C], {})
     assert masked == [0, 3]
     # Between variants of one worker the margins do not count, only the predictions: a2's
     # margin (12 + 10 > 20 + 0) leaves it the one open.
-    _, masked = candidate_features_late(REQUEST, [A, a2, B, C], {a2.key: 10.0})
+    masked = _masked(REQUEST, [A, a2, B, C], {a2.key: 10.0})
     assert masked == [0, 3]
     # Deadline 15 ms, nothing safe: only the late (a, b) are masked, a2 stays the one open.
     tight = RequestView("digits", "ar", deadline_ms=15.0, min_accuracy=0.8)
-    _, masked = candidate_features_late(tight, [A, a2, B], {a2.key: 10.0})
+    masked = _masked(tight, [A, a2, B], {a2.key: 10.0})
     assert masked == [0, 2]
     # Equal predictions: the first of them stays open.
     twin = A._replace(key="a/a/v3", variant="v3")
-    _, masked = candidate_features_late(REQUEST, [A, twin, B], {})
+    masked = _masked(REQUEST, [A, twin, B], {})
     assert masked == [1]
 
 
@@ -153,15 +165,74 @@ def test_mask_matches_its_plain_statement_on_random_sets() -> None:
         margins = {c.key: float(rng.choice([0.0, 5.0, rng.uniform(0, 30)])) for c in cands}
         if min(c.predicted_ms for c in cands) > REQUEST.deadline_ms:
             continue  # admission rejects these: no candidate is predicted in time
-        _, masked = candidate_features_late(REQUEST, cands, margins)
+        masked = _masked(REQUEST, cands, margins)
         assert masked == _reference_mask(REQUEST, cands, margins)
+
+
+def test_features_match_their_plain_statement_on_random_sets() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(500):
+        n = int(rng.integers(1, 12))
+        cands = [
+            _c(
+                f"w{k}",
+                acc=float(rng.uniform(0.5, 1.0)),
+                rtt=float(rng.uniform(0.0, 150.0)),
+                busy=int(rng.integers(0, 12)),
+                slots=int(rng.integers(1, 4)),
+                predicted=float(rng.uniform(0.0, 200.0)),
+            )
+            for k in range(n)
+        ]
+        req = RequestView("digits", "ar", float(rng.uniform(5.0, 120.0)), float(rng.uniform(0.4, 0.95)))
+        left = req.deadline_ms
+        p = np.array([c.predicted_ms for c in cands]) / left
+        r = np.array([c.rtt_ms for c in cands]) / left
+        acc = np.array([c.accuracy for c in cands])
+        busy = np.array([c.in_flight for c in cands])
+        slots = np.array([c.slots for c in cands])
+        raw = np.stack(
+            [1 - p, p - p.min(), (acc - req.min_accuracy) * 10, acc == acc.max(), busy / slots,
+             busy < slots, r, r - r.min(), np.ones(n)],
+            axis=1,
+        )  # fmt: skip
+        expected = np.clip(raw, LOW, HIGH)
+        np.testing.assert_allclose(candidate_features(req, cands), expected, rtol=0, atol=1e-12)
+
+
+def test_rows_of_a_subset_read_as_in_the_whole_set() -> None:
+    # behind_fastest, most_accurate and behind_closest compare with every candidate, even
+    # those whose rows are not asked for: here a (fastest, closest) and b (most accurate).
+    whole = candidate_features(REQUEST, [A, B, C])
+    np.testing.assert_array_equal(candidate_features(REQUEST, [A, B, C], [2]), whole[[2]])
+    np.testing.assert_array_equal(candidate_features(REQUEST, [A, B, C], [2, 0]), whole[[2, 0]])
+    behind = FEATURES.index("behind_fastest")
+    assert candidate_features(REQUEST, [A, B, C], [2])[0, behind] == pytest.approx(0.8)
+
+
+def test_a_decision_keeps_the_rows_it_could_choose_from() -> None:
+    policy = make_learned_policy("actor-critic", seed=0, fresh=True, background=False, temperature=1.0)
+    assert isinstance(policy, ActorCriticPolicy)
+    # c is late (masked): two rows, and the chosen candidate is the row the action names.
+    chosen = policy.choose(REQUEST, [A, B, C])
+    _, _, x, action, logits = policy._pending[id(REQUEST)]
+    np.testing.assert_array_equal(x, candidate_features(REQUEST, [A, B, C], [0, 1]))
+    assert logits.shape == (2,) and chosen is [A, B][action]
+    # One open candidate (a2 is the sooner variant on a's worker, c late): no network, logit 0.
+    a2 = A._replace(key="a/a/v2", variant="v2", predicted_ms=12.0)
+    alone = RequestView("digits", "ar", 25.0, 0.8)
+    assert policy.choose(alone, [A, a2, C]) is a2
+    _, _, x, action, logits = policy._pending[id(alone)]
+    np.testing.assert_array_equal(x, candidate_features(alone, [A, a2, C], [1]))
+    assert action == 0 and logits.tolist() == [0.0]
 
 
 def test_features_are_clipped() -> None:
     gone = RequestView("digits", "ar", deadline_ms=10.0, min_accuracy=0.0)
     far = _c("far", acc=1.0, rtt=500.0, busy=50, slots=1, predicted=900.0)
     near = _c("near", acc=1.0, rtt=1.0, busy=0, slots=1, predicted=2.0)
-    x, late = candidate_features_late(gone, [near, far])
+    x = candidate_features(gone, [near, far])
+    late = _masked(gone, [near, far])
     np.testing.assert_allclose(x[1], [-1.0, 2.0, 1.0, 1.0, 4.0, 0.0, 2.0, 2.0, 1.0])
     assert late == [1]
 
@@ -193,10 +264,14 @@ def test_risky_mask_closes_what_the_wider_margin_puts_late_while_one_stays_open(
     near = _c("near", acc=0.9, rtt=2.0, busy=0, slots=1, predicted=10.0)
     cloud = _c("cloud", acc=0.95, rtt=30.0, busy=0, slots=4, predicted=32.0)
     risk = {cloud.key: 20.0, near.key: 1.0}  # 32 + 20 = 52 > 50: risky; 10 + 1: not
-    assert risky_mask(REQUEST, [near, cloud], [], risk) == [1]
-    # Already masked stay masked; with nothing safe left open, nothing more is closed.
-    assert risky_mask(REQUEST, [near, cloud], [0], risk) == [0]
-    assert risky_mask(REQUEST, [near, cloud], [], {**risk, near.key: 45.0}) == []
+    s = screen(REQUEST, [near, cloud], {}, risk)
+    assert s.risky == [1] and s.open == [0, 1]
+    assert risky_mask(s.open, s.risky) == [0]
+    # With nothing safe left open (near masked before), nothing more is closed.
+    assert risky_mask([1], s.risky) == [1]
+    both = screen(REQUEST, [near, cloud], {}, {**risk, near.key: 45.0})
+    assert both.risky == [0, 1]
+    assert risky_mask(both.open, both.risky) == [0, 1]
 
 
 def test_gae_of_a_three_step_episode_by_hand() -> None:
@@ -244,7 +319,7 @@ def test_decisions_sample_the_softmax() -> None:
     )
     assert isinstance(policy, ActorCriticPolicy)
     cands = [A, B, C]
-    x, _ = candidate_features_late(REQUEST, cands)
+    x = candidate_features(REQUEST, cands)
     z = policy.snapshot.logits(x)
     expected = np.exp(z - z.max())
     expected /= expected.sum()
@@ -381,7 +456,7 @@ def test_converges_when_one_candidate_is_always_right() -> None:
     def share(accuracy: float) -> float:
         hits = 0
         for req, cands in evaluation:
-            x, _ = candidate_features_late(req, cands)
+            x = candidate_features(req, cands)
             hits += cands[int(np.argmax(policy.snapshot.logits(x)))].accuracy == accuracy
         return hits / len(evaluation)
 
@@ -416,7 +491,7 @@ def test_background_learner_updates_off_the_caller(background: bool | str, tmp_p
         # The checkpoint holds what the decisions now use (written by the learner process).
         policy.save(tmp_path / "bg")
         again = make_learned_policy("actor-critic", checkpoint=tmp_path / "bg", learn=False)
-        x, _ = candidate_features_late(REQUEST, [A, B, C])
+        x = candidate_features(REQUEST, [A, B, C])
         np.testing.assert_allclose(again.snapshot.logits(x), policy.snapshot.logits(x), rtol=1e-6)  # type: ignore[attr-defined]
         assert json.loads(paths(tmp_path / "bg")[1].read_text())["updates"] == 4
     finally:
@@ -442,7 +517,7 @@ def test_checkpoint_round_trip_gives_identical_decisions(tmp_path: Path) -> None
     assert again.algo.updates == 2
     probe = _synthetic(np.random.default_rng(4), 300)
     for (req, cands), (_, _) in zip(probe, probe, strict=True):
-        x, _ = candidate_features_late(req, cands)
+        x = candidate_features(req, cands)
         np.testing.assert_array_equal(again.snapshot.logits(x), policy.snapshot.logits(x))
     # Same seed, same parameters: the same sampled decisions.
     a = make_learned_policy("actor-critic", seed=9, checkpoint=tmp_path / "ck", learn=False)
@@ -612,8 +687,8 @@ def test_margins_round_trip_through_a_checkpoint(tmp_path: Path) -> None:
     # Every decision uses them: the same masks as the policy that learned them.
     assert min(resumed.margins.margin.values()) > 0
     for req, cands in _synthetic(np.random.default_rng(6), 50):
-        mask_before = candidate_features_late(req, cands, policy.margins.margin)[1]
-        assert candidate_features_late(req, cands, resumed.margins.margin)[1] == mask_before
+        mask_before = screen(req, cands, policy.margins.margin).open
+        assert screen(req, cands, resumed.margins.margin).open == mask_before
     # A checkpoint from before margins were saved has none; a broken entry is refused.
     assert make_learned_policy("learned", learn=False).margins.margin == {}  # type: ignore[attr-defined]
     meta = paths(tmp_path / "ck")[1]

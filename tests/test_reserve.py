@@ -68,9 +68,9 @@ def test_a_dependent_apps_demand_reserves_the_worker_against_others() -> None:
     count = _view("count", 60.0, 30.0)
     r.note(count, [MEC, EDGE, CLOUD])
     assert set(r.reserved(count, {"mec", "edge", "cloud"})) == {"mec"}
-    assert r.mask(count, [MEC, EDGE, CLOUD], []) == [0]
-    # Already-masked candidates stay masked; the MEC joins them.
-    assert r.mask(count, [MEC, EDGE, CLOUD], [2]) == [0, 2]
+    assert r.mask(count, [MEC, EDGE, CLOUD], [0, 1, 2]) == [1, 2]
+    # Of the candidates still open (the cloud masked already), the MEC is closed too.
+    assert r.mask(count, [MEC, EDGE, CLOUD], [0, 1]) == [1]
     # The app that depends on it is not kept off it.
     assert r.reserved(_view("ar", 25.0, 30.0), {"mec", "cloud"}) == {}
 
@@ -84,7 +84,7 @@ def test_no_reservation_below_the_load_share_or_without_an_alternative() -> None
     r2 = Reservations(load=0.25)
     _feed(r2, "ar", 25.0, [MEC, CLOUD], qps=30.0, seconds=30.0)
     # The MEC is the only candidate left open: it is not taken away.
-    assert r2.mask(count, [MEC, EDGE], [1]) == [1]
+    assert r2.mask(count, [MEC, EDGE], [0]) == [0]
 
 
 def test_an_app_with_two_feasible_workers_depends_on_none() -> None:
@@ -106,7 +106,7 @@ def test_apps_that_share_two_workers_keep_both_from_an_app_with_a_third() -> Non
     assert r.pressure("shapes-1", 30.0) == pytest.approx(WARMED * 40.0 / 300.0, rel=0.01)
     # An app that can also use the cloud leaves both to them ...
     assert r.reserved(count, {"a", "b", "cloud"}).keys() == {"a", "b"}
-    assert r.mask(count, [a, b, CLOUD], []) == [0, 1]
+    assert r.mask(count, [a, b, CLOUD], [0, 1, 2]) == [2]
     # ... but not when a and b are all it has: it takes nothing from them that it has elsewhere.
     assert r.reserved(count, {"a", "b"}) == {}
     # Nor is either reserved against the apps that share them.
@@ -152,15 +152,11 @@ def test_a_reserved_worker_stays_open_when_every_other_target_is_likelier_late()
     assert pressure == pytest.approx(WARMED * 30.0 * 11.0 / 1000.0, rel=0.01)  # 0.31
     # The cloud would be late one time in ten: the MEC is still left to "ar".
     assert r.mask(
-        count, [MEC, CLOUD], [], lambda key, predicted, deadline: 0.1 if key.startswith("cloud") else 0.0
-    ) == [0]
+        count, [MEC, CLOUD], [0, 1], lambda key, predicted, deadline: 0.1 if key.startswith("cloud") else 0.0
+    ) == [1]
     # One time in two: fewer of "ar"'s requests would find the MEC busy than this one would miss.
-    assert (
-        r.mask(
-            count, [MEC, CLOUD], [], lambda key, predicted, deadline: 0.5 if key.startswith("cloud") else 0.0
-        )
-        == []
-    )
+    half = lambda key, predicted, deadline: 0.5 if key.startswith("cloud") else 0.0  # noqa: E731
+    assert r.mask(count, [MEC, CLOUD], [0, 1], half) == [0, 1]
 
 
 def test_where_every_open_worker_is_reserved_the_least_pressed_stays_open() -> None:
@@ -173,4 +169,4 @@ def test_where_every_open_worker_is_reserved_the_least_pressed_stays_open() -> N
     # "video" can use both; each is reserved against it, the MEC by far the more.
     pressed = r.reserved(view, {"mec", "edge2"})
     assert pressed.keys() == {"mec", "edge2"} and pressed["mec"] > pressed["edge2"]
-    assert r.mask(view, [MEC, edge2], []) == [0]
+    assert r.mask(view, [MEC, edge2], [0, 1]) == [1]

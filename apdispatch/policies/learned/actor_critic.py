@@ -166,8 +166,8 @@ class Transition(NamedTuple):
     """One decision and what became of it."""
 
     seq: int  # decision order
-    x: np.ndarray  # (n, F) candidate features
-    action: int
+    x: np.ndarray  # (n, F) features of the candidates the decision could take
+    action: int  # a row of x
     logits: np.ndarray  # (n,) the behaviour policy's logits; MASKED where masked
     reward: float
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from math import erfc, isfinite, sqrt
+from typing import NamedTuple
 
 import numpy as np
 
@@ -159,17 +160,77 @@ class Margins:
         return 0 if m is None else int(m[2])
 
 
+class Screen(NamedTuple):
+    """Which candidates a decision may take, and which of them the last mask may close."""
+
+    open: list[int]  # indices of the candidates the masks of ``screen`` leave open, in order
+    risky: list[int]  # those the wider margin puts past the deadline, open or not (``risky_mask``)
+
+
+_NONE: dict[str, float] = {}
+
+
 def candidate_features(
-    request: RequestView, candidates: Sequence[Candidate], margins: dict[str, float] | None = None
+    request: RequestView, candidates: Sequence[Candidate], rows: Sequence[int] | None = None
 ) -> np.ndarray:
-    """Rows of ``FEATURES`` for ``candidates``: a fresh ``(n, N_FEATURES)`` float64 array."""
-    return candidate_features_late(request, candidates, margins)[0]
+    """Rows of ``FEATURES`` for the candidates at ``rows`` (all when None): a fresh float64 array.
+
+    ``behind_fastest``, ``most_accurate`` and ``behind_closest`` compare a
+    candidate with the whole set, whichever rows are asked for: the policy
+    builds rows only for the candidates its masks leave open (the learner
+    never reads the others), and they must read as in the whole set.
+    """
+    inv = 1.0 / max(request.deadline_ms, MIN_DEADLINE_MS)
+    floor = request.min_accuracy
+    fastest = closest = float("inf")
+    best = -float("inf")
+    for c in candidates:
+        if c.predicted_ms < fastest:
+            fastest = c.predicted_ms
+        if c.rtt_ms < closest:
+            closest = c.rtt_ms
+        if c.accuracy > best:
+            best = c.accuracy
+    fastest *= inv
+    closest *= inv
+    flat: list[float] = []
+    extend = flat.extend
+    # Clipped to [LOW, HIGH] here, row by row: for the few rows a decision
+    # builds, a comparison per bounded value costs less than two ufuncs.
+    # The lower bounds the others meet by construction (predictions, round
+    # trips and queues are >= 0) are not tested again.
+    for c in candidates if rows is None else [candidates[k] for k in rows]:
+        p = c.predicted_ms * inv
+        slack = 1.0 - p
+        behind = p - fastest
+        margin = (c.accuracy - floor) * 10.0
+        load = c.in_flight / c.slots
+        r = c.rtt_ms * inv
+        far = r - closest
+        extend(
+            (
+                slack if slack > -1.0 else -1.0,
+                behind if behind < 2.0 else 2.0,
+                (margin if margin < 1.0 else 1.0) if margin > 0.0 else 0.0,
+                c.accuracy >= best,
+                load if load < 4.0 else 4.0,
+                c.in_flight < c.slots,
+                r if r < 2.0 else 2.0,
+                far if far < 2.0 else 2.0,
+                1.0,
+            )
+        )
+    x = np.array(flat, dtype=np.float64).reshape(-1, N_FEATURES)
+    return x
 
 
-def candidate_features_late(
-    request: RequestView, candidates: Sequence[Candidate], margins: dict[str, float] | None = None
-) -> tuple[np.ndarray, list[int]]:
-    """The features, and the indices of the candidates a decision must not take.
+def screen(
+    request: RequestView,
+    candidates: Sequence[Candidate],
+    margins: dict[str, float] | None = None,
+    risk: dict[str, float] | None = None,
+) -> Screen:
+    """The candidates a decision may take (those it must not are masked), and the risky ones.
 
     Masked are:
 
@@ -193,78 +254,43 @@ def candidate_features_late(
       app's requests to the more accurate of two variants on a node, and
       `learned` was 0.2 points below `least-loaded`; with those masked it is
       2.7 above (seeds 7-9), and no other scenario moved by more than 0.4.
-    """
-    inv = 1.0 / max(request.deadline_ms, MIN_DEADLINE_MS)
-    floor = request.min_accuracy
-    fastest = min([c.predicted_ms for c in candidates]) * inv
-    closest = min([c.rtt_ms for c in candidates]) * inv
-    best = max([c.accuracy for c in candidates])
-    margin = (margins or {}).get
-    flat: list[float] = []
-    late: list[int] = []
-    unsafe: list[int] = []
-    extend = flat.extend
-    for k, c in enumerate(candidates):
-        p = c.predicted_ms * inv
-        if p > 1.0:
-            late.append(k)
-        if p + margin(c.key, 0.0) * inv > 1.0:
-            unsafe.append(k)
-        r = c.rtt_ms * inv
-        busy = c.in_flight
-        slots = c.slots
-        extend(
-            (
-                1.0 - p,
-                p - fastest,
-                (c.accuracy - floor) * 10.0,
-                c.accuracy >= best,
-                busy / slots,
-                busy < slots,
-                r,
-                r - closest,
-                1.0,
-            )
-        )
-    x = np.array(flat, dtype=np.float64).reshape(-1, N_FEATURES)
-    np.clip(x, LOW, HIGH, out=x)
-    masked = unsafe if len(unsafe) < len(candidates) else late
-    closed = set(masked)
-    # Of the candidates left, per worker, the one predicted soonest stays open.
-    soonest: dict[str, int] = {}
-    for k, c in enumerate(candidates):
-        if k in closed:
-            continue
-        first = soonest.setdefault(c.worker, k)
-        if first != k:
-            if c.predicted_ms < candidates[first].predicted_ms:
-                soonest[c.worker] = k
-                closed.add(first)
-            else:
-                closed.add(k)
-    return x, sorted(closed) if len(closed) > len(masked) else masked
 
-
-def risky_mask(
-    request: RequestView, candidates: Sequence[Candidate], masked: list[int], risk: dict[str, float]
-) -> list[int]:
-    """``masked`` plus the open candidates the wider margin (``risk``) puts past the deadline.
-
-    Only while one open candidate is left that it keeps within the deadline.
+    Risky are the candidates whose prediction plus the wider margin
+    (``risk``, ``Margins.risk``) is past the deadline: the last mask
+    (``risky_mask``) closes those still open.
     """
     deadline = request.deadline_ms
-    margin = risk.get
-    closed = set(masked)
-    risky = []
-    safe = False
+    inv = 1.0 / max(deadline, MIN_DEADLINE_MS)
+    margin = (margins or _NONE).get
+    wide = (risk or _NONE).get
+    risky: list[int] = []
+    # Per worker, its soonest predicted candidate among the safe ones, and
+    # among those predicted in time: one pass, no second loop over the set.
+    safe: dict[str, int] = {}
+    timely: dict[str, int] = {}
     for k, c in enumerate(candidates):
-        if k in closed:
-            continue
-        if c.predicted_ms + margin(c.key, 0.0) > deadline:
+        predicted = c.predicted_ms
+        key = c.key
+        if predicted + wide(key, 0.0) > deadline:
             risky.append(k)
-        else:
-            safe = True
-    if not risky or not safe:
-        return masked
-    closed.update(risky)
-    return sorted(closed)
+        p = predicted * inv
+        if p > 1.0:
+            continue  # late
+        worker = c.worker
+        first = timely.get(worker)
+        if first is None or predicted < candidates[first].predicted_ms:
+            timely[worker] = k
+        if p + margin(key, 0.0) * inv <= 1.0:
+            first = safe.get(worker)
+            if first is None or predicted < candidates[first].predicted_ms:
+                safe[worker] = k
+    return Screen(sorted((safe or timely).values()), risky)
+
+
+def risky_mask(open_: list[int], risky: list[int]) -> list[int]:
+    """Of the open candidates, those left once the ``risky`` ones are closed, if any is left."""
+    if not risky:
+        return open_
+    shut = set(risky)
+    kept = [k for k in open_ if k not in shut]
+    return kept if kept else open_

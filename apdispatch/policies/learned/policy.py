@@ -1,8 +1,10 @@
 """The per-request learned policy (``actor-critic``, and ``learned`` built on it).
 
-Hot path, per decision: features of the candidate set (plain floats, one
-``np.array``), the actor's numpy forward pass on the current snapshot, a
-softmax draw, and a note of the decision for when its feedback comes back.
+Hot path, per decision: the masks (``features.screen``, the reservations,
+the risk mask), features of the candidates they leave open (plain floats,
+one ``np.array``), the actor's numpy forward pass on the current snapshot
+when more than one is open, a softmax draw, and a note of the decision for
+when its feedback comes back.
 No torch, no locks, no waiting. ``observe`` turns a feedback into a reward and
 hands the transition to the learner's queue.
 """
@@ -19,13 +21,12 @@ import numpy as np
 
 from apdispatch.policies.base import Candidate, Feedback, RequestView
 from apdispatch.policies.learned.actor_critic import (
-    MASKED,
     ActorCriticAlgo,
     ActorSnapshot,
     Transition,
 )
 from apdispatch.policies.learned.checkpoint import CheckpointedPolicy
-from apdispatch.policies.learned.features import FEATURES, Margins, candidate_features_late, risky_mask
+from apdispatch.policies.learned.features import FEATURES, Margins, candidate_features, risky_mask, screen
 from apdispatch.policies.learned.learner import Learner
 from apdispatch.policies.learned.process import ProcessLearner
 from apdispatch.policies.learned.reserve import Reservations
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
 # Decisions whose feedback never came back (a sim cut short, a lost reply) are
 # forgotten, the oldest first, beyond this many.
 PENDING_LIMIT = 100_000
+# The logits of a decision left with one open candidate.
+ONE_LOGIT = np.zeros(1)
+ONE_LOGIT.flags.writeable = False
 
 
 class ActorCriticPolicy(CheckpointedPolicy):
@@ -84,33 +88,45 @@ class ActorCriticPolicy(CheckpointedPolicy):
 
     def choose(self, request: RequestView, candidates: Sequence[Candidate]) -> Candidate:
         reserve = self.reserve
+        margins = self.margins
         reserve.arrive(request)
-        reserve.note(request, candidates, self.margins.margin)
-        if len(candidates) == 1:
+        reserve.note(request, candidates, margins.margin)
+        n = len(candidates)
+        if n == 1:
             return candidates[0]
         snapshot = self._snapshot  # one read: the whole decision uses one set of parameters
-        x, late = candidate_features_late(request, candidates, self.margins.margin)
-        late = reserve.mask(request, candidates, late, self.margins.late_chance)
-        late = risky_mask(request, candidates, late, self.margins.risk)
-        z = snapshot.scores(x)
-        if late and self._mask_late:
-            z[late] = MASKED
-        # The draw in plain Python: for a few dozen numbers it beats a chain
-        # of numpy calls on tiny arrays.
-        zs = z.tolist()
-        top = max(zs)
-        if self._explore:
-            weights = [exp(v - top) for v in zs]
-            u = self._random() * sum(weights)
-            i = 0
-            last = len(weights) - 1
-            while i < last:
-                u -= weights[i]
-                if u < 0.0:
-                    break
-                i += 1
+        if self._mask_late:
+            open_, risky = screen(request, candidates, margins.margin, margins.risk)
+            open_ = reserve.mask(request, candidates, open_, margins.late_chance)
+            open_ = risky_mask(open_, risky) or list(range(n))
         else:
-            i = zs.index(top)
+            open_ = list(range(n))
+        # Features and scores of the open candidates only: the learner never
+        # reads a masked one (its logit is MASKED, out of every softmax and
+        # of the critic's pooling), so the transition keeps these rows alone
+        # and the action is a position among them.
+        x = candidate_features(request, candidates, open_)
+        if len(open_) == 1:
+            i = 0  # nothing to score: one choice, whose log-probability is 0 whatever its logit
+            z = ONE_LOGIT
+        else:
+            z = snapshot.scores(x)
+            # The draw in plain Python: for a few dozen numbers it beats a
+            # chain of numpy calls on tiny arrays.
+            zs = z.tolist()
+            top = max(zs)
+            if self._explore:
+                weights = [exp(v - top) for v in zs]
+                u = self._random() * sum(weights)
+                i = 0
+                last = len(weights) - 1
+                while i < last:
+                    u -= weights[i]
+                    if u < 0.0:
+                        break
+                    i += 1
+            else:
+                i = zs.index(top)
         if self.learner is not None:
             pending = self._pending
             if len(pending) >= PENDING_LIMIT:
@@ -119,7 +135,7 @@ class ActorCriticPolicy(CheckpointedPolicy):
             # Keyed by identity: the feedback carries the very RequestView
             # object decided on; holding it keeps its id from being reused.
             pending[id(request)] = (request, self._seq, x, i, z)
-        return candidates[i]
+        return candidates[open_[i]]
 
     def rejected(self, request: RequestView) -> None:
         """Admission rejected ``request``: it still counts in its app's demand."""

@@ -83,7 +83,6 @@ class Recorder:
     """Runs a teacher policy and records (features, teacher's choice) of each decision."""
 
     def __init__(self, teacher: Policy, limit: int, seed: int) -> None:
-        self.margins = Margins()
         self.name = f"record-{teacher.name}"
         self.teacher = teacher
         self.xs: list[np.ndarray] = []
@@ -99,7 +98,7 @@ class Recorder:
             self._seen += 1
             slot = len(self.xs) if len(self.xs) < self._limit else int(self._rng.integers(self._seen))
             if slot < self._limit:
-                x = candidate_features(request, candidates, self.margins.margin)
+                x = candidate_features(request, candidates)
                 i = next(k for k, c in enumerate(candidates) if c is chosen)
                 if slot == len(self.xs):
                     self.xs.append(x)
@@ -109,8 +108,6 @@ class Recorder:
         return chosen
 
     def observe(self, feedback: Feedback) -> None:
-        chosen = feedback.chosen
-        self.margins.observe(chosen.key, chosen.predicted_ms, feedback.latency_ms)
         self.teacher.observe(feedback)
 
 
