@@ -170,3 +170,21 @@ def test_where_every_open_worker_is_reserved_the_least_pressed_stays_open() -> N
     pressed = r.reserved(view, {"mec", "edge2"})
     assert pressed.keys() == {"mec", "edge2"} and pressed["mec"] > pressed["edge2"]
     assert r.mask(view, [MEC, edge2], [0, 1]) == [1]
+
+
+def test_an_app_that_meets_its_sla_presses_in_proportion_to_its_misses() -> None:
+    r = Reservations(load=0.25)
+    _feed(r, "ar", 25.0, [MEC, CLOUD], qps=30.0, seconds=30.0)
+    full = r.pressure("ar", 30.0)
+    assert full == pytest.approx(WARMED * 30.0 * 11.0 / 1000.0, rel=0.01)  # no outcomes yet: in full
+    # 1,000 requests in time: the miss average falls from 1 % by (1 - 0.003) each, to 0.05 %.
+    for _ in range(1000):
+        r.outcome("ar", True)
+    assert r.pressure("ar", 30.0) == pytest.approx(full * 0.997**1000, rel=1e-6)
+    assert r.reserved(_view("count", 60.0, 31.0), {"mec", "cloud"}) == {}
+    # Misses bring the reservation back: 1 in 20 of the next 400 late or rejected.
+    for i in range(400):
+        r.outcome("ar", i % 20 != 0)
+    assert r.pressure("ar", 31.0) == pytest.approx(WARMED * 30.0 * 11.0 / 1000.0 * math.exp(-0.1), rel=0.02)
+    # (The pressures decisions read are refreshed every 0.2 s.)
+    assert set(r.reserved(_view("count", 60.0, 31.5), {"mec", "cloud"})) == {"mec"}

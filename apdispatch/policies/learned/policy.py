@@ -138,12 +138,14 @@ class ActorCriticPolicy(CheckpointedPolicy):
         return candidates[open_[i]]
 
     def rejected(self, request: RequestView) -> None:
-        """Admission rejected ``request``: it still counts in its app's demand."""
+        """Admission rejected ``request``: it still counts in its app's demand, and as a miss."""
         self.reserve.arrive(request)
+        self.reserve.outcome(request.app, False)
 
     def observe(self, feedback: Feedback) -> None:
         chosen = feedback.chosen
         self.margins.observe(chosen.key, chosen.predicted_ms, feedback.latency_ms)
+        self.reserve.outcome(feedback.request.app, feedback.outcome == "ok")
         if self.learner is None:
             return
         record = self._pending.pop(id(feedback.request), None)
