@@ -68,7 +68,7 @@ current apps, and is learned again in seconds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from math import exp
 
 from apdispatch.policies.base import Candidate, RequestView
@@ -96,6 +96,10 @@ TYPICAL_ALPHA = 0.2
 MISSES = 0.01
 MISS_ALPHA = 0.003
 INF = float("inf")
+
+
+def _never_late(key: str, predicted_ms: float, deadline_ms: float) -> float:
+    return 0.0
 
 
 class Reservations:
@@ -222,7 +226,7 @@ class Reservations:
         self._pressures = pressures
         self._total = sum(p for _, p in pressures.values())
 
-    def reserved(self, request: RequestView, open_workers: Iterable[str]) -> dict[str, float]:
+    def reserved(self, request: RequestView, open_workers: Set[str]) -> dict[str, float]:
         """Of ``open_workers``, those the request's app should leave to others, with their pressure.
 
         A worker is reserved when the apps that could use it, but not the
@@ -234,7 +238,7 @@ class Reservations:
         # The hot path's commonest case: the other apps do not press enough, whatever they can use.
         if self._total - (own[1] if own is not None else 0.0) < self._load:
             return {}
-        here = frozenset(open_workers)
+        here = open_workers
         claims: list[tuple[frozenset[str], float]] = []
         total = 0.0
         for app, (feasible, p) in pressures.items():
@@ -276,21 +280,23 @@ class Reservations:
         if not reserved:
             return open_
         deadline = request.deadline_ms
-
-        def late(c: Candidate) -> float:
-            return late_chance(c.key, c.predicted_ms, deadline) if late_chance is not None else 0.0
-
+        late = late_chance or _never_late
         taken = []
-        cheapest = float("inf")
+        cheapest = INF
         for k in open_:
             c = candidates[k]
             if c.worker in reserved:
                 taken.append(k)
             elif cheapest > 0.0:  # once a free target is sure to be in time, nothing costs less
-                cheapest = min(cheapest, late(c))
+                chance = late(c.key, c.predicted_ms, deadline)
+                if chance < cheapest:
+                    cheapest = chance
         if cheapest > 0.0:
             # No free target is sure: every reserved candidate's cost counts.
-            cost = {k: reserved[candidates[k].worker] + late(candidates[k]) for k in taken}
+            cost = {}
+            for k in taken:
+                c = candidates[k]
+                cost[k] = reserved[c.worker] + late(c.key, c.predicted_ms, deadline)
             cheapest = min(cheapest, *cost.values())
             taken = [k for k in taken if cost[k] > cheapest]
         if not taken:
