@@ -42,7 +42,6 @@ FEATURES: tuple[str, ...] = (
     "bias",  # constant 1: the first layer's bias lives in its weights
 )
 N_FEATURES = len(FEATURES)
-SLACK = FEATURES.index("slack")
 
 # Clipping keeps an odd candidate (a queue of 50, a deadline nearly gone)
 # inside the range the network was trained on.

@@ -238,13 +238,12 @@ class Reservations:
         # The hot path's commonest case: the other apps do not press enough, whatever they can use.
         if self._total - (own[1] if own is not None else 0.0) < self._load:
             return {}
-        here = open_workers
         claims: list[tuple[frozenset[str], float]] = []
         total = 0.0
         for app, (feasible, p) in pressures.items():
-            if app == request.app or here <= feasible:
+            if app == request.app or open_workers <= feasible:
                 continue  # the request has nowhere to go that this app could not use
-            taken = feasible & here
+            taken = feasible & open_workers
             if taken:
                 claims.append((taken, p))
                 total += p
