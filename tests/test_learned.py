@@ -334,6 +334,25 @@ def test_late_candidates_are_never_chosen_by_learned() -> None:
     assert C.key not in picks
 
 
+def test_while_every_app_meets_its_sla_the_soonest_open_candidate_is_chosen() -> None:
+    policy = make_learned_policy("actor-critic", seed=3, fresh=True, learn=False, temperature=1.0)
+    assert isinstance(policy, ActorCriticPolicy)
+    # a (20 ms) and b (30 ms, queued) are open, c is late. No outcome yet: the
+    # network's softmax picks between a and b.
+    picks = {policy.choose(REQUEST._replace(now_s=i / 1000.0), [A, B, C]).key for i in range(200)}
+    assert picks == {A.key, B.key}
+    # Once the app meets its SLA (its misses below 1 %), there is nobody to
+    # make room for: always the soonest predicted of the open candidates.
+    policy.reserve.outcome("ar", True)
+    calm = {policy.choose(REQUEST._replace(now_s=1.0 + i / 1000.0), [A, B, C]).key for i in range(200)}
+    assert calm == {A.key}
+    # Back to the network when it misses again (seen at the next 0.2 s refresh).
+    for _ in range(10):
+        policy.reserve.outcome("ar", False)
+    again = {policy.choose(REQUEST._replace(now_s=2.0 + i / 1000.0), [A, B, C]).key for i in range(200)}
+    assert again == {A.key, B.key}
+
+
 # -- snapshots --------------------------------------------------------------------------
 
 

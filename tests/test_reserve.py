@@ -188,3 +188,23 @@ def test_an_app_that_meets_its_sla_presses_in_proportion_to_its_misses() -> None
     assert r.pressure("ar", 31.0) == pytest.approx(WARMED * 30.0 * 11.0 / 1000.0 * math.exp(-0.1), rel=0.02)
     # (The pressures decisions read are refreshed every 0.2 s.)
     assert set(r.reserved(_view("count", 60.0, 31.5), {"mec", "cloud"})) == {"mec"}
+
+
+def test_calm_while_every_app_that_sends_meets_its_sla() -> None:
+    r = Reservations()
+    _feed(r, "ar", 25.0, [MEC, CLOUD], qps=30.0, seconds=30.0)
+    assert not r.calm(30.0)  # no outcomes yet: its misses count as MISSES, not below
+    r.outcome("ar", True)
+    assert r.calm(30.25)  # 1 % * (1 - 0.003) < 1 %
+    # Another app arrives and misses: not calm, once the 0.2 s refresh comes.
+    for i in range(30):  # 30 requests in 30.3-30.6 s, a third of them missed
+        view = _view("count", 60.0, 30.3 + i / 100.0)
+        r.arrive(view)
+        r.note(view, [EDGE, CLOUD])
+        r.outcome("count", i % 3 != 0)
+    assert r.calm(30.4)  # refreshed at 30.25
+    assert not r.calm(30.6)
+    # "count" stops sending: once its rate falls below one per tau_s (10 s),
+    # from 30 * e^-3.4 at 64.6 s, its misses no longer hold the others back.
+    assert not r.calm(63.0)
+    assert r.calm(66.0)

@@ -1,8 +1,9 @@
 """The per-request learned policy (``actor-critic``, and ``learned`` built on it).
 
 Hot path, per decision: the masks (``features.screen``, the reservations,
-the risk mask), features of the candidates they leave open (plain floats,
-one ``np.array``), the actor's numpy forward pass on the current snapshot
+the risk mask, and, while every app meets its SLA, all but the soonest
+predicted: ``Reservations.calm``), features of the candidates they leave
+open (plain floats, one ``np.array``), the actor's numpy forward pass on the current snapshot
 when more than one is open, a softmax draw, and a note of the decision for
 when its feedback comes back.
 No torch, no locks, no waiting. ``observe`` turns a feedback into a reward and
@@ -99,6 +100,10 @@ class ActorCriticPolicy(CheckpointedPolicy):
             open_, risky = screen(request, candidates, margins.margin, margins.risk)
             open_ = reserve.mask(request, candidates, open_, margins.late_chance)
             open_ = risky_mask(open_, risky) or list(range(n))
+            if len(open_) > 1 and reserve.calm(request.now_s):
+                # Nobody to make room for: spending slack would only add
+                # risk, so the soonest predicted of what is open it is.
+                open_ = [min(open_, key=lambda k: candidates[k].predicted_ms)]
         else:
             open_ = list(range(n))
         # Features and scores of the open candidates only: the learner never
