@@ -121,6 +121,10 @@ def test_slower_variants_of_one_worker_are_masked() -> None:
     # margin (12 + 10 > 20 + 0) leaves it the one open.
     masked = _masked(REQUEST, [A, a2, B, C], {a2.key: 10.0})
     assert masked == [0, 3]
+    # a2 unsafe (12 + 40 > 50) and a safe (20 + 0): the slower variant does not stand in
+    # for the worker's soonest. b is safe, so it is the one open.
+    masked = _masked(REQUEST, [A, a2, B, C], {a2.key: 40.0})
+    assert masked == [0, 1, 3]
     # Deadline 15 ms, nothing safe: only the late (a, b) are masked, a2 stays the one open.
     tight = RequestView("digits", "ar", deadline_ms=15.0, min_accuracy=0.8)
     masked = _masked(tight, [A, a2, B], {a2.key: 10.0})
@@ -133,13 +137,14 @@ def test_slower_variants_of_one_worker_are_masked() -> None:
 
 def _reference_mask(request: RequestView, cands: list[Candidate], margins: dict[str, float]) -> list[int]:
     """The mask as its docstring states it, written plainly."""
-    expected = [c.predicted_ms + margins.get(c.key, 0.0) for c in cands]
-    safe = [k for k in range(len(cands)) if expected[k] <= request.deadline_ms]
-    open_ = safe or [k for k, c in enumerate(cands) if c.predicted_ms <= request.deadline_ms]
-    kept = set()
-    for worker in {cands[k].worker for k in open_}:
-        mine = [k for k in open_ if cands[k].worker == worker]
-        kept.add(min(mine, key=lambda k: (cands[k].predicted_ms, k)))
+    timely = [k for k, c in enumerate(cands) if c.predicted_ms <= request.deadline_ms]
+    soonest = set()
+    for worker in {cands[k].worker for k in timely}:
+        mine = [k for k in timely if cands[k].worker == worker]
+        soonest.add(min(mine, key=lambda k: (cands[k].predicted_ms, k)))
+    deadline = request.deadline_ms
+    safe = {k for k in soonest if cands[k].predicted_ms + margins.get(cands[k].key, 0.0) <= deadline}
+    kept = safe or soonest
     return [k for k in range(len(cands)) if k not in kept]
 
 
