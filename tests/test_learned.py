@@ -79,6 +79,21 @@ B = _c("b", acc=0.95, rtt=10.0, busy=3, slots=2, predicted=30.0)
 C = _c("c", acc=0.85, rtt=40.0, busy=0, slots=4, predicted=60.0)  # predicted past the deadline
 
 
+def _pressing(policy: ActorCriticPolicy, request: RequestView, cands: list[Candidate]) -> RequestView:
+    """10 s of 30 requests a second of the request's app; returns the request at 10 s.
+
+    a and b serve "ar" 2 / 15 ms + 2 / 20 ms = 233 requests a second; ~19 a
+    second (the rate decayed over 10 s) press on them by 0.08, above LOAD
+    (0.05): without outcomes, "ar" is then an app that needs room, and the
+    policy is not calm.
+    """
+    for i in range(300):
+        view = request._replace(now_s=i / 30.0)
+        policy.reserve.arrive(view)
+        policy.reserve.note(view, cands)
+    return request._replace(now_s=10.0)
+
+
 # -- maths against hand-computed cases -------------------------------------------------
 
 
@@ -219,9 +234,10 @@ def test_a_decision_keeps_the_rows_it_could_choose_from() -> None:
     policy = make_learned_policy("actor-critic", seed=0, fresh=True, background=False, temperature=1.0)
     assert isinstance(policy, ActorCriticPolicy)
     # c is late (masked): two rows, and the chosen candidate is the row the action names.
-    chosen = policy.choose(REQUEST, [A, B, C])
-    _, _, x, action, logits = policy._pending[id(REQUEST)]
-    np.testing.assert_array_equal(x, candidate_features(REQUEST, [A, B, C], [0, 1]))
+    request = _pressing(policy, REQUEST, [A, B, C])
+    chosen = policy.choose(request, [A, B, C])
+    _, _, x, action, logits = policy._pending[id(request)]
+    np.testing.assert_array_equal(x, candidate_features(request, [A, B, C], [0, 1]))
     assert logits.shape == (2,) and chosen is [A, B][action]
     # One open candidate (a2 is the sooner variant on a's worker, c late): no network, logit 0.
     a2 = A._replace(key="a/a/v2", variant="v2", predicted_ms=12.0)
@@ -339,23 +355,29 @@ def test_late_candidates_are_never_chosen_by_learned() -> None:
     assert C.key not in picks
 
 
-def test_while_every_app_meets_its_sla_the_soonest_open_candidate_is_chosen() -> None:
+def test_while_no_app_needs_room_the_soonest_open_candidate_is_chosen() -> None:
     policy = make_learned_policy("actor-critic", seed=3, fresh=True, learn=False, temperature=1.0)
     assert isinstance(policy, ActorCriticPolicy)
-    # a (20 ms) and b (30 ms, queued) are open, c is late. No outcome yet: the
-    # network's softmax picks between a and b.
-    picks = {policy.choose(REQUEST._replace(now_s=i / 1000.0), [A, B, C]).key for i in range(200)}
-    assert picks == {A.key, B.key}
+    # a (20 ms) and b (30 ms, queued) are open, c is late. "ar" presses on a
+    # and b and has no outcome yet: the network's softmax picks between them.
+    request = _pressing(policy, REQUEST, [A, B, C])
+
+    def picks(start_s: float) -> set[str]:
+        at = [start_s + i / 1000.0 for i in range(200)]
+        return {policy.choose(request._replace(now_s=t), [A, B, C]).key for t in at}
+
+    assert picks(10.0) == {A.key, B.key}
     # Once the app meets its SLA (its misses below 1 %), there is nobody to
     # make room for: always the soonest predicted of the open candidates.
     policy.reserve.outcome("ar", True)
-    calm = {policy.choose(REQUEST._replace(now_s=1.0 + i / 1000.0), [A, B, C]).key for i in range(200)}
-    assert calm == {A.key}
+    assert picks(11.0) == {A.key}
     # Back to the network when it misses again (seen at the next 0.2 s refresh).
     for _ in range(10):
         policy.reserve.outcome("ar", False)
-    again = {policy.choose(REQUEST._replace(now_s=2.0 + i / 1000.0), [A, B, C]).key for i in range(200)}
-    assert again == {A.key, B.key}
+    assert picks(12.0) == {A.key, B.key}
+    # Still missing, but its rate has decayed (30 s on, 3.5 a second, 0.015
+    # of a and b): room would not help it, and the soonest it is again.
+    assert picks(42.0) == {A.key}
 
 
 # -- snapshots --------------------------------------------------------------------------

@@ -133,7 +133,7 @@ def test_one_hopeful_prediction_does_not_make_a_worker_feasible() -> None:
     busy_mec = MEC._replace(in_flight=1, predicted_ms=40.0)
     view = _view("ar", 25.0, 0.0)
     r.note(view, [MEC, lucky])
-    # Queued predictions say nothing of the target itself: they leave its typical value alone.
+    # Queued predictions count with the queue taken out: 7 + (40 - 7) / 2 = 23.5 ms, in time.
     for i in range(1, 200):
         r.note(_view("ar", 25.0, i * 0.1), [busy_mec, near_cloud])
     for i in range(200, 900):
@@ -190,21 +190,56 @@ def test_an_app_that_meets_its_sla_presses_in_proportion_to_its_misses() -> None
     assert set(r.reserved(_view("count", 60.0, 31.5), {"mec", "cloud"})) == {"mec"}
 
 
-def test_calm_while_every_app_that_sends_meets_its_sla() -> None:
-    r = Reservations()
+def test_calm_while_no_app_that_misses_its_sla_presses() -> None:
+    r = Reservations()  # load 0.05
     _feed(r, "ar", 25.0, [MEC, CLOUD], qps=30.0, seconds=30.0)
+    # "ar" presses on the MEC by 0.31 (30/s x 11 ms, warmed up).
     assert not r.calm(30.0)  # no outcomes yet: its misses count as MISSES, not below
     r.outcome("ar", True)
     assert r.calm(30.25)  # 1 % * (1 - 0.003) < 1 %
-    # Another app arrives and misses: not calm, once the 0.2 s refresh comes.
-    for i in range(30):  # 30 requests in 30.3-30.6 s, a third of them missed
-        view = _view("count", 60.0, 30.3 + i / 100.0)
-        r.arrive(view)
-        r.note(view, [EDGE, CLOUD])
-        r.outcome("count", i % 3 != 0)
-    assert r.calm(30.4)  # refreshed at 30.25
-    assert not r.calm(30.6)
-    # "count" stops sending: once its rate falls below one per tau_s (10 s),
-    # from 30 * e^-3.4 at 64.6 s, its misses no longer hold the others back.
-    assert not r.calm(63.0)
-    assert r.calm(66.0)
+
+    def send(app: str, start: float, n: int, cands: list[Candidate]) -> None:
+        """``n`` requests at 100 a second from ``start``, a third of them missed."""
+        for i in range(n):
+            view = _view(app, 60.0, start + i / 100.0)
+            r.arrive(view)
+            r.note(view, cands)
+            r.outcome(app, i % 3 != 0)
+
+    # Another app misses a third of its requests on the MEC, but sends too few
+    # to press by 0.05 (20 in 0.2 s: 2/s x 11 ms = 0.02): making room for it
+    # would not help. Still calm.
+    send("count", 30.3, 20, [MEC])
+    assert r.calm(30.5)
+    # 80 more by 31.3 s (~10/s, 0.11 of the MEC): now it needs room.
+    send("count", 30.5, 80, [MEC])
+    assert not r.calm(31.3)
+    # It stops sending: its rate decays below 0.05 / 11 ms = 4.5/s from ~39 s.
+    assert not r.calm(38.0)
+    assert r.calm(40.0)
+
+
+def test_an_app_that_misses_and_was_never_routed_holds_calm_until_it_stops_sending() -> None:
+    r = Reservations()
+    # Admission rejected every request of "gone" (a miss each): it has no
+    # feasible workers to press on, and its misses alone hold calm back.
+    for i in range(30):
+        r.arrive(_view("gone", 60.0, i / 10.0))
+        r.outcome("gone", False)
+    assert not r.calm(3.0)
+    # Once its rate falls below one per tau_s (10 s), from 30 * e^-3.4 at 36.9 s,
+    # an app that left while missing no longer holds the others back.
+    assert not r.calm(35.0)
+    assert r.calm(38.0)
+
+
+def test_a_worker_seen_only_queued_is_feasible_with_its_queue_taken_out() -> None:
+    r = Reservations()
+    # The MEC is always full when "ar" looks (one slot, one in flight): the
+    # estimator predicts 7 ms + 11 ms queued + 11 ms = 29 ms, past 25 ms.
+    # Without the queue, 7 + (29 - 7) * 1 / 2 = 18 ms: the MEC is "ar"'s, and
+    # serves it in 11 ms, not 22.
+    full = MEC._replace(in_flight=1, predicted_ms=29.0)
+    _feed(r, "ar", 25.0, [full, CLOUD], qps=30.0, seconds=30.0)
+    assert r.pressure("ar", 30.0) == pytest.approx(WARMED * 30.0 * 11.0 / 1000.0, rel=0.01)
+    assert set(r.reserved(_view("count", 60.0, 30.0), {"mec", "cloud"})) == {"mec"}
