@@ -367,10 +367,12 @@ def test_while_no_app_needs_room_the_soonest_open_candidate_is_chosen() -> None:
         return {policy.choose(request._replace(now_s=t), [A, B, C]).key for t in at}
 
     assert picks(10.0) == {A.key, B.key}
+    assert policy.scored == 2  # the network scored both
     # Once the app meets its SLA (its misses below 1 %), there is nobody to
     # make room for: always the soonest predicted of the open candidates.
     policy.reserve.outcome("ar", True)
     assert picks(11.0) == {A.key}
+    assert policy.scored == 0  # and the network was not consulted
     # Back to the network when it misses again (seen at the next 0.2 s refresh).
     for _ in range(10):
         policy.reserve.outcome("ar", False)

@@ -9,6 +9,13 @@ timed alone (``perf_counter_ns`` around ``choose``), and so is the
 learned policy runs as in the AP: its background learner trains on the
 feedback while the decisions are timed, at the pace of a busy AP (2,000
 decisions/s, ``--rate``; 0 for back to back).
+
+A decision of the learned policy takes one of two paths: the masks alone
+(one candidate left open, or every app meets its SLA or presses too little
+to need room: the soonest open candidate), or the masks and the network's
+scores. The second is the dearer, and its share depends on the load, so it
+is also reported alone (``network``: its share of the decisions, and its
+percentiles).
 """
 
 from __future__ import annotations
@@ -72,6 +79,8 @@ def measure(
     """Time ``choose`` and ``observe`` per decision; ``rate`` > 0 paces decisions (per second)."""
     choose_ns: list[int] = []
     observe_ns: list[int] = []
+    scored_ns: list[int] = []  # the decisions the network scored (``ActorCriticPolicy.scored``)
+    tells_path = hasattr(policy, "scored")
     clock = time.perf_counter_ns
     gap = int(1e9 / rate) if rate > 0 else 0
     due = clock()
@@ -95,13 +104,24 @@ def measure(
             t3 = clock()
             choose_ns.append(t1 - t0)
             observe_ns.append(t3 - t2)
-    c = np.array(choose_ns) / 1000.0
-    o = np.array(observe_ns) / 1000.0
-    return {
-        "decisions": len(c),
-        "choose_us": {"p50": round(float(np.median(c)), 2), "p99": round(float(np.percentile(c, 99)), 2)},
-        "observe_us": {"p50": round(float(np.median(o)), 2), "p99": round(float(np.percentile(o, 99)), 2)},
+            if tells_path and policy.scored > 1:  # type: ignore[attr-defined]
+                scored_ns.append(t1 - t0)
+    result: dict[str, Any] = {
+        "decisions": len(choose_ns),
+        "choose_us": _percentiles(choose_ns),
+        "observe_us": _percentiles(observe_ns),
     }
+    if tells_path:
+        share = round(len(scored_ns) / len(choose_ns), 4)
+        result["network"] = {"share": share, "choose_us": _percentiles(scored_ns)}
+    return result
+
+
+def _percentiles(ns: list[int]) -> dict[str, float]:
+    us = np.array(ns) / 1000.0
+    if not len(us):
+        return {"p50": float("nan"), "p99": float("nan")}
+    return {"p50": round(float(np.median(us)), 2), "p99": round(float(np.percentile(us, 99)), 2)}
 
 
 def run(
@@ -134,10 +154,17 @@ def run(
                 close()
             report["results"].setdefault(name, {})[str(n)] = result
             c, o = result["choose_us"], result["observe_us"]
+            net = result.get("network")
             print(
                 f"{name:>8} | {n:>4} candidates | choose p50 {c['p50']:6.2f} us  p99 {c['p99']:6.2f} us | "
                 f"observe p50 {o['p50']:5.2f} us  p99 {o['p99']:5.2f} us"
-                + (f" | {result['learner_updates']} updates" if "learner_updates" in result else ""),
+                + (f" | {result['learner_updates']} updates" if "learner_updates" in result else "")
+                + (
+                    f" | network {net['share']:.0%}: p50 {net['choose_us']['p50']:6.2f} us  "
+                    f"p99 {net['choose_us']['p99']:6.2f} us"
+                    if net
+                    else ""
+                ),
                 flush=True,
             )
     return report

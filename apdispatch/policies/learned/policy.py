@@ -69,6 +69,10 @@ class ActorCriticPolicy(CheckpointedPolicy):
         # Workers other apps cannot do without (learned online, not checkpointed).
         self.reserve = Reservations()
         self._seq = 0
+        # How many candidates the network scored in the last decision (0 when
+        # the masks, or calm, left one): what ``apdispatch bench --decisions``
+        # tells the two paths apart by.
+        self.scored = 0
         # Where updates run: "process" (the AP: off the GIL), "thread", or
         # "inline" (simulator, training, tests: reproducible).
         mode = "process" if background is True else "inline" if background is False else background
@@ -94,6 +98,7 @@ class ActorCriticPolicy(CheckpointedPolicy):
         reserve.note(request, candidates, margins.margin)
         n = len(candidates)
         if n == 1:
+            self.scored = 0
             return candidates[0]
         snapshot = self._snapshot  # one read: the whole decision uses one set of parameters
         if self._mask_late:
@@ -114,8 +119,10 @@ class ActorCriticPolicy(CheckpointedPolicy):
         if len(open_) == 1:
             i = 0  # nothing to score: one choice, whose log-probability is 0 whatever its logit
             z = ONE_LOGIT
+            self.scored = 0
         else:
             z = snapshot.scores(x)
+            self.scored = len(open_)
             # The draw in plain Python: for a few dozen numbers it beats a
             # chain of numpy calls on tiny arrays.
             zs = z.tolist()
