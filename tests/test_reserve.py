@@ -243,3 +243,12 @@ def test_a_worker_seen_only_queued_is_feasible_with_its_queue_taken_out() -> Non
     _feed(r, "ar", 25.0, [full, CLOUD], qps=30.0, seconds=30.0)
     assert r.pressure("ar", 30.0) == pytest.approx(WARMED * 30.0 * 11.0 / 1000.0, rel=0.01)
     assert set(r.reserved(_view("count", 60.0, 30.0), {"mec", "cloud"})) == {"mec"}
+
+
+def test_one_hopeful_service_time_does_not_stick() -> None:
+    r = Reservations()
+    # Once, the MEC was predicted at 8 ms: 1 ms of service. Every later set says 11.
+    r.note(_view("ar", 25.0, 0.0), [MEC._replace(predicted_ms=8.0), CLOUD])
+    _feed(r, "ar", 25.0, [MEC, CLOUD], qps=30.0, seconds=30.0)
+    # The service time is an average (about the last 5 refreshes), not the least seen.
+    assert r.pressure("ar", 30.0) == pytest.approx(WARMED * 30.0 * 11.0 / 1000.0, rel=0.01)
