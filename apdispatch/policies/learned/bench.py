@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from apdispatch.bench import percentiles
 from apdispatch.policies import Candidate, Feedback, Policy, RequestView, make_policy
 
 # Decisions per second: the AP's measured capacity (README, Benchmark). The
@@ -118,10 +119,10 @@ def measure(
 
 
 def _percentiles(ns: list[int]) -> dict[str, float]:
-    us = np.array(ns) / 1000.0
-    if not len(us):
+    if not ns:
         return {"p50": float("nan"), "p99": float("nan")}
-    return {"p50": round(float(np.median(us)), 2), "p99": round(float(np.percentile(us, 99)), 2)}
+    p50, p99 = percentiles([n / 1000.0 for n in ns])
+    return {"p50": p50, "p99": p99}
 
 
 def run(

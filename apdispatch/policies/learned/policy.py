@@ -1,10 +1,10 @@
 """The per-request learned policy (``actor-critic``, and ``learned`` built on it).
 
 Hot path, per decision: the masks (``features.screen``, the reservations,
-the risk mask, and, while every app meets its SLA, all but the soonest
-predicted: ``Reservations.calm``), features of the candidates they leave
-open (plain floats, one ``np.array``), the actor's numpy forward pass on the current snapshot
-when more than one is open, a softmax draw, and a note of the decision for
+the risk mask, and, while no app needs room, all but the soonest predicted:
+``Reservations.calm``), features of the candidates they leave open (plain
+floats, one ``np.array``), the actor's numpy forward pass on the current
+snapshot when more than one is open, a softmax draw, and a note of the decision for
 when its feedback comes back.
 No torch, no locks, no waiting. ``observe`` turns a feedback into a reward and
 hands the transition to the learner's queue.

@@ -70,8 +70,8 @@ Found on generated scenarios (``apdispatch generate --seeds N --duration
   from 3 %, generated-128 was +0.02 and generated-115 -0.14.
 
 The same miss averages say when nobody needs room (``calm``): while every
-app that sends requests misses its SLA on less than ``MISSES`` of them, the
-policy takes the soonest predicted of its open candidates, as `fastest`
+app that sends requests misses its SLA on less than ``MISSES`` of them, or
+presses below ``load`` (below), the policy takes the soonest predicted of its open candidates, as `fastest`
 does, instead of spending slack. Spent slack frees near, fast targets for
 others; with nobody short of them it only adds the risk of a far or queued
 target. On the 30 random scenarios, 8 of the 9 where `learned` was behind
@@ -166,7 +166,7 @@ class Reservations:
         self._pressed_at: float | None = None
         # app -> its share of requests that missed the SLA, averaged; from MISSES (in full) at first
         self._misses: dict[str, float] = {}
-        self._calm = False  # every app that sends requests misses less than MISSES (``calm``)
+        self._calm = False  # no app that sends requests needs room (``calm``)
 
     def arrive(self, request: RequestView) -> None:
         """Count a request of its app: every decision, and every admission rejection."""
