@@ -87,7 +87,16 @@ class Dispatcher:
         future: asyncio.Future[pb.InferResponse | ApdispatchError] = (
             asyncio.get_running_loop().create_future()
         )
-        self.submit(request, arrival, future.set_result)
+
+        def reply(result: pb.InferResponse | ApdispatchError) -> None:
+            # A call the client cancelled (or whose gRPC deadline passed) has
+            # cancelled its future: nobody is left to answer. Setting it would
+            # raise inside the forwarder's delivery loop, and the requests
+            # batched after this one would never be answered.
+            if not future.done():
+                future.set_result(result)
+
+        self.submit(request, arrival, reply)
         result = await future
         if isinstance(result, ApdispatchError):
             raise result
@@ -122,19 +131,43 @@ class Dispatcher:
         )
 
     def _complete(self, flight: _InFlight, result: WorkerReply | BaseException) -> None:
-        target = flight.decision.target
         self.router.release(flight.decision)
         now = time.monotonic()
         total_ms = (now - flight.arrival) * 1000.0
         late = total_ms > flight.request.sla.deadline_ms
+        network_ms = 0.0
         if isinstance(result, DeadlineReached) or (late and isinstance(result, UnavailableError)):
-            # Not served by its deadline: late, whatever the worker said after.
-            self._observe(flight, "late", total_ms)
-            response = self._finish("late", flight.request, flight.request_id, total_ms, target)
-            flight.reply(response)
-            return
-        if isinstance(result, BaseException):
-            self._observe(flight, "failed", total_ms)
+            outcome = "late"  # not served by its deadline, whatever the worker said after
+        elif isinstance(result, BaseException):
+            outcome = "failed"
+        else:
+            network_ms = max(0.0, (now - result.sent_at) * 1000.0 - result.queue_ms - result.compute_ms)
+            self.router.learn(flight.decision, network_ms, result.compute_ms)
+            if late:
+                outcome = "late"
+            elif flight.decision.target.variant.accuracy < flight.request.sla.min_accuracy:
+                outcome = "inaccurate"
+            else:
+                outcome = "ok"
+        try:
+            self._answer(flight, result, outcome, total_ms, network_ms)
+        finally:
+            # Once the reply has gone, so that what the policy does with an
+            # outcome (the learned one refreshes its reservations there)
+            # delays no reply; and also when it could not go (a call the
+            # client cancelled): the policy learns from every decision.
+            self.router.observe(flight.decision, outcome, total_ms)
+
+    def _answer(
+        self,
+        flight: _InFlight,
+        result: WorkerReply | BaseException,
+        outcome: str,
+        total_ms: float,
+        network_ms: float,
+    ) -> None:
+        target = flight.decision.target
+        if outcome == "failed":
             error = (
                 result
                 if isinstance(result, ApdispatchError)
@@ -142,28 +175,17 @@ class Dispatcher:
             )
             self._fail(error, flight.request, flight.request_id, flight.arrival, target, flight.reply)
             return
-        network_ms = max(0.0, (now - result.sent_at) * 1000.0 - result.queue_ms - result.compute_ms)
-        self.router.learn(flight.decision, network_ms, result.compute_ms)
-        if late:
-            outcome = "late"
-        elif target.variant.accuracy < flight.request.sla.min_accuracy:
-            outcome = "inaccurate"
-        else:
-            outcome = "ok"
-        self._observe(flight, outcome, total_ms)
         response = self._finish(outcome, flight.request, flight.request_id, total_ms, target)
-        timings = response.timings
-        timings.queue_ms = result.queue_ms
-        timings.compute_ms = result.compute_ms
-        timings.network_ms = network_ms
-        for tensor in result.outputs:
-            response.outputs.add(
-                name=tensor.name, datatype=tensor.datatype, shape=tensor.shape, data=tensor.data
-            )
+        if isinstance(result, WorkerReply):
+            timings = response.timings
+            timings.queue_ms = result.queue_ms
+            timings.compute_ms = result.compute_ms
+            timings.network_ms = network_ms
+            for tensor in result.outputs:
+                response.outputs.add(
+                    name=tensor.name, datatype=tensor.datatype, shape=tensor.shape, data=tensor.data
+                )
         flight.reply(response)
-
-    def _observe(self, flight: _InFlight, outcome: str, total_ms: float) -> None:
-        self.router.observe(flight.decision, outcome, total_ms)
 
     def _fail(
         self,
