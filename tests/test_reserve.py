@@ -186,7 +186,8 @@ def test_an_app_that_meets_its_sla_presses_in_proportion_to_its_misses() -> None
     for i in range(400):
         r.outcome("ar", i % 20 != 0)
     assert r.pressure("ar", 31.0) == pytest.approx(WARMED * 30.0 * 11.0 / 1000.0 * math.exp(-0.1), rel=0.02)
-    # (The pressures decisions read are refreshed every 0.2 s.)
+    # The pressures decisions read are refreshed after a feedback (every 0.2 s).
+    r.catch_up(31.5)
     assert set(r.reserved(_view("count", 60.0, 31.5), {"mec", "cloud"})) == {"mec"}
 
 
@@ -196,6 +197,7 @@ def test_calm_while_no_app_that_misses_its_sla_presses() -> None:
     # "ar" presses on the MEC by 0.31 (30/s x 11 ms, warmed up).
     assert not r.calm(30.0)  # no outcomes yet: its misses count as MISSES, not below
     r.outcome("ar", True)
+    r.catch_up(30.25)  # as the policy does after each feedback
     assert r.calm(30.25)  # 1 % * (1 - 0.003) < 1 %
 
     def send(app: str, start: float, n: int, cands: list[Candidate]) -> None:
@@ -210,9 +212,11 @@ def test_calm_while_no_app_that_misses_its_sla_presses() -> None:
     # to press by 0.05 (20 in 0.2 s: 2/s x 11 ms = 0.02): making room for it
     # would not help. Still calm.
     send("count", 30.3, 20, [MEC])
+    r.catch_up(30.5)
     assert r.calm(30.5)
     # 80 more by 31.3 s (~10/s, 0.11 of the MEC): now it needs room.
     send("count", 30.5, 80, [MEC])
+    r.catch_up(31.3)
     assert not r.calm(31.3)
     # It stops sending: its rate decays below 0.05 / 11 ms = 4.5/s from ~39 s.
     assert not r.calm(38.0)
@@ -252,3 +256,33 @@ def test_one_hopeful_service_time_does_not_stick() -> None:
     _feed(r, "ar", 25.0, [MEC, CLOUD], qps=30.0, seconds=30.0)
     # The service time is an average (about the last 5 refreshes), not the least seen.
     assert r.pressure("ar", 30.0) == pytest.approx(WARMED * 30.0 * 11.0 / 1000.0, rel=0.01)
+
+
+def test_a_refresh_due_at_a_decision_is_learned_when_caught_up() -> None:
+    r = Reservations()
+    first = _view("ar", 25.0, 0.0)
+    r.arrive(first)
+    r.defer(first, [MEC, CLOUD])  # the decision keeps the set: O(1), no walk
+    assert r.pressure("ar", 0.0) == 0.0  # nothing learned yet
+    r.catch_up(0.0)  # after a feedback
+    assert r.pressure("ar", 0.0) == pytest.approx(1.0 / 10.0 * 11.0 / 1000.0)  # 1 arrival / tau x 11 ms
+    # Within REFRESH_S of the last refresh, a decision keeps nothing.
+    later = _view("ar", 25.0, 0.1)
+    r.defer(later, [MEC._replace(predicted_ms=7.5), CLOUD])
+    r.catch_up(0.1)
+    assert r.pressure("ar", 0.0) == pytest.approx(1.0 / 10.0 * 11.0 / 1000.0)
+
+
+def test_decisions_refresh_the_pressures_themselves_only_when_stale() -> None:
+    r = Reservations()
+    _feed(r, "ar", 25.0, [MEC, CLOUD], qps=30.0, seconds=30.0)
+    r.outcome("ar", False)
+    r.catch_up(30.0)
+    count = _view("count", 60.0, 30.0)
+    assert set(r.reserved(count, {"mec", "cloud"})) == {"mec"}
+    # "ar" now meets its SLA (misses from ~1 % to 0.05 %): it presses by a twentieth.
+    for _ in range(1000):
+        r.outcome("ar", True)
+    # No feedback caught up since: decisions read the table of 30.0 s until it is STALE_S (1 s) old.
+    assert set(r.reserved(count._replace(now_s=30.9), {"mec", "cloud"})) == {"mec"}
+    assert r.reserved(count._replace(now_s=31.0), {"mec", "cloud"}) == {}

@@ -69,6 +69,7 @@ class ActorCriticPolicy(CheckpointedPolicy):
         # Workers other apps cannot do without (learned online, not checkpointed).
         self.reserve = Reservations()
         self._seq = 0
+        self._now = 0.0  # the latest decision's clock (``RequestView.now_s``)
         # How many candidates the network scored in the last decision (0 when
         # the masks, or calm, left one): what ``apdispatch bench --decisions``
         # tells the two paths apart by.
@@ -95,7 +96,9 @@ class ActorCriticPolicy(CheckpointedPolicy):
         reserve = self.reserve
         margins = self.margins
         reserve.arrive(request)
-        reserve.note(request, candidates, margins.margin)
+        # The refresh this may be due is learned in ``observe``, after the decision.
+        reserve.defer(request, candidates)
+        self._now = request.now_s
         n = len(candidates)
         if n == 1:
             self.scored = 0
@@ -156,8 +159,12 @@ class ActorCriticPolicy(CheckpointedPolicy):
 
     def observe(self, feedback: Feedback) -> None:
         chosen = feedback.chosen
-        self.margins.observe(chosen.key, chosen.predicted_ms, feedback.latency_ms)
-        self.reserve.outcome(feedback.request.app, feedback.outcome == "ok")
+        margins = self.margins
+        margins.observe(chosen.key, chosen.predicted_ms, feedback.latency_ms)
+        reserve = self.reserve
+        reserve.outcome(feedback.request.app, feedback.outcome == "ok")
+        # The reservations' periodic walks, off the decision path (``Reservations.defer``).
+        reserve.catch_up(self._now, margins.margin)
         if self.learner is None:
             return
         record = self._pending.pop(id(feedback.request), None)
