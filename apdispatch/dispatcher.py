@@ -90,9 +90,10 @@ class Dispatcher:
 
         def reply(result: pb.InferResponse | ApdispatchError) -> None:
             # A call the client cancelled (or whose gRPC deadline passed) has
-            # cancelled its future: nobody is left to answer. Setting it would
-            # raise inside the forwarder's delivery loop, and the requests
-            # batched after this one would never be answered.
+            # cancelled its future: nobody is left to answer. Setting it
+            # raised inside the forwarder's delivery: on a streaming link
+            # that closed the worker's stream, and every request in flight
+            # there failed with it.
             if not future.done():
                 future.set_result(result)
 

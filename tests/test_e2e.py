@@ -287,3 +287,38 @@ def test_stream_errors_do_not_end_the_stream(topology: Topology, client: Client)
     assert outcomes == ["failed", "failed", "ok", "ok", "rejected"]
     errors = " ".join(r.error for r in results.values())
     assert "task" in errors and "inputs[0].datatype" in errors and "sla.min_accuracy" in errors
+
+
+def test_calls_cancelled_by_their_clients_leave_the_others_answered(topology: Topology) -> None:
+    """Calls that give up while their requests are at the cloud do not take other replies with them.
+
+    The AP coalesces requests for one worker into one call; a reply to a
+    cancelled call must not end the delivery of the rest of its batch.
+    """
+    from apdispatch.protocol import dispatcher_pb2 as pb
+    from apdispatch.protocol import dispatcher_pb2_grpc as pb_grpc
+    from apdispatch.tensors import to_tensor
+
+    x = _one(topology)
+    # Above every edge variant: only the cloud (40 ms away) can serve these.
+    sla = pb.SLA(deadline_ms=2000.0, min_accuracy=topology.cloud_accuracy)
+    request = pb.InferRequest(task="digits", inputs=[to_tensor("input", x)], sla=sla)
+    with grpc.insecure_channel(topology.ap) as channel:
+        stub = pb_grpc.DispatcherStub(channel)
+        stub.Infer(request, timeout=10)
+        for _ in range(5):
+            calls = [
+                stub.Infer.future(
+                    request,
+                    # Every other call gives up at 10 ms, long before the cloud's reply.
+                    timeout=0.01 if i % 2 == 0 else 10.0,
+                )
+                for i in range(16)
+            ]
+            for i, call in enumerate(calls):
+                if i % 2 == 0:
+                    with pytest.raises(grpc.RpcError) as info:
+                        call.result()
+                    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                else:
+                    assert call.result().outcome == pb.OK, f"call {i}"
