@@ -71,6 +71,7 @@ SPREAD = 1.0
 RISK_SPREAD = 2.0
 
 SQRT2 = sqrt(2.0)
+INF = float("inf")
 
 # Below this the deadline is as good as gone; avoids dividing by ~0.
 MIN_DEADLINE_MS = 1e-3
@@ -181,15 +182,18 @@ def candidate_features(
     """
     inv = 1.0 / max(request.deadline_ms, MIN_DEADLINE_MS)
     floor = request.min_accuracy
-    fastest = closest = float("inf")
-    best = -float("inf")
+    fastest = closest = INF
+    best = -INF
     for c in candidates:
-        if c.predicted_ms < fastest:
-            fastest = c.predicted_ms
-        if c.rtt_ms < closest:
-            closest = c.rtt_ms
-        if c.accuracy > best:
-            best = c.accuracy
+        p = c.predicted_ms
+        if p < fastest:
+            fastest = p
+        r = c.rtt_ms
+        if r < closest:
+            closest = r
+        a = c.accuracy
+        if a > best:
+            best = a
     fastest *= inv
     closest *= inv
     flat: list[float] = []
@@ -197,23 +201,25 @@ def candidate_features(
     # Clipped to [LOW, HIGH] here, row by row: for the few rows a decision
     # builds, a comparison per bounded value costs less than two ufuncs.
     # The lower bounds the others meet by construction (predictions, round
-    # trips and queues are >= 0) are not tested again.
-    for c in candidates if rows is None else [candidates[k] for k in rows]:
-        p = c.predicted_ms * inv
+    # trips and queues are >= 0) are not tested again. A candidate is
+    # unpacked once: cheaper than eight attribute reads.
+    for k in range(len(candidates)) if rows is None else rows:
+        _, _, _, _, accuracy, rtt, in_flight, slots, predicted, _ = candidates[k]
+        p = predicted * inv
         slack = 1.0 - p
         behind = p - fastest
-        margin = (c.accuracy - floor) * 10.0
-        load = c.in_flight / c.slots
-        r = c.rtt_ms * inv
+        margin = (accuracy - floor) * 10.0
+        load = in_flight / slots
+        r = rtt * inv
         far = r - closest
         extend(
             (
                 slack if slack > -1.0 else -1.0,
                 behind if behind < 2.0 else 2.0,
                 (margin if margin < 1.0 else 1.0) if margin > 0.0 else 0.0,
-                c.accuracy >= best,
+                accuracy >= best,
                 load if load < 4.0 else 4.0,
-                c.in_flight < c.slots,
+                in_flight < slots,
                 r if r < 2.0 else 2.0,
                 far if far < 2.0 else 2.0,
                 1.0,
