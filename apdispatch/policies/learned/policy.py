@@ -7,7 +7,8 @@ floats, one ``np.array``), the actor's numpy forward pass on the current
 snapshot when more than one is open, a softmax draw, and a note of the decision for
 when its feedback comes back.
 No torch, no locks, no waiting. ``observe`` turns a feedback into a reward and
-hands the transition to the learner's queue.
+hands the transition to the learner's queue; the reservations' periodic
+walks over a candidate set run there too, not in a decision.
 """
 
 from __future__ import annotations

@@ -109,10 +109,9 @@ from apdispatch.policies.base import Candidate, RequestView
 LOAD = 0.05
 TAU_S = 10.0
 # The dependencies and capacities are refreshed at most this often per app,
-# and the pressures of all apps as decisions read them. A refresh walks the
-# request's candidates (~10 us for 16): at 0.05 s, 4 % of the decisions of a
-# busy AP with four apps paid it, which set the decision p99; the rates
-# they feed decay over TAU_S.
+# and the pressures of all apps as decisions read them. A refresh walks a
+# request's candidates (~10-20 us for 16), after a feedback (``defer``,
+# ``catch_up``); the rates they feed decay over TAU_S.
 REFRESH_S = 0.2
 # Decisions read the pressures ``catch_up`` refreshes after each feedback,
 # every REFRESH_S; they recompute them on their own path only once they are
