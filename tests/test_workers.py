@@ -679,17 +679,18 @@ async def test_edge_modules_do_not_import_torch(tmp_path: Path) -> None:
     assert (await _run_python(probe, subprocess_env(tmp_path))).strip() == "blocked"
 
 
-async def _serving_address(proc: asyncio.subprocess.Process, lines: list[str]) -> str:
+async def _event(proc: asyncio.subprocess.Process, lines: list[str], name: str) -> dict[str, object]:
+    """Read the worker's log up to its first event ``name``; every line read goes to ``lines``."""
     assert proc.stdout is not None
     while True:
         raw = await proc.stdout.readline()
-        assert raw, "worker exited before serving:\n" + "".join(lines)
+        assert raw, f"worker exited before {name}:\n" + "".join(lines)
         line = raw.decode()
         lines.append(line)
         with contextlib.suppress(ValueError):
             event = json.loads(line)
-            if event.get("event") == "serving":
-                return str(event["address"])
+            if event.get("event") == name:
+                return dict(event)
 
 
 async def test_edge_worker_without_torch_serves_registers_and_stops(zoo: Zoo, tmp_path: Path) -> None:
@@ -705,12 +706,15 @@ async def test_edge_worker_without_torch_serves_registers_and_stops(zoo: Zoo, tm
         )  # fmt: skip
         lines: list[str] = []
         try:
-            address = await asyncio.wait_for(_serving_address(proc, lines), 60)
+            address = str((await asyncio.wait_for(_event(proc, lines, "serving"), 60))["address"])
             async with grpc.aio.insecure_channel(address) as channel:
                 stub = pb_grpc.GRPCInferenceServiceStub(channel)
                 reply = await stub.ModelInfer(request(zoo.small, zoo.x[:8], "nt"), timeout=10)
             assert reply.id == "nt" and logits(reply).shape == (8, 10)
-            await wait_until(lambda: len(registry.registers) >= 1)
+            # Registered as the worker sees it, not only as the registry does: a
+            # worker stopped before it read the registry's reply does not
+            # deregister (the lease lapses instead).
+            await asyncio.wait_for(_event(proc, lines, "registered"), 30)
             worker_id = registry.registers[0].worker_id
             assert worker_id == f"edge-edge-x-{address.rsplit(':', 1)[1]}"
             proc.send_signal(signal.SIGTERM)
@@ -738,7 +742,7 @@ async def test_second_signal_forces_exit(zoo: Zoo, hold_factor: Callable[[float]
     )  # fmt: skip
     lines: list[str] = []
     try:
-        address = await asyncio.wait_for(_serving_address(proc, lines), 60)
+        address = str((await asyncio.wait_for(_event(proc, lines, "serving"), 60))["address"])
         async with grpc.aio.insecure_channel(address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             # Holds the only slot far longer than the shutdown grace period.
