@@ -355,6 +355,10 @@ class Reservations:
         """
         if not self._others_press(request):
             return {}
+        return self._claimed(request, open_workers)
+
+    def _claimed(self, request: RequestView, open_workers: Set[str]) -> dict[str, float]:
+        """``reserved``, once the other apps are known to press by ``load`` or more in all."""
         claims: list[tuple[frozenset[str], float]] = []
         total = 0.0
         for app, (feasible, p) in self._pressures.items():
@@ -397,7 +401,7 @@ class Reservations:
         # whatever they can use.
         if len(open_) < 2 or not self._others_press(request):
             return open_
-        reserved = self.reserved(request, {candidates[k].worker for k in open_})
+        reserved = self._claimed(request, {candidates[k].worker for k in open_})
         if not reserved:
             return open_
         deadline = request.deadline_ms
