@@ -43,6 +43,7 @@ from apdispatch.policies.learned.features import (
     SPREAD,
     Margins,
     candidate_features,
+    risk_spread,
     risky_mask,
     screen,
 )
@@ -279,6 +280,26 @@ def test_margins_by_hand() -> None:
     assert margins.late_chance("u", 10.0, 3.9) == 1.0
     assert margins.late_chance("u", 10.0, 4.0) == 0.0
     assert margins.late_chance("never", 10.0, 10.0) == 0.0
+
+
+def test_the_wider_margin_of_a_target_known_from_few_replies_is_wider() -> None:
+    margins = Margins(alpha=0.5)
+    for latency in (12.0, 14.0, 14.0):
+        margins.observe("t", predicted_ms=10.0, latency_ms=latency)
+    # mean 3 + 0.5 * (4 - 3) = 3.5; second moment 10 + 0.5 * (16 - 10) = 13; sd sqrt(0.75).
+    # From 3 replies the 2 sd become Student's t with 2 df at 97.725 %: 4.5266 sd.
+    assert margins.risk["t"] == pytest.approx(3.5 + 4.526551 * math.sqrt(0.75), abs=1e-5)
+    assert margins.margin["t"] == pytest.approx(3.5 + SPREAD * math.sqrt(0.75))  # the narrow one as it was
+    # The factor falls with the replies and is gone from 400 on.
+    assert risk_spread(6) == pytest.approx(2.648654, abs=1e-5)
+    assert risk_spread(40) == pytest.approx(2.066168, abs=1e-5)
+    assert risk_spread(399) > risk_spread(400) == RISK_SPREAD == risk_spread(10_000)
+    # Fewer than 3: as before, so that a new target can be tried at all.
+    assert risk_spread(1) == risk_spread(2) == RISK_SPREAD
+    # A checkpoint's margins come back with the same factor.
+    again = Margins(alpha=0.5)
+    again.load(margins.state())
+    assert again.risk == margins.risk
 
 
 def test_risky_mask_closes_what_the_wider_margin_puts_late_while_one_stays_open() -> None:

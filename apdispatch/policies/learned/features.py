@@ -27,6 +27,7 @@ from math import erfc, isfinite, sqrt
 from typing import NamedTuple
 
 import numpy as np
+from scipy.special import stdtrit
 
 from apdispatch.policies.base import Candidate, RequestView
 
@@ -69,6 +70,27 @@ SPREAD = 1.0
 # cloud whose jitter made 4-6 % of them late while edge slots stood idle
 # (generated-118: 2.2 points below `fastest`, now level).
 RISK_SPREAD = 2.0
+# The wider margin's spread is estimated from the target's own replies, and
+# from a few of them it comes out too small: a cloud known from 6-30 replies
+# kept app-1's requests on generated-105 past their deadline (92 sent, 11
+# late where `fastest` was in time) while the nearer one, known from
+# hundreds, was rightly closed. So the 2 sd become the same one-sided
+# quantile (97.7 %) of Student's t with n - 1 degrees of freedom, for a
+# target known from n replies: x2.26 at 3, x1.32 at 6, x1.03 at 40, x1.003
+# at 400 (and exactly 1 beyond). Below 3 replies the spread is left as it
+# is (t with 1 df is 7x wider): a new target must be tried to be known.
+RISK_QUANTILE = 0.97725  # the normal's at RISK_SPREAD sd
+SMALL_SAMPLE_MAX = 400
+# Factor by replies seen: 1 below 3, t_{n-1}(RISK_QUANTILE) / RISK_SPREAD up to SMALL_SAMPLE_MAX.
+_T_QUANTILES = stdtrit(np.arange(2, SMALL_SAMPLE_MAX - 1), RISK_QUANTILE) / RISK_SPREAD
+_SMALL_SAMPLE: tuple[float, ...] = (1.0, 1.0, 1.0, *(float(q) for q in _T_QUANTILES))
+
+
+def risk_spread(replies: float) -> float:
+    """The wider margin's spread, in sd, for a target known from ``replies`` replies."""
+    n = int(replies)
+    return RISK_SPREAD * _SMALL_SAMPLE[n] if n < SMALL_SAMPLE_MAX else RISK_SPREAD
+
 
 SQRT2 = sqrt(2.0)
 INF = float("inf")
@@ -97,7 +119,7 @@ class Margins:
         # Per key: [mean residual, mean squared residual, replies seen].
         self._moments: dict[str, list[float]] = {}
         self.margin: dict[str, float] = {}
-        self.risk: dict[str, float] = {}  # the wider margin: mean + RISK_SPREAD sd
+        self.risk: dict[str, float] = {}  # the wider margin: mean + risk_spread() sd
 
     def observe(self, key: str, predicted_ms: float, latency_ms: float) -> None:
         residual = latency_ms - predicted_ms
@@ -111,7 +133,7 @@ class Margins:
             m[1] += a * (residual * residual - m[1])
             m[2] += 1.0
         self.margin[key] = _margin(m[0], m[1])
-        self.risk[key] = _margin(m[0], m[1], RISK_SPREAD)
+        self.risk[key] = _margin(m[0], m[1], risk_spread(m[2]))
 
     def state(self) -> dict[str, dict[str, float]]:
         """Per key, the moments as JSON-ready numbers (for a checkpoint).
@@ -138,7 +160,7 @@ class Margins:
                 raise ValueError(f"margins of {key!r}: {s}")
             self._moments[key] = [mean, sq, replies]
             self.margin[key] = _margin(mean, sq)
-            self.risk[key] = _margin(mean, sq, RISK_SPREAD)
+            self.risk[key] = _margin(mean, sq, risk_spread(replies))
 
     def late_chance(self, key: str, predicted_ms: float, deadline_ms: float) -> float:
         """The chance that a reply of ``key`` predicted at ``predicted_ms`` comes past the deadline.
