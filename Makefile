@@ -50,11 +50,14 @@ eval: models
 		--seeds $(SEEDS) --jobs $(JOBS) --out docs/evaluation
 
 # The same on thirty random scenarios (apdispatch generate, seeds 100-129, 150 s
-# each, one seed): deployments nobody chose (about 4 minutes).
+# each): deployments nobody chose. Each is run on arrival seeds 100-104, so that
+# a gap of a few requests can be told from a trajectory's noise (about 11
+# minutes on 2 cores; GEN_SEEDS=1 for one seed, about 4).
+GEN_SEEDS ?= 5
 eval-generated: models
 	$(BIN)/apdispatch generate --seeds 100-129 --duration 150 --models $(MODELS) --out build/generated
-	$(BIN)/apdispatch evaluate build/generated/generated-*.toml --models $(MODELS) --seeds 1 \
-		--no-plot --out docs/evaluation/generated
+	$(BIN)/apdispatch evaluate build/generated/generated-*.toml --models $(MODELS) --seeds $(GEN_SEEDS) \
+		--jobs $(JOBS) --no-plot --out docs/evaluation/generated
 
 clean:
 	rm -rf build $(VENV)
