@@ -282,6 +282,22 @@ def test_margins_by_hand() -> None:
     assert margins.late_chance("never", 10.0, 10.0) == 0.0
 
 
+def test_an_early_outlier_weighs_as_one_reply_among_the_first() -> None:
+    margins = Margins(alpha=0.05)
+    for latency in (60.0, 10.0, 10.0, 10.0):  # a cold start's 50 ms, then on time
+        margins.observe("t", predicted_ms=10.0, latency_ms=latency)
+    # A plain average over the first 1 / alpha = 20 replies: mean 50 / 4 = 12.5,
+    # second moment 2500 / 4 = 625, sd sqrt(625 - 156.25) = 21.65.
+    # (With alpha from the start the mean would still be 50 * 0.95^3 = 42.9.)
+    assert margins.margin["t"] == pytest.approx(12.5 + math.sqrt(468.75))
+    for _ in range(16):
+        margins.observe("t", predicted_ms=10.0, latency_ms=10.0)
+    assert margins.state()["t"]["mean_ms"] == pytest.approx(50.0 / 20)
+    # From then on exponential: the 21st reply moves the mean by alpha.
+    margins.observe("t", predicted_ms=10.0, latency_ms=30.0)
+    assert margins.state()["t"]["mean_ms"] == pytest.approx(2.5 + 0.05 * (20.0 - 2.5))
+
+
 def test_the_wider_margin_of_a_target_known_from_few_replies_is_wider() -> None:
     margins = Margins(alpha=0.5)
     for latency in (12.0, 14.0, 14.0):
