@@ -51,7 +51,7 @@ eval: models
 
 # The same on thirty random scenarios (apdispatch generate, seeds 100-129, 150 s
 # each): deployments nobody chose. Each is run on arrival seeds 100-104, so that
-# a gap of a few requests can be told from a trajectory's noise (about 11
+# a gap of a few requests can be told from a trajectory's noise (about 14
 # minutes on 2 cores; GEN_SEEDS=1 for one seed, about 4).
 GEN_SEEDS ?= 5
 eval-generated: models

@@ -71,8 +71,8 @@ Found on generated scenarios (``apdispatch generate --seeds N --duration
 
 The same miss averages say when nobody needs room (``calm``): while every
 app that sends requests misses its SLA on less than ``MISSES`` of them, or
-presses below ``load`` (below), the policy takes the soonest predicted of its open candidates, as `fastest`
-does, instead of spending slack. Spent slack frees near, fast targets for
+presses below ``load`` (below), the policy takes the soonest predicted of
+its open candidates, as `fastest` does, instead of spending slack. Spent slack frees near, fast targets for
 others; with nobody short of them it only adds the risk of a far or queued
 target. On the 30 random scenarios, 8 of the 9 where `learned` was behind
 the best static policy were lightly loaded ones that `fastest` served at
