@@ -36,7 +36,7 @@ lint: env
 # Regenerate the protobuf and gRPC stubs; tests/test_protocol.py fails when
 # the committed ones are stale.
 generate: env
-	$(BIN)/python -m apdispatch.protocol.generate
+	$(BIN)/python -m apdispatch.common.protocol.generate
 
 bench: models
 	$(BIN)/apdispatch bench --models $(MODELS) --json build/bench.json

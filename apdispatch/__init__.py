@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from apdispatch.common import __version__
 
 _LAZY = {
     "Client": "apdispatch.client",
@@ -16,11 +16,11 @@ _LAZY = {
     "Result": "apdispatch.client",
     "Target": "apdispatch.client",
     "Timings": "apdispatch.client",
-    "ApdispatchError": "apdispatch.errors",
-    "RejectedError": "apdispatch.errors",
-    "InvalidRequestError": "apdispatch.errors",
-    "NotFoundError": "apdispatch.errors",
-    "UnavailableError": "apdispatch.errors",
+    "ApdispatchError": "apdispatch.common.errors",
+    "RejectedError": "apdispatch.common.errors",
+    "InvalidRequestError": "apdispatch.common.errors",
+    "NotFoundError": "apdispatch.common.errors",
+    "UnavailableError": "apdispatch.common.errors",
 }
 
 __all__ = [
@@ -39,7 +39,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from apdispatch.client import AsyncClient, Client, Result, Target, Timings
-    from apdispatch.errors import (
+    from apdispatch.common.errors import (
         ApdispatchError,
         InvalidRequestError,
         NotFoundError,

@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
-        from apdispatch.server import main as serve_main
+        from apdispatch.ap.server import main as serve_main
 
         return serve_main(args)
     if args.command == "worker":
@@ -244,19 +244,19 @@ def main(argv: list[str] | None = None) -> int:
 
         return build_main(args)
     if args.command == "demo":
-        from apdispatch.demo import main as demo_main
+        from apdispatch.tools.demo import main as demo_main
 
         return demo_main(args)
     if args.command == "load":
-        from apdispatch.loadgen import main as load_main
+        from apdispatch.tools.loadgen import main as load_main
 
         return load_main(args)
     if args.command == "bench" and args.decisions:
-        from apdispatch.policies.learned.bench import main as decisions_main
+        from apdispatch.tools.decision_bench import main as decisions_main
 
         return decisions_main(args)
     if args.command == "bench":
-        from apdispatch.bench import main as bench_main
+        from apdispatch.tools.bench import main as bench_main
 
         return bench_main(args)
     if args.command == "evaluate":
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return evaluate_main(args)
     if args.command == "sim":
-        from apdispatch.sim.cli import main as sim_main
+        from apdispatch.sim.command import main as sim_main
 
         return sim_main(args)
     if args.command == "generate":
@@ -272,11 +272,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return generate_main(args)
     if args.command == "train":
-        from apdispatch.policies.learned.train import main as train_main
+        from apdispatch.sim.train import main as train_main
 
         return train_main(args)
     if args.command == "compose":
-        from apdispatch.compose import main as compose_main
+        from apdispatch.tools.compose import main as compose_main
 
         return compose_main(args)
     raise AssertionError(args.command)

@@ -34,15 +34,15 @@ import grpc.aio
 import numpy as np
 import numpy.typing as npt
 
-from apdispatch import tensors
-from apdispatch.errors import (
+from apdispatch.common import tensors
+from apdispatch.common.errors import (
     ApdispatchError,
     InvalidRequestError,
     UnavailableError,
     from_status,
 )
-from apdispatch.protocol import dispatcher_pb2 as pb
-from apdispatch.protocol import dispatcher_pb2_grpc as pb_grpc
+from apdispatch.common.protocol import dispatcher_pb2 as pb
+from apdispatch.common.protocol import dispatcher_pb2_grpc as pb_grpc
 
 __all__ = [
     "DEFAULT_ADDRESS",

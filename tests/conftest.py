@@ -15,8 +15,8 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ``APDISPATCH_MODELS`` points at a prebuilt zoo (``make test`` builds
     ``build/models`` first); without it, the zoo is built into a temporary folder.
     """
+    from apdispatch.common.manifest import MANIFEST_NAME
     from workers.zoo.build import build_zoo
-    from workers.zoo.manifest import MANIFEST_NAME
 
     prebuilt = os.environ.get("APDISPATCH_MODELS")
     if prebuilt:

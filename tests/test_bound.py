@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from apdispatch.common.manifest import Manifest, TensorSpec, Variant
 from apdispatch.scenario import Scenario, parse_scenario
 from apdispatch.sim.bound import BoundResult, VariantCost, upper_bound, variant_costs
-from workers.zoo.manifest import Manifest, TensorSpec, Variant
 
 pytestmark = pytest.mark.unit
 

@@ -21,7 +21,6 @@ import grpc.aio
 import numpy as np
 import pytest
 
-from apdispatch import tensors
 from apdispatch.client import (
     AsyncClient,
     Client,
@@ -33,15 +32,16 @@ from apdispatch.client import (
     decode_response,
     encode_inputs,
 )
-from apdispatch.errors import (
+from apdispatch.common import tensors
+from apdispatch.common.errors import (
     ApdispatchError,
     InvalidRequestError,
     NotFoundError,
     RejectedError,
     UnavailableError,
 )
-from apdispatch.protocol import dispatcher_pb2 as pb
-from apdispatch.protocol import dispatcher_pb2_grpc as pb_grpc
+from apdispatch.common.protocol import dispatcher_pb2 as pb
+from apdispatch.common.protocol import dispatcher_pb2_grpc as pb_grpc
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import yaml
 
-from apdispatch import compose
 from apdispatch.cli import build_parser
 from apdispatch.scenario import load_scenario
-from apdispatch.topology import CLOUD, build_topology
+from apdispatch.tools import compose
+from apdispatch.tools.topology import CLOUD, build_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "scenarios" / "small-edge-cloud.toml"

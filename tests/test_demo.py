@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from apdispatch import demo, demo_plot, fidelity
+from apdispatch.common.manifest import Manifest, load_manifest
 from apdispatch.policies import STATIC_POLICIES
 from apdispatch.scenario import load_scenario
 from apdispatch.sim.calibration import Calibration
 from apdispatch.sim.engine import OUTCOMES
 from apdispatch.sim.results import PolicyResult, SimReport
-from apdispatch.topology import WorkerSpec
-from workers.zoo.manifest import Manifest, load_manifest
+from apdispatch.tools import demo, demo_plot, fidelity
+from apdispatch.tools.topology import WorkerSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 

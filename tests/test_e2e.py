@@ -13,7 +13,7 @@ import pytest
 
 from apdispatch import Client, InvalidRequestError, NotFoundError, RejectedError
 from apdispatch.client import StreamRequest
-from apdispatch.processes import Children, free_port, wait_for_workers
+from apdispatch.tools.processes import Children, free_port, wait_for_workers
 
 CLOUD_RTT_MS = 40.0
 
@@ -29,7 +29,7 @@ class Topology:
 
 @pytest.fixture(scope="module")
 def topology(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
-    from workers.zoo.manifest import load_manifest
+    from apdispatch.common.manifest import load_manifest
 
     manifest = load_manifest(models_dir)
     edge = [v.name for v in manifest.variants if v.runtime == "onnx"]
@@ -254,10 +254,10 @@ def test_bad_sla_and_unknown_names(topology: Topology, client: Client) -> None:
 
 def _raw_infer(ap: str, x: np.ndarray, deadline_ms: float, min_accuracy: float) -> None:
     """Bypass the SDK's own checks so that the AP's are what is tested."""
-    from apdispatch.errors import from_status
-    from apdispatch.protocol import dispatcher_pb2 as pb
-    from apdispatch.protocol import dispatcher_pb2_grpc as pb_grpc
-    from apdispatch.tensors import to_tensor
+    from apdispatch.common.errors import from_status
+    from apdispatch.common.protocol import dispatcher_pb2 as pb
+    from apdispatch.common.protocol import dispatcher_pb2_grpc as pb_grpc
+    from apdispatch.common.tensors import to_tensor
 
     with grpc.insecure_channel(ap) as channel:
         stub = pb_grpc.DispatcherStub(channel)
@@ -295,9 +295,9 @@ def test_calls_cancelled_by_their_clients_leave_the_others_answered(topology: To
     The AP coalesces requests for one worker into one call; a reply to a
     cancelled call must not end the delivery of the rest of its batch.
     """
-    from apdispatch.protocol import dispatcher_pb2 as pb
-    from apdispatch.protocol import dispatcher_pb2_grpc as pb_grpc
-    from apdispatch.tensors import to_tensor
+    from apdispatch.common.protocol import dispatcher_pb2 as pb
+    from apdispatch.common.protocol import dispatcher_pb2_grpc as pb_grpc
+    from apdispatch.common.tensors import to_tensor
 
     x = _one(topology)
     # Above every edge variant: only the cloud (40 ms away) can serve these.

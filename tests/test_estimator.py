@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from apdispatch.estimator import DEFAULT_NETWORK_MS, ComputeModel, LatencyEstimator
-from apdispatch.protocol import dispatcher_pb2 as pb
-from apdispatch.registry import Registry
+from apdispatch.common.protocol import dispatcher_pb2 as pb
+from apdispatch.routing.estimator import DEFAULT_NETWORK_MS, ComputeModel, LatencyEstimator
+from apdispatch.routing.registry import Registry
 
 
 def _registry(slots: int = 2, latency_ms: float = 4.0, link_delay_ms: float = 10.0) -> Registry:

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from apdispatch.common.manifest import Manifest, load_manifest
 from apdispatch.policies import make_policy
 from apdispatch.scenario import load_scenario, parse_scenario
 from apdispatch.sim.arrivals import plan_arrivals
 from apdispatch.sim.generate import MAX_QPS, generate, generated_scenario, scenario_toml
 from apdispatch.sim.model import build_model
 from apdispatch.sim.results import simulate
-from workers.zoo.manifest import Manifest, load_manifest
 
 SEEDS = range(40)
 

@@ -14,17 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from apdispatch.config import ConfigError, load_config
-from apdispatch.policies import (
-    LEARNED_POLICIES,
-    STATIC_POLICIES,
-    Candidate,
-    Feedback,
-    RequestView,
-    make_policy,
-)
-from apdispatch.policies.learned import SHIPPED, CheckpointError, make_learned_policy
-from apdispatch.policies.learned.actor_critic import (
+from apdispatch.ap.config import ConfigError, load_config
+from apdispatch.learned import SHIPPED, CheckpointError, make_learned_policy
+from apdispatch.learned.actor_critic import (
     MASKED,
     Actor,
     ActorSnapshot,
@@ -32,9 +24,9 @@ from apdispatch.policies.learned.actor_critic import (
     compute_gae,
     pad,
 )
-from apdispatch.policies.learned.aset import ACTIONS, AsetPolicy
-from apdispatch.policies.learned.checkpoint import load_checkpoint, paths
-from apdispatch.policies.learned.features import (
+from apdispatch.learned.aset import ACTIONS, AsetPolicy
+from apdispatch.learned.checkpoint import load_checkpoint, paths
+from apdispatch.learned.features import (
     FEATURES,
     HIGH,
     LOW,
@@ -47,7 +39,15 @@ from apdispatch.policies.learned.features import (
     risky_mask,
     screen,
 )
-from apdispatch.policies.learned.policy import ActorCriticPolicy
+from apdispatch.learned.policy import ActorCriticPolicy
+from apdispatch.policies import (
+    LEARNED_POLICIES,
+    STATIC_POLICIES,
+    Candidate,
+    Feedback,
+    RequestView,
+    make_policy,
+)
 from apdispatch.scenario import load_scenario
 
 REQUEST = RequestView(task="digits", app="ar", deadline_ms=50.0, min_accuracy=0.8)
@@ -700,10 +700,10 @@ def test_aset_reward_counts_rejections() -> None:
 
 
 def test_aset_in_the_simulator_times_windows_and_hears_rejections(models_dir: Path) -> None:
+    from apdispatch.common.manifest import load_manifest
     from apdispatch.sim.arrivals import plan_arrivals
     from apdispatch.sim.engine import REJECTED, Simulation
     from apdispatch.sim.model import build_model
-    from workers.zoo.manifest import load_manifest
 
     root = Path(__file__).resolve().parent.parent
     scenario = load_scenario(root / "scenarios/sim/mixed-fast.toml").scaled(40.0)
@@ -802,7 +802,7 @@ def test_registry_and_config() -> None:
 def test_ap_checkpoints_on_shutdown_and_resumes(models_dir: Path, tmp_path: Path) -> None:
     from apdispatch import Client
     from apdispatch.client import StreamRequest
-    from apdispatch.processes import Children, free_port, wait_for_workers
+    from apdispatch.tools.processes import Children, free_port, wait_for_workers
 
     # Start from the shipped checkpoint, with small batches so that a few
     # hundred requests make updates.

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from apdispatch import Client
+from apdispatch.ap.config import ConfigError, load_config
 from apdispatch.client import StreamRequest
-from apdispatch.config import ConfigError, load_config
-from apdispatch.processes import Children, free_port, registered_workers, wait_for_workers
+from apdispatch.tools.processes import Children, free_port, registered_workers, wait_for_workers
 
 
 def test_config_file_then_flags(tmp_path: Path) -> None:

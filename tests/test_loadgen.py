@@ -24,8 +24,11 @@ import grpc.aio
 import numpy as np
 import pytest
 
-from apdispatch.errors import UnavailableError
-from apdispatch.loadgen import (
+from apdispatch.common.errors import UnavailableError
+from apdispatch.common.protocol import dispatcher_pb2 as pb
+from apdispatch.common.protocol import dispatcher_pb2_grpc as pb_grpc
+from apdispatch.scenario import Arrivals, ArrivalStep, Scenario, parse_scenario
+from apdispatch.tools.loadgen import (
     NO_REPLY,
     LoadReport,
     load_samples,
@@ -34,9 +37,6 @@ from apdispatch.loadgen import (
     run_load,
     stream_starts,
 )
-from apdispatch.protocol import dispatcher_pb2 as pb
-from apdispatch.protocol import dispatcher_pb2_grpc as pb_grpc
-from apdispatch.scenario import Arrivals, ArrivalStep, Scenario, parse_scenario
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 

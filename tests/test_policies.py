@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from apdispatch.policies import STATIC_POLICIES, Candidate, RequestView, make_policy
-from apdispatch.policies.static import FastestPolicy
+from apdispatch.routing.static import FastestPolicy
 from apdispatch.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,10 +98,10 @@ class SeesRejections(FastestPolicy):
 
 
 def test_router_tells_rejections_in_the_simulator(models_dir: Path) -> None:
+    from apdispatch.common.manifest import load_manifest
     from apdispatch.sim.arrivals import plan_arrivals
     from apdispatch.sim.engine import REJECTED, Simulation
     from apdispatch.sim.model import build_model
-    from workers.zoo.manifest import load_manifest
 
     scenario = load_scenario(ROOT / "scenarios/sim/mixed-fast.toml").scaled(20.0)
     model = build_model(scenario, load_manifest(models_dir))
@@ -121,16 +121,16 @@ def test_router_tells_rejections_in_the_simulator(models_dir: Path) -> None:
 def test_router_tells_rejections_in_the_live_ap(models_dir: Path) -> None:
     import structlog
 
+    from apdispatch.ap.config import APConfig
+    from apdispatch.ap.dispatcher import Dispatcher
+    from apdispatch.ap.metrics import Stats
     from apdispatch.client import build_request
-    from apdispatch.config import APConfig
-    from apdispatch.dispatcher import Dispatcher
-    from apdispatch.errors import ApdispatchError, RejectedError
-    from apdispatch.estimator import LatencyEstimator
-    from apdispatch.metrics import Stats
-    from apdispatch.protocol import dispatcher_pb2 as pb
-    from apdispatch.registry import Registry
+    from apdispatch.common.errors import ApdispatchError, RejectedError
+    from apdispatch.common.manifest import load_manifest
+    from apdispatch.common.protocol import dispatcher_pb2 as pb
+    from apdispatch.routing.estimator import LatencyEstimator
+    from apdispatch.routing.registry import Registry
     from apdispatch.sim.model import build_model
-    from workers.zoo.manifest import load_manifest
 
     # The AP's registry, with the workers of the demo scenario registered as live ones register.
     model = build_model(load_scenario(ROOT / "scenarios/small-edge-cloud.toml"), load_manifest(models_dir))

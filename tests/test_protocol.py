@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from apdispatch.protocol import dispatcher_pb2, oip_pb2
-from apdispatch.protocol.generate import ROOT, generate
+from apdispatch.common.protocol import dispatcher_pb2, oip_pb2
+from apdispatch.common.protocol.generate import ROOT, generate
 
 
 def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
     written = generate(tmp_path)
     assert len(written) == 6
     stale = [
-        p.name for p in written if p.read_bytes() != (ROOT / "apdispatch" / "protocol" / p.name).read_bytes()
+        p.name
+        for p in written
+        if p.read_bytes() != (ROOT / "apdispatch" / "common" / "protocol" / p.name).read_bytes()
     ]
     assert not stale, f"stale stubs, run `make generate`: {stale}"
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from apdispatch.errors import InvalidRequestError
-from apdispatch.protocol import dispatcher_pb2 as pb
-from apdispatch.registry import Registry
+from apdispatch.common.errors import InvalidRequestError
+from apdispatch.common.protocol import dispatcher_pb2 as pb
+from apdispatch.routing.registry import Registry
 
 
 class FakeClock:

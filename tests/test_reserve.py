@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from apdispatch.policies.base import Candidate, RequestView
-from apdispatch.policies.learned.reserve import Reservations
+from apdispatch.learned.reserve import Reservations
+from apdispatch.routing.policy import Candidate, RequestView
 
 
 def _c(

@@ -11,20 +11,19 @@ import numpy as np
 import pytest
 
 from apdispatch.cli import main as cli_main
-from apdispatch.errors import RejectedError
-from apdispatch.estimator import LatencyEstimator
+from apdispatch.common.errors import RejectedError
+from apdispatch.common.manifest import load_manifest
 from apdispatch.policies import STATIC_POLICIES, Candidate, RequestView, make_policy
-from apdispatch.routing import Router, admit
+from apdispatch.routing.estimator import LatencyEstimator
+from apdispatch.routing.router import Router, admit
 from apdispatch.scenario import Scenario, ScenarioError, load_scenario, parse_scenario
 from apdispatch.sim.arrivals import Arrivals, plan_arrivals
 from apdispatch.sim.calibration import Calibration, batch_latency_ms, fit_calibration
-from apdispatch.sim.cli import load_model
 from apdispatch.sim.engine import INACCURATE, LATE, OK, OUTCOMES, REJECTED, Simulation
 from apdispatch.sim.env import DispatchEnv
-from apdispatch.sim.model import SimModel, build_model
+from apdispatch.sim.model import SimModel, build_model, load_model
 from apdispatch.sim.results import run_policies, simulate, to_json
-from apdispatch.topology import build_topology
-from workers.zoo.manifest import load_manifest
+from apdispatch.tools.topology import build_topology
 
 pytestmark = pytest.mark.unit
 
@@ -291,7 +290,7 @@ def test_deterministic_for_a_seed(mixed: SimModel) -> None:
 
 
 def test_arrivals_are_the_load_generators(mixed: SimModel) -> None:
-    from apdispatch.loadgen import plan_load
+    from apdispatch.scenario.plan import plan_load
 
     plan = plan_load(mixed.scenario, seed=5)
     arrivals = plan_arrivals(mixed.scenario, seed=5)
@@ -312,10 +311,10 @@ def test_workers_register_like_the_live_topology(manifest: Any) -> None:
 def test_one_router_for_the_ap_and_the_simulator(mixed: SimModel) -> None:
     import structlog
 
-    from apdispatch.config import APConfig
-    from apdispatch.dispatcher import Dispatcher
-    from apdispatch.metrics import Stats
-    from apdispatch.registry import Registry
+    from apdispatch.ap.config import APConfig
+    from apdispatch.ap.dispatcher import Dispatcher
+    from apdispatch.ap.metrics import Stats
+    from apdispatch.routing.registry import Registry
 
     policy = make_policy("fastest")
     estimator = LatencyEstimator()

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from apdispatch.cli import build_parser
+from apdispatch.common.manifest import Manifest, TensorSpec, Variant, load_manifest
 from apdispatch.scenario import Scenario, load_scenario, parse_scenario
-from apdispatch.topology import CLOUD, EDGE, TopologyError, build_topology
-from workers.zoo.manifest import Manifest, TensorSpec, Variant, load_manifest
+from apdispatch.tools.topology import CLOUD, EDGE, TopologyError, build_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "scenarios" / "small-edge-cloud.toml"

@@ -27,14 +27,14 @@ import numpy as np
 import pytest
 
 from apdispatch.cli import build_parser
-from apdispatch.protocol import dispatcher_pb2 as dpb
-from apdispatch.protocol import dispatcher_pb2_grpc as dpb_grpc
-from apdispatch.protocol import oip_pb2 as pb
-from apdispatch.protocol import oip_pb2_grpc as pb_grpc
+from apdispatch.common.manifest import Manifest, Variant, load_manifest
+from apdispatch.common.protocol import dispatcher_pb2 as dpb
+from apdispatch.common.protocol import dispatcher_pb2_grpc as dpb_grpc
+from apdispatch.common.protocol import oip_pb2 as pb
+from apdispatch.common.protocol import oip_pb2_grpc as pb_grpc
 from workers.config import WorkerConfig
 from workers.logging import make_logger
 from workers.server import Worker, config_from_args
-from workers.zoo.manifest import Manifest, Variant, load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = "digits"

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from apdispatch.common.manifest import MANIFEST_NAME, Manifest, Variant, load_manifest
 from workers.zoo.build import SAMPLES_PER_TASK, build_zoo, format_table, zoo_fingerprint
-from workers.zoo.manifest import MANIFEST_NAME, Manifest, Variant, load_manifest
 
 REQUIRED = {
     "digits": {"digits-tiny": "onnx", "digits-small": "onnx", "digits-large": "torch"},
@@ -140,7 +140,7 @@ def test_torch_variants_rebuild_from_their_arch(models_dir: Path, manifest: Mani
 def test_manifest_module_needs_no_runtime() -> None:
     # Edge devices read the manifest without torch; nothing should drag it in.
     code = (
-        "import sys, workers.zoo.manifest, workers.zoo.build; "
+        "import sys, apdispatch.common.manifest, workers.zoo.build; "
         "heavy = {'torch', 'onnxruntime', 'sklearn'} & set(sys.modules); "
         "assert not heavy, heavy"
     )

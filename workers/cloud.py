@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from apdispatch.common.manifest import Variant
 from workers.runtime import DeadlineExceededError, InferResult, Runtime, Slots
-from workers.zoo.manifest import Variant
 
 NetworkBuilder = Callable[[dict[str, Any]], torch.nn.Module]
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from apdispatch.common.manifest import Variant
 from workers.runtime import Runtime
-from workers.zoo.manifest import Variant
 
 
 class OnnxRuntime(Runtime):

@@ -16,8 +16,8 @@ import contextlib
 import grpc
 from structlog.typing import FilteringBoundLogger
 
-from apdispatch.protocol import dispatcher_pb2 as dpb
-from apdispatch.protocol import dispatcher_pb2_grpc as dpb_grpc
+from apdispatch.common.protocol import dispatcher_pb2 as dpb
+from apdispatch.common.protocol import dispatcher_pb2_grpc as dpb_grpc
 
 
 class Registrar:

@@ -31,8 +31,8 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import grpc
 import numpy as np
 
-from apdispatch.tensors import DATATYPE_TO_DTYPE
-from workers.zoo.manifest import TensorSpec, Variant
+from apdispatch.common.manifest import TensorSpec, Variant
+from apdispatch.common.tensors import DATATYPE_TO_DTYPE
 
 T = TypeVar("T")
 

@@ -38,11 +38,12 @@ import grpc
 import numpy as np
 from structlog.typing import FilteringBoundLogger
 
-import apdispatch
-from apdispatch.protocol import dispatcher_pb2 as dpb
-from apdispatch.protocol import oip_pb2 as pb
-from apdispatch.protocol import oip_pb2_grpc as pb_grpc
-from apdispatch.tensors import DATATYPE_TO_DTYPE, FLOAT_DATATYPES
+from apdispatch.common import __version__
+from apdispatch.common.manifest import TensorSpec, Variant, load_manifest
+from apdispatch.common.protocol import dispatcher_pb2 as dpb
+from apdispatch.common.protocol import oip_pb2 as pb
+from apdispatch.common.protocol import oip_pb2_grpc as pb_grpc
+from apdispatch.common.tensors import DATATYPE_TO_DTYPE, FLOAT_DATATYPES
 from workers.config import WorkerConfig
 from workers.logging import make_logger
 from workers.registration import Registrar
@@ -56,7 +57,6 @@ from workers.runtime import (
     all_finite,
     format_shape,
 )
-from workers.zoo.manifest import TensorSpec, Variant, load_manifest
 
 SERVER_NAME = "apdispatch-worker"
 EXTENSIONS = ("parameters", "model_stream_infer")
@@ -359,9 +359,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=apdispatch.__version__, extensions=list(EXTENSIONS)
-        )
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=list(EXTENSIONS))
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext

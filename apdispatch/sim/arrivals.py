@@ -1,6 +1,6 @@
 """The queries a simulated run offers: the live load generator's plan, flattened.
 
-Client streams come from ``apdispatch.loadgen.plan_load`` with the same seed,
+Client streams come from ``apdispatch.tools.loadgen.plan_load`` with the same seed,
 so the simulator and ``apdispatch load`` offer the same queries: streams arrive
 as a Poisson process at ``clients_per_min_at(t) / 60`` per second, pick an app
 by ``share``, live an exponential time of mean ``stream_mean_s`` (cut at the
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from apdispatch.loadgen import plan_load
 from apdispatch.scenario import Scenario
+from apdispatch.scenario.plan import plan_load
 
 # Which of the seed's child streams the jitter draws come from (the plan uses
 # the seed itself, as the live load generator does).

@@ -89,8 +89,8 @@ import numpy.typing as npt
 import scipy.sparse as sp
 from scipy.optimize import linprog
 
+from apdispatch.common.manifest import Manifest
 from apdispatch.scenario import App, Scenario
-from workers.zoo.manifest import Manifest
 
 RttMode = Literal["expected", "certain"]
 

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from apdispatch.scenario import ScenarioError
+
 MEASURED_BATCH = 8  # the manifest's second latency figure is for this batch size
 
 
@@ -85,3 +87,17 @@ def fit_calibration(samples: Iterable[tuple[float, float, float]]) -> Calibratio
         # A negative fixed cost is noise: refit through the origin.
         return Calibration(scale=float((x @ y) / (x @ x)), overhead_ms=0.0)
     return Calibration(scale=float(slope), overhead_ms=float(intercept))
+
+
+def parse_calibration(text: str | None) -> Calibration:
+    if text is None:
+        return MANIFEST
+    try:
+        parts = [float(p) for p in text.split(",")]
+        if len(parts) not in (1, 2):
+            raise ValueError
+        return Calibration(scale=parts[0], overhead_ms=parts[1] if len(parts) == 2 else 0.0)
+    except ValueError:
+        raise ScenarioError(
+            f"--calibration: expected SCALE[,OVERHEAD_MS] (scale > 0), got {text!r}"
+        ) from None

@@ -2,7 +2,7 @@
 
 The AP side is the live AP's own code: a ``Registry`` the simulated workers
 register with (``RegisterRequest``, as live workers do), a ``LatencyEstimator``
-fed by simulated replies, and an ``apdispatch.routing.Router`` that admits,
+fed by simulated replies, and an ``apdispatch.routing.router.Router`` that admits,
 asks the policy and counts requests in flight. Only the world around it is
 simulated.
 
@@ -58,11 +58,11 @@ from typing import Any
 
 import numpy as np
 
-from apdispatch.errors import RejectedError
-from apdispatch.estimator import LatencyEstimator
+from apdispatch.common.errors import RejectedError
 from apdispatch.policies import Policy, RequestView
-from apdispatch.registry import Registry, Target
-from apdispatch.routing import Decision, Router
+from apdispatch.routing.estimator import LatencyEstimator
+from apdispatch.routing.registry import Registry, Target
+from apdispatch.routing.router import Decision, Router
 from apdispatch.sim.arrivals import Arrivals
 from apdispatch.sim.model import SimModel, SimVariant, SimWorker
 
@@ -76,7 +76,7 @@ _DONE = 1
 _AT_AP = 2
 _BATCH_TIMER = 3
 
-# RequestView(...) without its Python-level constructor call (see apdispatch.routing).
+# RequestView(...) without its Python-level constructor call (see apdispatch.routing.router).
 _new = tuple.__new__
 
 # Executions whose virtual finish is this close to the clock end together

@@ -107,7 +107,7 @@ class DispatchEnv:
         actions: Sequence[str] = STATIC_POLICIES,
     ) -> DispatchEnv:
         """An environment for a scenario file (``duration_s`` compresses it, as ``--duration``)."""
-        from apdispatch.sim.cli import load_model
+        from apdispatch.sim.model import load_model
 
         scenario = load_scenario(path)
         if duration_s is not None:

@@ -33,7 +33,7 @@ def load_pattern(scenario: Scenario) -> str:
 
 def trained_on() -> set[str]:
     """Scenario file names the shipped ``learned`` checkpoint was trained on."""
-    from apdispatch.policies.learned.checkpoint import CHECKPOINTS
+    from apdispatch.learned.checkpoint import CHECKPOINTS
 
     meta = json.loads((CHECKPOINTS / "learned.json").read_text())
     return {Path(p).name for p in meta.get("trained_on", [])}

@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from apdispatch.common.manifest import MANIFEST_NAME, Manifest, Variant, load_manifest
 from apdispatch.scenario import Scenario, parse_scenario
-from workers.zoo.manifest import MANIFEST_NAME, Manifest, Variant, load_manifest
 
 DURATION_S = 300.0
 MAX_QPS = 600.0

@@ -20,7 +20,7 @@ The device model (see ``apdispatch.sim.engine`` for how it runs):
 - power: ``idle_w`` always, plus ``(busy_w - idle_w) * running / slots``.
 
 Kinds: a cluster's ``kind`` when given; otherwise cloud when every variant is a
-torch variant in the manifest (as in ``apdispatch.topology``), or, for variants
+torch variant in the manifest (as in ``apdispatch.tools.topology``), or, for variants
 only the scenario defines, when the device batches (``max_batch_size > 1``);
 edge otherwise.
 """
@@ -29,11 +29,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from apdispatch.protocol import dispatcher_pb2 as pb
+from apdispatch.common.manifest import MANIFEST_NAME, Manifest, TensorSpec, load_manifest
+from apdispatch.common.protocol import dispatcher_pb2 as pb
 from apdispatch.scenario import Device, Scenario, ScenarioError
 from apdispatch.sim.calibration import MANIFEST, MEASURED_BATCH, Calibration, batch_latency_ms
-from workers.zoo.manifest import Manifest, TensorSpec
 
 EDGE = "edge"
 CLOUD = "cloud"
@@ -231,3 +232,11 @@ def build_model(
                 f"apps[{i}].task: no worker serves task {app.task!r} (served: {', '.join(sorted(tasks))})"
             )
     return SimModel(scenario=scenario, variants=variants, workers=tuple(workers), calibration=calibration)
+
+
+def load_model(scenario: Scenario, models: Path | None, calibration: Calibration = MANIFEST) -> SimModel:
+    """The scenario's system; the manifest in ``models`` fills in variants (when it is there)."""
+    manifest = None
+    if models is not None and (models / MANIFEST_NAME).is_file():
+        manifest = load_manifest(models)
+    return build_model(scenario, manifest, calibration)

@@ -149,9 +149,7 @@ def run_policies(
         try:
             result = simulate(model, policy, arrivals, window_s=window_s)
         finally:
-            close = getattr(policy, "close", None)
-            if callable(close):
-                close()  # learned policies stop their learner threads
+            policy.close()  # learned policies stop their learner threads
         report.results[name] = result
         if progress is not None:
             progress(name, result)

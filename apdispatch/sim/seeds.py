@@ -95,7 +95,8 @@ class RunSpec:
 def run_seed(spec: RunSpec, seed: int) -> SimReport:
     # Imported here so that a worker process builds its model from files alone.
     from apdispatch.scenario import load_scenario
-    from apdispatch.sim.cli import load_model, parse_calibration
+    from apdispatch.sim.calibration import parse_calibration
+    from apdispatch.sim.model import load_model
 
     scenario = load_scenario(spec.scenario)
     if spec.duration_s is not None:

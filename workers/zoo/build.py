@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from workers.zoo.data import TASKS, DataSize, FloatArray, IntArray, TaskData, make_task, sample_split
-from workers.zoo.manifest import (
+from apdispatch.common import manifest as manifest_module
+from apdispatch.common.manifest import (
     MANIFEST_NAME,
     Manifest,
     TensorSpec,
@@ -46,6 +46,7 @@ from workers.zoo.manifest import (
     load_manifest,
     write_manifest,
 )
+from workers.zoo.data import TASKS, DataSize, FloatArray, IntArray, TaskData, make_task, sample_split
 
 if TYPE_CHECKING:
     from torch import nn
@@ -228,8 +229,10 @@ def zoo_fingerprint(seed: int, profile: str = "full") -> str:
     """Hash of everything the zoo's bytes depend on: sources, seed, profile, library versions."""
     h = hashlib.sha256()
     here = Path(__file__).resolve().parent
-    for name in ZOO_SOURCES:
-        h.update(name.encode() + b"\0" + (here / name).read_bytes() + b"\0")
+    sources = {name: here / name for name in ZOO_SOURCES}
+    sources["manifest.py"] = Path(manifest_module.__file__).resolve()
+    for name in sorted(sources, key=lambda n: ZOO_SOURCES.index(n)):
+        h.update(name.encode() + b"\0" + sources[name].read_bytes() + b"\0")
     h.update(f"seed={seed}\0profile={profile}\0".encode())
     for package in FINGERPRINT_PACKAGES:
         # Read from the installed metadata: no need to import (slow) torch for this.

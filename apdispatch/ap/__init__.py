@@ -1,0 +1,2 @@
+"""The access-point daemon: lifecycle, gRPC servicers, data plane, forwarder, validation,
+configuration, metrics and logs."""

@@ -1,0 +1,236 @@
+"""The data plane: check, admit, decide, forward, classify. One outcome per request.
+
+``Dispatcher.submit`` takes a request and a callback; the callback receives
+exactly one thing: a reply (ok, late, inaccurate) or an ApdispatchError
+(rejected, invalid, not found, failed), and the outcome has been counted
+exactly once by then. Rejections and bad input are answered before
+``submit`` returns. ``Dispatcher.infer`` is the awaitable form.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from apdispatch.ap.config import APConfig
+from apdispatch.ap.forwarder import DeadlineReached, Forwarder, WorkerReply
+from apdispatch.ap.metrics import Stats
+from apdispatch.ap.validate import check_request
+from apdispatch.common.errors import ApdispatchError, RejectedError, UnavailableError
+from apdispatch.common.protocol import dispatcher_pb2 as pb
+from apdispatch.policies import Policy, RequestView
+from apdispatch.routing.estimator import LatencyEstimator
+from apdispatch.routing.registry import Registry, Target
+from apdispatch.routing.router import Decision, Router
+
+OUTCOME_PB = {
+    "ok": pb.OK,
+    "late": pb.LATE,
+    "inaccurate": pb.INACCURATE,
+    "rejected": pb.REJECTED,
+    "failed": pb.FAILED,
+}
+
+Reply = Callable[[pb.InferResponse | ApdispatchError], None]
+
+
+@dataclass(slots=True, eq=False)
+class _InFlight:
+    """One forwarded request, from decision to reply."""
+
+    request: pb.InferRequest
+    request_id: str
+    arrival: float
+    decision: Decision
+    reply: Reply
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        config: APConfig,
+        registry: Registry,
+        estimator: LatencyEstimator,
+        policy: Policy,
+        forwarder: Forwarder,
+        stats: Stats,
+        log: structlog.typing.FilteringBoundLogger,
+        debug: bool = False,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.estimator = estimator
+        # Admission, choice and feedback: the same code the simulator runs.
+        self.router = Router(policy, estimator)
+        self.forwarder = forwarder
+        self.stats = stats
+        self._log = log
+        self._debug = debug
+        self._ids = itertools.count(1)
+        self._late_grace_s = config.late_grace_ms / 1000.0
+
+    @property
+    def policy(self) -> Policy:
+        return self.router.policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        self.router.policy = policy
+
+    async def infer(self, request: pb.InferRequest, arrival: float) -> pb.InferResponse:
+        """Awaitable form of ``submit``: returns the reply or raises the error."""
+        future: asyncio.Future[pb.InferResponse | ApdispatchError] = (
+            asyncio.get_running_loop().create_future()
+        )
+
+        def reply(result: pb.InferResponse | ApdispatchError) -> None:
+            # A call the client cancelled (or whose gRPC deadline passed) has
+            # cancelled its future: nobody is left to answer. Setting it
+            # raised inside the forwarder's delivery: on a streaming link
+            # that closed the worker's stream, and every request in flight
+            # there failed with it.
+            if not future.done():
+                future.set_result(result)
+
+        self.submit(request, arrival, reply)
+        result = await future
+        if isinstance(result, ApdispatchError):
+            raise result
+        return result
+
+    def submit(self, request: pb.InferRequest, arrival: float, reply: Reply) -> None:
+        request_id = request.request_id or f"ap-{next(self._ids)}"
+        try:
+            self._dispatch(request, request_id, arrival, reply)
+        except ApdispatchError as exc:
+            self._fail(exc, request, request_id, arrival, None, reply)
+
+    def _dispatch(self, request: pb.InferRequest, request_id: str, arrival: float, reply: Reply) -> None:
+        checked = check_request(request, self.registry, self.config.max_tensor_bytes)
+        # The deadline counts from arrival at the AP; time spent here so far is gone.
+        now = time.monotonic()
+        left_ms = checked.deadline_ms - (now - arrival) * 1000.0
+        view = RequestView(checked.task, request.app, left_ms, checked.min_accuracy, now)
+        decision = self.router.decide(view, checked.targets)
+        target = decision.target
+        worker = target.worker
+        flight = _InFlight(request, request_id, arrival, decision, reply)
+        deadline = arrival + request.sla.deadline_ms / 1000.0 + self._late_grace_s
+        link = self.forwarder.link(worker.address, worker.streaming)
+        link.submit(
+            target.variant.name,
+            tuple(s.name for s in target.variant.inputs),
+            [(t.datatype, tuple(t.shape), t.data) for t in request.inputs],
+            target.variant.max_batch_size,
+            deadline,
+            lambda result: self._complete(flight, result),
+        )
+
+    def _complete(self, flight: _InFlight, result: WorkerReply | BaseException) -> None:
+        self.router.release(flight.decision)
+        now = time.monotonic()
+        total_ms = (now - flight.arrival) * 1000.0
+        late = total_ms > flight.request.sla.deadline_ms
+        network_ms = 0.0
+        if isinstance(result, DeadlineReached) or (late and isinstance(result, UnavailableError)):
+            outcome = "late"  # not served by its deadline, whatever the worker said after
+        elif isinstance(result, BaseException):
+            outcome = "failed"
+        else:
+            network_ms = max(0.0, (now - result.sent_at) * 1000.0 - result.queue_ms - result.compute_ms)
+            self.router.learn(flight.decision, network_ms, result.compute_ms)
+            if late:
+                outcome = "late"
+            elif flight.decision.target.variant.accuracy < flight.request.sla.min_accuracy:
+                outcome = "inaccurate"
+            else:
+                outcome = "ok"
+        try:
+            self._answer(flight, result, outcome, total_ms, network_ms)
+        finally:
+            # Once the reply has gone, so that what the policy does with an
+            # outcome (the learned one refreshes its reservations there)
+            # delays no reply; and also when it could not go (a call the
+            # client cancelled): the policy learns from every decision.
+            self.router.observe(flight.decision, outcome, total_ms)
+
+    def _answer(
+        self,
+        flight: _InFlight,
+        result: WorkerReply | BaseException,
+        outcome: str,
+        total_ms: float,
+        network_ms: float,
+    ) -> None:
+        target = flight.decision.target
+        if outcome == "failed":
+            error = (
+                result
+                if isinstance(result, ApdispatchError)
+                else UnavailableError(f"worker {target.worker.worker_id}: {result!r}")
+            )
+            self._fail(error, flight.request, flight.request_id, flight.arrival, target, flight.reply)
+            return
+        response = self._finish(outcome, flight.request, flight.request_id, total_ms, target)
+        if isinstance(result, WorkerReply):
+            timings = response.timings
+            timings.queue_ms = result.queue_ms
+            timings.compute_ms = result.compute_ms
+            timings.network_ms = network_ms
+            for tensor in result.outputs:
+                response.outputs.add(
+                    name=tensor.name, datatype=tensor.datatype, shape=tensor.shape, data=tensor.data
+                )
+        flight.reply(response)
+
+    def _fail(
+        self,
+        exc: ApdispatchError,
+        request: pb.InferRequest,
+        request_id: str,
+        arrival: float,
+        target: Target | None,
+        reply: Reply,
+    ) -> None:
+        exc.request_id = request_id
+        outcome = "rejected" if isinstance(exc, RejectedError) else "failed"
+        total_ms = (time.monotonic() - arrival) * 1000.0
+        self._finish(outcome, request, request_id, total_ms, target, error=exc.message)
+        reply(exc)
+
+    def _finish(
+        self,
+        outcome: str,
+        request: pb.InferRequest,
+        request_id: str,
+        total_ms: float,
+        target: Target | None,
+        error: str = "",
+    ) -> pb.InferResponse:
+        """Count the outcome and build the reply (outputs are added by the caller)."""
+        self.stats.record(outcome, request.app, total_ms, target.key if target else None)
+        if self._debug:
+            self._log.debug(
+                "request",
+                request_id=request_id,
+                app=request.app,
+                task=request.task,
+                outcome=outcome,
+                target=target.key if target else None,
+                total_ms=round(total_ms, 3),
+                error=error or None,
+            )
+        response = pb.InferResponse(request_id=request_id, outcome=OUTCOME_PB[outcome], error=error)
+        response.timings.total_ms = total_ms
+        if target is not None:
+            served = response.served_by
+            served.worker = target.worker.worker_id
+            served.variant = target.variant.name
+            served.cluster = target.worker.cluster
+            served.accuracy = target.variant.accuracy
+        return response

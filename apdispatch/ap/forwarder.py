@@ -1,0 +1,309 @@
+"""Sends requests to workers over the Open Inference Protocol and hands back replies.
+
+Requests for the same variant of the same worker that arrive within one turn
+of the event loop are coalesced into one OIP request: raw contents are
+row-major with the batch dimension first, so joining the requests' bytes *is*
+the batched tensor, and slicing the reply's bytes gives each request its rows.
+Nothing is decoded or re-encoded. Under load this divides the messages per
+request on the AP-to-worker hop by the batch size; alone, a request goes out in
+the same loop turn it arrived in.
+
+Two transports, per worker:
+
+- ``stream``: one long-lived ModelStreamInfer call (Triton's streaming
+  extension) carries every batch to that worker, replies matched by id. Per
+  request this costs a message on an open stream instead of a whole unary call.
+  The time left travels as Triton's ``timeout`` parameter (microseconds).
+- ``unary``: one ModelInfer per batch, the time left as the gRPC deadline;
+  works with any OIP server.
+
+Completion is a callback, not a task per request: the AP's cost per request is
+a few dictionary operations and one timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+
+from apdispatch.common.errors import ApdispatchError, InvalidRequestError, NotFoundError, UnavailableError
+from apdispatch.common.protocol import oip_pb2, oip_pb2_grpc
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 10_000),
+]
+
+
+class DeadlineReached(Exception):
+    """The worker did not answer before the request's deadline."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutputTensor:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerReply:
+    outputs: tuple[OutputTensor, ...]
+    queue_ms: float
+    compute_ms: float
+    batch: int  # requests coalesced into the OIP request that carried this one
+    sent_at: float  # when the batch left the AP (monotonic)
+
+
+Done = Callable[[WorkerReply | BaseException], None]
+
+
+@dataclass(slots=True, eq=False)
+class _Entry:
+    inputs: Sequence[tuple[str, tuple[int, ...], bytes]]  # datatype, shape, data per input
+    rows: int
+    deadline: float  # monotonic
+    done: Done
+    timer: asyncio.TimerHandle | None = None
+    finished: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class _Batch:
+    variant: str
+    names: tuple[str, ...]
+    entries: list[_Entry] = field(default_factory=list)
+    rows: int = 0
+
+
+def _worker_error(address: str, code: grpc.StatusCode, details: str) -> ApdispatchError:
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidRequestError("inputs", details)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFoundError(f"variant: {details}")
+    return UnavailableError(f"worker {address}: {code.name}: {details}")
+
+
+def _param(params: object, key: str) -> float:
+    value = params.get(key)  # type: ignore[attr-defined]
+    return float(value.double_param) if value is not None else 0.0
+
+
+class WorkerLink:
+    """The AP's connection to one worker."""
+
+    def __init__(self, address: str, streaming: bool, log: structlog.typing.FilteringBoundLogger) -> None:
+        self.address = address
+        self.streaming = streaming
+        self._log = log.bind(worker_address=address)
+        self._loop = asyncio.get_running_loop()
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = oip_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self._ids = itertools.count()
+        self._open: dict[tuple[object, ...], _Batch] = {}
+        self._flush_scheduled = False
+        self._sent: dict[str, tuple[_Batch, float]] = {}
+        self._outbox: asyncio.Queue[oip_pb2.ModelInferRequest | None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._unary_calls: set[asyncio.Task[None]] = set()
+
+    def submit(
+        self,
+        variant: str,
+        names: tuple[str, ...],
+        inputs: Sequence[tuple[str, tuple[int, ...], bytes]],
+        max_batch: int,
+        deadline: float,
+        done: Done,
+    ) -> None:
+        """Queue one request; ``done`` gets a WorkerReply, DeadlineReached or an ApdispatchError."""
+        rows = inputs[0][1][0]
+        entry = _Entry(inputs, rows, deadline, done)
+        entry.timer = self._loop.call_at(deadline, self._expire, entry)
+        # Only requests whose tensors agree beyond the batch dimension can share a batch.
+        key = (variant, *((dtype, shape[1:]) for dtype, shape, _ in inputs))
+        batch = self._open.get(key)
+        if batch is not None and batch.rows + rows > max_batch:
+            self._send(self._open.pop(key))
+            batch = None
+        if batch is None:
+            batch = self._open[key] = _Batch(variant, names)
+        batch.entries.append(entry)
+        batch.rows += rows
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batches, self._open = self._open, {}
+        for batch in batches.values():
+            self._send(batch)
+
+    def _send(self, batch: _Batch) -> None:
+        live = [e for e in batch.entries if not e.finished]
+        if not live:
+            return
+        batch.entries = live
+        request = oip_pb2.ModelInferRequest(model_name=batch.variant, id=str(next(self._ids)))
+        first = live[0]
+        rows = sum(e.rows for e in live)
+        for i, (dtype, shape, _) in enumerate(first.inputs):
+            request.inputs.add(name=batch.names[i], datatype=dtype, shape=(rows, *shape[1:]))
+            request.raw_input_contents.append(
+                first.inputs[i][2] if len(live) == 1 else b"".join(e.inputs[i][2] for e in live)
+            )
+        now = time.monotonic()
+        timeout_s = max(1e-4, max(e.deadline for e in live) - now)
+        if self.streaming:
+            if self._reader is None:
+                self._open_stream()
+            assert self._outbox is not None
+            request.parameters["timeout"].int64_param = max(1, int(timeout_s * 1e6))
+            self._sent[request.id] = (batch, now)
+            self._outbox.put_nowait(request)
+        else:
+            task = self._loop.create_task(self._unary(request, batch, timeout_s, now))
+            self._unary_calls.add(task)
+            task.add_done_callback(self._unary_calls.discard)
+
+    async def _unary(
+        self, request: oip_pb2.ModelInferRequest, batch: _Batch, timeout_s: float, sent_at: float
+    ) -> None:
+        try:
+            reply = await self._stub.ModelInfer(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                self._fail(batch, DeadlineReached())
+            else:
+                self._fail(batch, _worker_error(self.address, exc.code(), exc.details() or ""))
+            return
+        self._deliver(batch, reply, sent_at)
+
+    def _expire(self, entry: _Entry) -> None:
+        if not entry.finished:
+            entry.finished = True
+            entry.done(DeadlineReached())
+
+    def _fail(self, batch: _Batch, error: BaseException) -> None:
+        for entry in batch.entries:
+            if not entry.finished:
+                entry.finished = True
+                if entry.timer is not None:
+                    entry.timer.cancel()
+                entry.done(error)
+
+    def _deliver(self, batch: _Batch, reply: oip_pb2.ModelInferResponse, sent_at: float) -> None:
+        queue_ms = _param(reply.parameters, "queue_ms")
+        compute_ms = _param(reply.parameters, "compute_ms")
+        entries = batch.entries
+        total_rows = sum(e.rows for e in entries)
+        tensors = list(zip(reply.outputs, reply.raw_output_contents, strict=False))
+        offset = 0
+        for entry in entries:
+            rows = entry.rows
+            if not entry.finished:
+                entry.finished = True
+                if entry.timer is not None:
+                    entry.timer.cancel()
+                outputs = []
+                for tensor, raw in tensors:
+                    if len(entries) == 1:
+                        data = raw
+                    else:
+                        row_bytes = len(raw) // total_rows
+                        data = raw[offset * row_bytes : (offset + rows) * row_bytes]
+                    shape = (rows, *tensor.shape[1:])
+                    outputs.append(OutputTensor(tensor.name, tensor.datatype, shape, data))
+                entry.done(WorkerReply(tuple(outputs), queue_ms, compute_ms, len(entries), sent_at))
+            offset += rows
+
+    def _open_stream(self) -> None:
+        outbox: asyncio.Queue[oip_pb2.ModelInferRequest | None] = asyncio.Queue()
+
+        async def requests() -> AsyncIterator[oip_pb2.ModelInferRequest]:
+            while (item := await outbox.get()) is not None:
+                yield item
+
+        call = self._stub.ModelStreamInfer(requests())
+        self._outbox = outbox
+        self._reader = self._loop.create_task(self._read(call, outbox))
+
+    async def _read(
+        self,
+        call: grpc.aio.StreamStreamCall,
+        outbox: asyncio.Queue[oip_pb2.ModelInferRequest | None],
+    ) -> None:
+        error: BaseException = UnavailableError(f"worker {self.address}: stream closed")
+        try:
+            async for reply in call:
+                inner = reply.infer_response
+                sent = self._sent.pop(inner.id, None)
+                if sent is None:
+                    continue
+                batch, sent_at = sent
+                if reply.error_message:
+                    failure: BaseException = UnavailableError(f"worker {self.address}: {reply.error_message}")
+                    if "deadline" in reply.error_message.lower():
+                        failure = DeadlineReached()
+                    self._fail(batch, failure)
+                else:
+                    self._deliver(batch, inner, sent_at)
+        except grpc.aio.AioRpcError as exc:
+            error = _worker_error(self.address, exc.code(), exc.details() or "")
+            self._log.warning("worker stream broke", code=exc.code().name, details=exc.details())
+        except asyncio.CancelledError:
+            pass
+        finally:
+            # Whatever was waiting on this stream fails now; the next request
+            # opens a new one.
+            if self._outbox is outbox:
+                self._outbox = None
+                self._reader = None
+            outbox.put_nowait(None)
+            sent_batches, self._sent = self._sent, {}
+            for batch, _ in sent_batches.values():
+                self._fail(batch, error)
+
+    async def close(self) -> None:
+        self._flush()
+        if self._outbox is not None:
+            self._outbox.put_nowait(None)
+        if self._reader is not None:
+            self._reader.cancel()
+        for task in list(self._unary_calls):
+            task.cancel()
+        await self._channel.close()
+
+
+class Forwarder:
+    """Keeps one WorkerLink per worker address."""
+
+    def __init__(self, mode: str, log: structlog.typing.FilteringBoundLogger) -> None:
+        self._mode = mode
+        self._log = log
+        self._links: dict[str, WorkerLink] = {}
+
+    def link(self, address: str, streaming: bool) -> WorkerLink:
+        link = self._links.get(address)
+        if link is None:
+            link = WorkerLink(address, streaming and self._mode == "stream", self._log)
+            self._links[address] = link
+        return link
+
+    async def drop(self, address: str) -> None:
+        link = self._links.pop(address, None)
+        if link is not None:
+            await link.close()
+
+    async def close(self) -> None:
+        links, self._links = self._links, {}
+        await asyncio.gather(*(link.close() for link in links.values()), return_exceptions=True)

@@ -1,0 +1,187 @@
+"""The AP daemon's lifecycle: start up, serve, shut down with a grace period.
+
+``AccessPoint`` is usable in-process (tests, benchmarks); ``main`` runs it as
+``apdispatch serve`` with signal handling: the first SIGINT/SIGTERM starts a
+graceful shutdown, a second one exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+import grpc
+import structlog
+
+from apdispatch.ap.config import APConfig, ConfigError, load_config
+from apdispatch.ap.dispatcher import Dispatcher
+from apdispatch.ap.forwarder import Forwarder
+from apdispatch.ap.logs import configure_logging, is_enabled
+from apdispatch.ap.metrics import Stats
+from apdispatch.ap.servicers import DispatcherServicer, RegistryServicer
+from apdispatch.common.protocol import dispatcher_pb2_grpc as pb_grpc
+from apdispatch.policies import make_policy, policy_names
+from apdispatch.routing.estimator import LatencyEstimator
+from apdispatch.routing.registry import Registry
+
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.so_reuseport", 0),
+]
+
+
+class AccessPoint:
+    def __init__(self, config: APConfig, log: structlog.typing.FilteringBoundLogger | None = None) -> None:
+        self.config = config
+        self.log = log or structlog.get_logger()
+        self.registry = Registry(lease_s=config.lease_s)
+        self.estimator = LatencyEstimator()
+        # A deployment's checkpoint is resumed from when it is there; the first
+        # run starts from the shipped one and creates it.
+        self.policy = make_policy(config.policy, seed=config.seed, resume_from=config.checkpoint or None)
+        self.forwarder = Forwarder(config.forward_mode, self.log)
+        self.stats = Stats()
+        self.dispatcher = Dispatcher(
+            config,
+            self.registry,
+            self.estimator,
+            self.policy,
+            self.forwarder,
+            self.stats,
+            self.log,
+            debug=is_enabled("debug", config.log_level),
+        )
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        pb_grpc.add_DispatcherServicer_to_server(DispatcherServicer(self.dispatcher), self.server)
+        pb_grpc.add_RegistryServicer_to_server(
+            RegistryServicer(self.registry, self.estimator, self.forwarder, config.policy, self.log),
+            self.server,
+        )
+        self.address = ""
+        self._background: list[asyncio.Task[None]] = []
+
+    async def start(self) -> str:
+        host = self.config.listen.rsplit(":", 1)[0]
+        port = self.server.add_insecure_port(self.config.listen)
+        if port == 0:
+            raise OSError(f"listen: cannot bind {self.config.listen}")
+        self.address = f"{host}:{port}"
+        await self.server.start()
+        loop = asyncio.get_running_loop()
+        self._background = [
+            loop.create_task(self._expire_leases()),
+            loop.create_task(self._summaries()),
+        ]
+        if self._checkpoint_path() is not None:
+            self._background.append(loop.create_task(self._checkpoints()))
+        self.log.info("serving", address=self.address, policy=self.config.policy)
+        return self.address
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        for task in self._background:
+            task.cancel()
+        await self.server.stop(grace)
+        await self.forwarder.close()
+        # Save first: the learner (a process for the actor-critic) holds the parameters.
+        await self._save_checkpoint()
+        await asyncio.to_thread(self.policy.close)
+        self.log.info("stopped", requests=self.stats.total, **dict(self.stats.totals))
+
+    def _checkpoint_path(self) -> Path | None:
+        if self.policy.learns and self.config.checkpoint:
+            return Path(self.config.checkpoint)
+        return None
+
+    async def _save_checkpoint(self) -> None:
+        path = self._checkpoint_path()
+        if path is None:
+            return
+        try:
+            written = await asyncio.to_thread(self.policy.save, path)
+        except Exception as exc:  # a full disk must not stop the AP
+            self.log.error("checkpoint failed", path=str(path), error=repr(exc))
+            return
+        self.log.info("checkpoint", path=str(written))
+
+    async def _checkpoints(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.checkpoint_interval_s)
+            await self._save_checkpoint()
+
+    async def _expire_leases(self) -> None:
+        interval = min(1.0, self.config.lease_s / 4)
+        while True:
+            await asyncio.sleep(interval)
+            for worker in self.registry.expire():
+                self.estimator.forget(worker)
+                await self.forwarder.drop(worker.address)
+                self.log.warning("worker lease expired", worker=worker.worker_id)
+
+    async def _summaries(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.summary_interval_s)
+            summary = self.stats.roll()
+            if summary["requests"]:
+                self.log.info("summary", workers=len(self.registry.workers()), **summary)
+
+    async def __aenter__(self) -> AccessPoint:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop(grace_s=0.5)
+
+
+async def serve(config: APConfig, log: structlog.typing.FilteringBoundLogger) -> None:
+    ap = AccessPoint(config, log)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stopping.is_set():
+            log.warning("second signal, exiting now", signal=signal.Signals(signum).name)
+            os._exit(1)
+        log.info("shutting down", signal=signal.Signals(signum).name, grace_s=config.shutdown_grace_s)
+        stopping.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await ap.start()
+    try:
+        await stopping.wait()
+    finally:
+        await ap.stop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signum)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(
+            Path(args.config) if args.config else None,
+            listen=args.listen,
+            policy=args.policy,
+            log_level=args.log_level,
+            log_format=args.log_format,
+            checkpoint=getattr(args, "checkpoint", None),
+            checkpoint_interval_s=getattr(args, "checkpoint_interval_s", None),
+        )
+        if config.policy not in policy_names():
+            raise KeyError(f"unknown policy {config.policy!r} (known: {', '.join(policy_names())})")
+    except (ConfigError, KeyError) as exc:
+        print(f"apdispatch serve: {exc}")
+        return 2
+    log = configure_logging(config.log_level, config.log_format)
+    try:
+        asyncio.run(serve(config, log))
+    except OSError as exc:
+        log.error("cannot serve", error=str(exc))
+        return 1
+    return 0

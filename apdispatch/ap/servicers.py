@@ -1,0 +1,145 @@
+"""Thin gRPC servicers: convert, call the data plane or registry, convert back.
+
+Errors become gRPC statuses here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+
+from apdispatch.ap.dispatcher import Dispatcher
+from apdispatch.ap.forwarder import Forwarder
+from apdispatch.common.errors import ApdispatchError
+from apdispatch.common.protocol import dispatcher_pb2 as pb
+from apdispatch.common.protocol import dispatcher_pb2_grpc as pb_grpc
+from apdispatch.routing.estimator import LatencyEstimator
+from apdispatch.routing.registry import Registry
+
+
+def error_reply(exc: ApdispatchError) -> pb.InferResponse:
+    """A stream's reply for a request that ended in an error status."""
+    outcome = pb.REJECTED if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED else pb.FAILED
+    return pb.InferResponse(
+        request_id=exc.request_id, outcome=outcome, status_code=exc.code.value[0], error=exc.message
+    )
+
+
+class DispatcherServicer(pb_grpc.DispatcherServicer):
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+
+    async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResponse:
+        arrival = time.monotonic()
+        try:
+            return await self._dispatcher.infer(request, arrival)
+        except ApdispatchError as exc:
+            await context.abort(exc.code, exc.message)
+            raise AssertionError("abort returned") from exc
+
+    async def InferStream(
+        self, request_iterator: AsyncIterator[pb.InferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.InferResponse]:
+        loop = asyncio.get_running_loop()
+        replies: asyncio.Queue[pb.InferResponse | None] = asyncio.Queue()
+        outstanding = 0
+        reading = True
+
+        def reply(result: pb.InferResponse | ApdispatchError) -> None:
+            nonlocal outstanding
+            outstanding -= 1
+            replies.put_nowait(error_reply(result) if isinstance(result, ApdispatchError) else result)
+            if not reading and outstanding == 0:
+                replies.put_nowait(None)
+
+        async def read_all() -> None:
+            nonlocal outstanding, reading
+            submit = self._dispatcher.submit
+            try:
+                async for request in request_iterator:
+                    outstanding += 1
+                    submit(request, time.monotonic(), reply)
+            finally:
+                reading = False
+                if outstanding == 0:
+                    replies.put_nowait(None)
+
+        reader = loop.create_task(read_all())
+        try:
+            while (response := await replies.get()) is not None:
+                yield response
+        finally:
+            reader.cancel()
+
+
+class RegistryServicer(pb_grpc.RegistryServicer):
+    def __init__(
+        self,
+        registry: Registry,
+        estimator: LatencyEstimator,
+        forwarder: Forwarder,
+        policy_name: str,
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        self._registry = registry
+        self._estimator = estimator
+        self._forwarder = forwarder
+        self._policy_name = policy_name
+        self._log = log
+
+    async def Register(
+        self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegisterResponse:
+        old = self._registry.get(request.worker_id)
+        try:
+            worker = self._registry.register(request)
+        except ApdispatchError as exc:
+            await context.abort(exc.code, exc.message)
+            raise AssertionError("abort returned") from exc
+        if old is not None and old.address != worker.address:
+            await self._forwarder.drop(old.address)
+        self._log.info(
+            "worker registered",
+            worker=worker.worker_id,
+            address=worker.address,
+            cluster=worker.cluster,
+            kind=worker.kind,
+            slots=worker.slots,
+            variants=sorted(worker.variants),
+        )
+        return pb.RegisterResponse(lease_s=self._registry.lease_s)
+
+    async def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HeartbeatResponse:
+        known = self._registry.heartbeat(request.worker_id)
+        return pb.HeartbeatResponse(known=known, lease_s=self._registry.lease_s)
+
+    async def Deregister(
+        self, request: pb.DeregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeregisterResponse:
+        worker = self._registry.deregister(request.worker_id)
+        if worker is not None:
+            self._estimator.forget(worker)
+            await self._forwarder.drop(worker.address)
+            self._log.info("worker deregistered", worker=worker.worker_id)
+        return pb.DeregisterResponse()
+
+    async def ListWorkers(
+        self, request: pb.ListWorkersRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListWorkersResponse:
+        return pb.ListWorkersResponse(
+            workers=[
+                pb.WorkerStatus(
+                    worker=w.registration,
+                    in_flight=w.in_flight,
+                    lease_left_s=self._registry.lease_left(w),
+                )
+                for w in self._registry.workers()
+            ],
+            policy=self._policy_name,
+        )

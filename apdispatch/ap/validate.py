@@ -1,0 +1,100 @@
+"""Checks on an incoming request; every failure names the field it is about."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from apdispatch.common.errors import InvalidRequestError, NotFoundError
+from apdispatch.common.protocol import dispatcher_pb2 as pb
+from apdispatch.common.tensors import DATATYPE_TO_DTYPE, FLOAT_DATATYPES
+from apdispatch.routing.registry import Registry, Target, TensorSpec
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedRequest:
+    task: str
+    targets: list[Target]
+    specs: tuple[TensorSpec, ...]
+    deadline_ms: float
+    min_accuracy: float
+    batch: int
+
+
+def check_request(req: pb.InferRequest, registry: Registry, max_tensor_bytes: int) -> CheckedRequest:
+    if not req.task:
+        raise InvalidRequestError("task", "must not be empty")
+    targets = registry.targets(req.task)
+    specs = registry.inputs(req.task)
+    if targets is None or specs is None:
+        known = ", ".join(registry.tasks()) or "none registered"
+        raise NotFoundError(f"task: unknown task {req.task!r} (known: {known})")
+    if req.variant:
+        targets = [t for t in targets if t.variant.name == req.variant]
+        if not targets:
+            raise NotFoundError(f"variant: no worker serves variant {req.variant!r} of {req.task!r}")
+
+    if not req.HasField("sla"):
+        raise InvalidRequestError("sla", "must be set (deadline_ms and min_accuracy)")
+    deadline_ms = req.sla.deadline_ms
+    if not (deadline_ms > 0 and math.isfinite(deadline_ms)):
+        raise InvalidRequestError("sla.deadline_ms", f"must be a finite number > 0, got {deadline_ms}")
+    min_accuracy = req.sla.min_accuracy
+    if not 0.0 <= min_accuracy <= 1.0:
+        raise InvalidRequestError("sla.min_accuracy", f"must be in [0, 1], got {min_accuracy}")
+
+    batch = _check_inputs(req, specs, max_tensor_bytes, max(t.variant.max_batch_size for t in targets))
+    return CheckedRequest(req.task, targets, specs, deadline_ms, min_accuracy, batch)
+
+
+def _check_inputs(req: pb.InferRequest, specs: tuple[TensorSpec, ...], max_bytes: int, max_batch: int) -> int:
+    if len(req.inputs) != len(specs):
+        names = ", ".join(s.name for s in specs)
+        raise InvalidRequestError(
+            "inputs", f"task {req.task!r} takes {len(specs)} input(s) ({names}), got {len(req.inputs)}"
+        )
+    batch = 0
+    for i, (tensor, spec) in enumerate(zip(req.inputs, specs, strict=True)):
+        where = f"inputs[{i}]"
+        if tensor.name and tensor.name != spec.name:
+            raise InvalidRequestError(f"{where}.name", f"expected {spec.name!r}, got {tensor.name!r}")
+        if tensor.datatype != spec.datatype:
+            raise InvalidRequestError(
+                f"{where}.datatype", f"expected {spec.datatype}, got {tensor.datatype or 'nothing'}"
+            )
+        shape = tuple(tensor.shape)
+        if len(shape) != len(spec.shape) or any(
+            want != -1 and got != want for got, want in zip(shape, spec.shape, strict=True)
+        ):
+            raise InvalidRequestError(f"{where}.shape", f"expected {list(spec.shape)}, got {list(shape)}")
+        if any(d <= 0 for d in shape):
+            raise InvalidRequestError(f"{where}.shape", f"empty tensor {list(shape)}")
+        if shape[0] > max_batch:
+            raise InvalidRequestError(
+                f"{where}.shape", f"batch of {shape[0]} exceeds the largest served, {max_batch}"
+            )
+        if batch and shape[0] != batch:
+            raise InvalidRequestError(f"{where}.shape", "inputs disagree on the batch size")
+        batch = shape[0]
+        dtype = DATATYPE_TO_DTYPE[spec.datatype]
+        size = math.prod(shape) * dtype.itemsize
+        if size > max_bytes:
+            raise InvalidRequestError(f"{where}.data", f"{size} bytes exceeds the limit of {max_bytes}")
+        if len(tensor.data) != size:
+            raise InvalidRequestError(
+                f"{where}.data", f"expected {size} bytes for shape {list(shape)}, got {len(tensor.data)}"
+            )
+        if spec.datatype in FLOAT_DATATYPES and not _all_finite(np.frombuffer(tensor.data, dtype=dtype)):
+            raise InvalidRequestError(f"{where}.data", "contains NaN or infinity")
+    return batch
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    # NaN and infinity propagate through a sum, and a float64 sum of finite
+    # float16/float32 values cannot overflow: one reduction decides the common
+    # case; only an overflowing float64 sum needs the element-wise check.
+    if math.isfinite(float(np.add.reduce(values, dtype=np.float64))):
+        return True
+    return bool(np.isfinite(values).all())

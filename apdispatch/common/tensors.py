@@ -1,0 +1,58 @@
+"""Tensors as they travel: OIP datatype strings, numpy dtypes and raw bytes.
+
+Raw contents are flat, row-major, little-endian; the AP never re-encodes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from apdispatch.common.protocol import dispatcher_pb2 as pb
+
+DATATYPE_TO_DTYPE: dict[str, np.dtype] = {
+    "BOOL": np.dtype("?"),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+DTYPE_TO_DATATYPE: dict[np.dtype, str] = {v: k for k, v in DATATYPE_TO_DTYPE.items()}
+FLOAT_DATATYPES = frozenset({"FP16", "FP32", "FP64"})
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The OIP datatype string of a numpy array (native byte order is fine)."""
+    dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+    try:
+        return DTYPE_TO_DATATYPE[np.dtype(dtype.str.replace("=", "<"))]
+    except KeyError:
+        raise TypeError(f"unsupported dtype {array.dtype}") from None
+
+
+def to_bytes(array: np.ndarray) -> bytes:
+    """Flat row-major little-endian bytes of ``array``."""
+    dtype = DATATYPE_TO_DTYPE[datatype_of(array)]
+    return np.ascontiguousarray(array, dtype=dtype).tobytes()
+
+
+def from_bytes(data: bytes, datatype: str, shape: Sequence[int]) -> np.ndarray:
+    """A read-only numpy view over raw contents."""
+    dtype = DATATYPE_TO_DTYPE[datatype]
+    return np.frombuffer(data, dtype=dtype).reshape(tuple(shape))
+
+
+def to_tensor(name: str, array: np.ndarray) -> pb.Tensor:
+    return pb.Tensor(name=name, datatype=datatype_of(array), shape=list(array.shape), data=to_bytes(array))
+
+
+def from_tensor(tensor: pb.Tensor) -> np.ndarray:
+    return from_bytes(tensor.data, tensor.datatype, tensor.shape)

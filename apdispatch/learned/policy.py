@@ -1,0 +1,201 @@
+"""The per-request learned policy (``actor-critic``, and ``learned`` built on it).
+
+Hot path, per decision: the masks (``features.screen``, the reservations,
+the risk mask, and, while no app needs room, all but the soonest predicted:
+``Reservations.calm``), features of the candidates they leave open (plain
+floats, one ``np.array``), the actor's numpy forward pass on the current
+snapshot when more than one is open, a softmax draw, and a note of the decision for
+when its feedback comes back.
+No torch, no locks, no waiting. ``observe`` turns a feedback into a reward and
+hands the transition to the learner's queue; the reservations' periodic
+walks over a candidate set run there too, not in a decision.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from math import exp
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from apdispatch.learned.actor_critic import (
+    ActorCriticAlgo,
+    ActorSnapshot,
+    Transition,
+)
+from apdispatch.learned.checkpoint import CheckpointedPolicy
+from apdispatch.learned.features import FEATURES, Margins, candidate_features, risky_mask, screen
+from apdispatch.learned.learner import Learner
+from apdispatch.learned.process import ProcessLearner
+from apdispatch.learned.reserve import Reservations
+from apdispatch.routing.policy import Candidate, Feedback, RequestView
+
+if TYPE_CHECKING:
+    import torch
+
+# Decisions whose feedback never came back (a sim cut short, a lost reply) are
+# forgotten, the oldest first, beyond this many.
+PENDING_LIMIT = 100_000
+# The logits of a decision left with one open candidate.
+ONE_LOGIT = np.zeros(1)
+ONE_LOGIT.flags.writeable = False
+
+
+class ActorCriticPolicy(CheckpointedPolicy):
+    def __init__(
+        self,
+        name: str,
+        algo: ActorCriticAlgo,
+        *,
+        seed: int = 0,
+        background: bool | str = True,
+        learn: bool = True,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.algo = algo
+        self.meta = dict(meta or {})
+        # Python's generator, seeded per policy (never the global one): one
+        # uniform draw per decision costs tens of ns instead of numpy's ~0.3 us.
+        self._random = random.Random(seed).random
+        self._snapshot: ActorSnapshot = algo.snapshot()
+        self._explore = algo.config.explore
+        self._mask_late = algo.config.mask_late
+        self._pending: dict[int, tuple[RequestView, int, np.ndarray, int, np.ndarray]] = {}
+        # Learned here, in the deciding process, whatever runs the updates; saved with the checkpoint.
+        self.margins = Margins()
+        # Workers other apps cannot do without (learned online, not checkpointed).
+        self.reserve = Reservations()
+        self._seq = 0
+        self._now = 0.0  # the latest decision's clock (``RequestView.now_s``)
+        # How many candidates the network scored in the last decision (0 when
+        # the masks, or calm, left one): what ``apdispatch bench --decisions``
+        # tells the two paths apart by.
+        self.scored = 0
+        # Where updates run: "process" (the AP: off the GIL), "thread", or
+        # "inline" (simulator, training, tests: reproducible).
+        mode = "process" if background is True else "inline" if background is False else background
+        if mode not in ("process", "thread", "inline"):
+            raise ValueError(f"background: expected True, False, 'thread' or 'process', got {background!r}")
+        self.learner: Learner[Transition, ActorSnapshot] | ProcessLearner | None = None
+        if learn and mode == "process":
+            self.learner = ProcessLearner(algo, self._publish, name=f"{name}-learner")
+        elif learn:
+            self.learner = Learner(algo, self._publish, background=mode == "thread", name=f"{name}-learner")
+
+    def _publish(self, snapshot: ActorSnapshot) -> None:
+        self._snapshot = snapshot
+
+    @property
+    def snapshot(self) -> ActorSnapshot:
+        return self._snapshot
+
+    def choose(self, request: RequestView, candidates: Sequence[Candidate]) -> Candidate:
+        reserve = self.reserve
+        margins = self.margins
+        reserve.arrive(request)
+        # The refresh this may be due is learned in ``observe``, after the decision.
+        reserve.defer(request, candidates)
+        self._now = request.now_s
+        n = len(candidates)
+        if n == 1:
+            self.scored = 0
+            return candidates[0]
+        snapshot = self._snapshot  # one read: the whole decision uses one set of parameters
+        if self._mask_late:
+            open_, risky = screen(request, candidates, margins.margin, margins.risk)
+            open_ = reserve.mask(request, candidates, open_, margins.late_chance)
+            open_ = risky_mask(open_, risky) or list(range(n))
+            if len(open_) > 1 and reserve.calm(request.now_s):
+                # Nobody to make room for: spending slack would only add
+                # risk, so the soonest predicted of what is open it is.
+                open_ = [min(open_, key=lambda k: candidates[k].predicted_ms)]
+        else:
+            open_ = list(range(n))
+        # Features and scores of the open candidates only: the learner never
+        # reads a masked one (its logit is MASKED, out of every softmax and
+        # of the critic's pooling), so the transition keeps these rows alone
+        # and the action is a position among them.
+        x = candidate_features(request, candidates, open_)
+        if len(open_) == 1:
+            i = 0  # nothing to score: one choice, whose log-probability is 0 whatever its logit
+            z = ONE_LOGIT
+            self.scored = 0
+        else:
+            z = snapshot.scores(x)
+            self.scored = len(open_)
+            # The draw in plain Python: for a few dozen numbers it beats a
+            # chain of numpy calls on tiny arrays.
+            zs = z.tolist()
+            top = max(zs)
+            if self._explore:
+                weights = [exp(v - top) for v in zs]
+                u = self._random() * sum(weights)
+                i = 0
+                last = len(weights) - 1
+                while i < last:
+                    u -= weights[i]
+                    if u < 0.0:
+                        break
+                    i += 1
+            else:
+                i = zs.index(top)
+        if self.learner is not None:
+            pending = self._pending
+            if len(pending) >= PENDING_LIMIT:
+                del pending[next(iter(pending))]
+            self._seq += 1
+            # Keyed by identity: the feedback carries the very RequestView
+            # object decided on; holding it keeps its id from being reused.
+            pending[id(request)] = (request, self._seq, x, i, z)
+        return candidates[open_[i]]
+
+    def rejected(self, request: RequestView) -> None:
+        """Admission rejected ``request``: it still counts in its app's demand, and as a miss."""
+        self.reserve.arrive(request)
+        self.reserve.outcome(request.app, False)
+
+    def observe(self, feedback: Feedback) -> None:
+        chosen = feedback.chosen
+        margins = self.margins
+        margins.observe(chosen.key, chosen.predicted_ms, feedback.latency_ms)
+        reserve = self.reserve
+        reserve.outcome(feedback.request.app, feedback.outcome == "ok")
+        # The reservations' periodic walks, off the decision path (``Reservations.defer``).
+        reserve.catch_up(self._now, margins.margin)
+        if self.learner is None:
+            return
+        record = self._pending.pop(id(feedback.request), None)
+        if record is None or record[0] is not feedback.request:
+            return
+        request, seq, x, action, logits = record
+        reward = self.algo.reward(feedback.outcome, feedback.latency_ms, request.deadline_ms)
+        self.learner.put(Transition(seq, x, action, logits, reward))
+
+    def config(self) -> dict[str, Any]:
+        # What the checkpoint was made from (the training command...) is kept;
+        # the live counters, the architecture and the margins override it.
+        return {
+            **self.meta,
+            "kind": "actor-critic",
+            "features": list(FEATURES),
+            **self.algo.config.to_json(),
+            "updates": self.algo.updates,
+            "samples": self.algo.samples,
+            "margins": self.margins.state(),
+        }
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        if isinstance(self.learner, Learner):
+            return self.learner.state_dict()  # under its lock: never half an update
+        return self.algo.state_dict()
+
+    def save(self, path: Path | str) -> Path:
+        if isinstance(self.learner, ProcessLearner):
+            # The process holds the parameters; the config, margins included,
+            # is made here, where decisions and feedback are.
+            return self.learner.save(path, self.config())
+        return super().save(path)

@@ -1,0 +1,55 @@
+"""Every routing policy by name: the static ones of ``routing`` and the learned ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from apdispatch.learned.names import LEARNED_POLICIES
+from apdispatch.routing.policy import Candidate, Feedback, Policy, RequestView
+from apdispatch.routing.static import STATIC_POLICIES, make_static_policy
+
+__all__ = [
+    "LEARNED_POLICIES",
+    "STATIC_POLICIES",
+    "Candidate",
+    "Feedback",
+    "Policy",
+    "RequestView",
+    "make_policy",
+    "policy_names",
+]
+
+
+def policy_names() -> tuple[str, ...]:
+    return STATIC_POLICIES + LEARNED_POLICIES
+
+
+def make_policy(
+    name: str,
+    seed: int = 0,
+    checkpoint: str | Path | None = None,
+    *,
+    background: bool | str = True,
+    resume_from: str | Path | None = None,
+    **options: Any,
+) -> Policy:
+    """A fresh policy; randomised ones draw from their own seeded generator.
+
+    Learned policies start from ``checkpoint`` (default: the shipped one) and
+    keep learning; ``background=False`` runs their updates inline instead of
+    in a background process or thread (reproducible simulations). ``options`` go to learned
+    policies only (e.g. ``explore=False``, ``learn=False``). ``resume_from``: a
+    deployment's own checkpoint, started from when it exists (static policies ignore it).
+    """
+    if name in LEARNED_POLICIES:
+        # Learned policies import torch for their learner: built only when asked for.
+        from apdispatch.learned import make_learned_policy
+        from apdispatch.learned.checkpoint import exists
+
+        if checkpoint is None and resume_from and exists(resume_from):
+            checkpoint = resume_from
+        return make_learned_policy(name, seed, checkpoint, background=background, **options)
+    if name in STATIC_POLICIES:
+        return make_static_policy(name, seed)
+    raise KeyError(f"unknown policy {name!r} (known: {', '.join(policy_names())})")

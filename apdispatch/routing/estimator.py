@@ -1,0 +1,123 @@
+"""Predicted completion time per target, learned from the replies the AP observes.
+
+completion = network + queue + compute, where
+
+- network is the round trip between AP and worker (everything that is neither
+  queue nor compute), an exponentially weighted mean per worker, seeded from
+  the link delay the worker announced;
+- compute grows linearly with the number of requests running at once on the
+  worker (ECSRL's measurement): compute(n) = base * (1 + interference * (n - 1)),
+  with base and interference fitted per (worker, variant) by exponentially
+  weighted least squares on (n, compute) pairs from replies, seeded from the
+  latency the worker announced;
+- queue is the wait for a slot when every slot is busy: the requests ahead,
+  served ``slots`` at a time, each taking compute(slots).
+
+Everything is O(1) per prediction and per observation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from apdispatch.routing.registry import Target, Worker
+
+# Weight of a new observation in the running means. 0.05 tracks a change of
+# load within a few dozen replies, yet smooths single outliers.
+ALPHA = 0.05
+# Base round trip of a loopback gRPC hop before anything was measured.
+DEFAULT_NETWORK_MS = 0.3
+
+
+@dataclass(slots=True)
+class ComputeModel:
+    """Exponentially weighted least squares of compute_ms on concurrency n."""
+
+    mean_n: float
+    mean_y: float
+    var_n: float
+    cov_ny: float
+
+    @classmethod
+    def prior(cls, latency_ms: float) -> ComputeModel:
+        # A prior at n=1 with no spread: the fit starts flat at the announced
+        # latency and tilts as observations at other concurrencies arrive.
+        return cls(mean_n=1.0, mean_y=latency_ms, var_n=0.0, cov_ny=0.0)
+
+    def observe(self, n: float, y: float, alpha: float = ALPHA) -> None:
+        dn = n - self.mean_n
+        self.mean_n += alpha * dn
+        dy = y - self.mean_y
+        self.mean_y += alpha * dy
+        self.var_n = (1 - alpha) * (self.var_n + alpha * dn * dn)
+        self.cov_ny = (1 - alpha) * (self.cov_ny + alpha * dn * dy)
+
+    def slope(self) -> float:
+        # Below this spread in n the slope is noise; assume no interference.
+        if self.var_n < 1e-3:
+            return 0.0
+        return max(0.0, self.cov_ny / self.var_n)
+
+    def predict(self, n: float) -> float:
+        return max(0.0, self.mean_y + self.slope() * (n - self.mean_n))
+
+
+class LatencyEstimator:
+    def __init__(self, alpha: float = ALPHA) -> None:
+        self._alpha = alpha
+        self._network: dict[str, float] = {}
+        self._compute: dict[str, ComputeModel] = {}
+
+    def network_ms(self, worker: Worker) -> float:
+        value = self._network.get(worker.worker_id)
+        if value is None:
+            value = worker.link_delay_ms + DEFAULT_NETWORK_MS
+            self._network[worker.worker_id] = value
+        return value
+
+    def _model(self, target: Target) -> ComputeModel:
+        model = self._compute.get(target.key)
+        if model is None:
+            model = ComputeModel.prior(target.variant.latency_ms)
+            self._compute[target.key] = model
+        return model
+
+    def compute_ms(self, target: Target, running: int) -> float:
+        return self._model(target).predict(max(1, running))
+
+    def predict(self, target: Target, in_flight: int | None = None) -> float:
+        """Predicted ms from dispatch to reply if ``target`` got one more request now."""
+        # Runs for every candidate of every request: the lookups of
+        # network_ms() and compute_ms() are inlined, and compute(slots) is
+        # evaluated once when it serves for both the queue and the compute.
+        worker = target.worker
+        n = (worker.in_flight if in_flight is None else in_flight) + 1
+        slots = worker.slots
+        model = self._compute.get(target.key) or self._model(target)
+        network = self._network.get(worker.worker_id)
+        if network is None:
+            network = self.network_ms(worker)
+        if n <= slots:
+            return network + model.predict(n if n > 1 else 1)
+        compute = model.predict(slots)
+        return network + (n - slots) * compute / slots + compute
+
+    def observe(
+        self,
+        target: Target,
+        in_flight_at_dispatch: int,
+        network_ms: float,
+        compute_ms: float,
+    ) -> None:
+        """Learn from one reply: the request found ``in_flight_at_dispatch`` others."""
+        worker = target.worker
+        running = min(in_flight_at_dispatch + 1, worker.slots)
+        self._model(target).observe(running, compute_ms, self._alpha)
+        prev = self.network_ms(worker)
+        self._network[worker.worker_id] = prev + self._alpha * (network_ms - prev)
+
+    def forget(self, worker: Worker) -> None:
+        self._network.pop(worker.worker_id, None)
+        prefix = f"{worker.cluster}/{worker.worker_id}/"
+        for key in [k for k in self._compute if k.startswith(prefix)]:
+            del self._compute[key]
