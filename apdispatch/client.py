@@ -41,6 +41,7 @@ from apdispatch.common.errors import (
     UnavailableError,
     from_status,
 )
+from apdispatch.common.outcomes import FROM_PROTO, OUTCOMES, SERVED, Outcome
 from apdispatch.common.protocol import dispatcher_pb2 as pb
 from apdispatch.common.protocol import dispatcher_pb2_grpc as pb_grpc
 
@@ -64,17 +65,6 @@ DEFAULT_ADDRESS: Final = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_MARGIN_MS: Final = 1000.0
 INPUT_NAME: Final = "input"
 
-# Outcome strings, in the order of the proto enum (OK = 1 ... FAILED = 5).
-OUTCOMES: Final = ("ok", "late", "inaccurate", "rejected", "failed")
-_OUTCOME_BY_ENUM: Final = MappingProxyType(
-    {
-        pb.OK: "ok",
-        pb.LATE: "late",
-        pb.INACCURATE: "inaccurate",
-        pb.REJECTED: "rejected",
-        pb.FAILED: "failed",
-    }
-)
 _STATUS_BY_INT: Final = MappingProxyType({c.value[0]: c for c in grpc.StatusCode})
 
 # Images can exceed gRPC's 4 MiB default receive limit; the AP passes tensors
@@ -124,7 +114,7 @@ class Result:
     """
 
     request_id: str
-    outcome: str
+    outcome: Outcome
     outputs: dict[str, np.ndarray]
     served_by: Target | None
     timings: Timings
@@ -145,18 +135,20 @@ class Result:
     @property
     def served(self) -> bool:
         """True for ok, late and inaccurate: a worker ran the request."""
-        return self.outcome in ("ok", "late", "inaccurate")
+        return self.outcome in SERVED
 
     def exception(self) -> ApdispatchError | None:
         """The exception a unary call would have raised, or None when served."""
-        if self.outcome not in ("rejected", "failed"):
+        if self.outcome not in (Outcome.REJECTED, Outcome.FAILED):
             return None
         code = _STATUS_BY_INT.get(self.status_code)
         if code is None or code is grpc.StatusCode.OK:
             # A reply without a usable status: rejected is by definition
             # RESOURCE_EXHAUSTED; anything else is an unspecified failure.
             code = (
-                grpc.StatusCode.RESOURCE_EXHAUSTED if self.outcome == "rejected" else grpc.StatusCode.UNKNOWN
+                grpc.StatusCode.RESOURCE_EXHAUSTED
+                if self.outcome == Outcome.REJECTED
+                else grpc.StatusCode.UNKNOWN
             )
         return from_status(code, self.error or self.outcome, request_id=self.request_id)
 
@@ -256,10 +248,10 @@ def decode_outputs(response: pb.InferResponse) -> dict[str, np.ndarray]:
 
 def decode_response(response: pb.InferResponse) -> Result:
     """A Result for one reply, outputs as numpy views."""
-    outcome = _OUTCOME_BY_ENUM.get(response.outcome)
+    outcome = FROM_PROTO.get(response.outcome)
     error = response.error
     if outcome is None:
-        outcome = "failed"
+        outcome = Outcome.FAILED
         error = error or f"reply without an outcome ({response.outcome})"
     served_by = None
     if response.HasField("served_by"):

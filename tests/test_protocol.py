@@ -60,4 +60,4 @@ def test_dispatcher_service_shape() -> None:
     methods = {m.name: m for m in service.methods}
     assert not methods["Infer"].client_streaming and not methods["Infer"].server_streaming
     assert methods["InferStream"].client_streaming and methods["InferStream"].server_streaming
-    assert Path(dispatcher_pb2.__file__).parent == ROOT / "apdispatch" / "protocol"
+    assert Path(dispatcher_pb2.__file__).parent == ROOT / "apdispatch" / "common" / "protocol"

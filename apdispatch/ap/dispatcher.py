@@ -22,19 +22,12 @@ from apdispatch.ap.forwarder import DeadlineReached, Forwarder, WorkerReply
 from apdispatch.ap.metrics import Stats
 from apdispatch.ap.validate import check_request
 from apdispatch.common.errors import ApdispatchError, RejectedError, UnavailableError
+from apdispatch.common.outcomes import TO_PROTO, Outcome
 from apdispatch.common.protocol import dispatcher_pb2 as pb
 from apdispatch.policies import Policy, RequestView
 from apdispatch.routing.estimator import LatencyEstimator
 from apdispatch.routing.registry import Registry, Target
 from apdispatch.routing.router import Decision, Router
-
-OUTCOME_PB = {
-    "ok": pb.OK,
-    "late": pb.LATE,
-    "inaccurate": pb.INACCURATE,
-    "rejected": pb.REJECTED,
-    "failed": pb.FAILED,
-}
 
 Reply = Callable[[pb.InferResponse | ApdispatchError], None]
 
@@ -138,18 +131,18 @@ class Dispatcher:
         late = total_ms > flight.request.sla.deadline_ms
         network_ms = 0.0
         if isinstance(result, DeadlineReached) or (late and isinstance(result, UnavailableError)):
-            outcome = "late"  # not served by its deadline, whatever the worker said after
+            outcome = Outcome.LATE  # not served by its deadline, whatever the worker said after
         elif isinstance(result, BaseException):
-            outcome = "failed"
+            outcome = Outcome.FAILED
         else:
             network_ms = max(0.0, (now - result.sent_at) * 1000.0 - result.queue_ms - result.compute_ms)
             self.router.learn(flight.decision, network_ms, result.compute_ms)
             if late:
-                outcome = "late"
+                outcome = Outcome.LATE
             elif flight.decision.target.variant.accuracy < flight.request.sla.min_accuracy:
-                outcome = "inaccurate"
+                outcome = Outcome.INACCURATE
             else:
-                outcome = "ok"
+                outcome = Outcome.OK
         try:
             self._answer(flight, result, outcome, total_ms, network_ms)
         finally:
@@ -163,12 +156,12 @@ class Dispatcher:
         self,
         flight: _InFlight,
         result: WorkerReply | BaseException,
-        outcome: str,
+        outcome: Outcome,
         total_ms: float,
         network_ms: float,
     ) -> None:
         target = flight.decision.target
-        if outcome == "failed":
+        if outcome is Outcome.FAILED:
             error = (
                 result
                 if isinstance(result, ApdispatchError)
@@ -198,14 +191,14 @@ class Dispatcher:
         reply: Reply,
     ) -> None:
         exc.request_id = request_id
-        outcome = "rejected" if isinstance(exc, RejectedError) else "failed"
+        outcome = Outcome.REJECTED if isinstance(exc, RejectedError) else Outcome.FAILED
         total_ms = (time.monotonic() - arrival) * 1000.0
         self._finish(outcome, request, request_id, total_ms, target, error=exc.message)
         reply(exc)
 
     def _finish(
         self,
-        outcome: str,
+        outcome: Outcome,
         request: pb.InferRequest,
         request_id: str,
         total_ms: float,
@@ -225,7 +218,7 @@ class Dispatcher:
                 total_ms=round(total_ms, 3),
                 error=error or None,
             )
-        response = pb.InferResponse(request_id=request_id, outcome=OUTCOME_PB[outcome], error=error)
+        response = pb.InferResponse(request_id=request_id, outcome=TO_PROTO[outcome], error=error)
         response.timings.total_ms = total_ms
         if target is not None:
             served = response.served_by

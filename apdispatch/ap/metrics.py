@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-OUTCOMES = ("ok", "late", "inaccurate", "rejected", "failed")
+from apdispatch.common.outcomes import OUTCOMES, Outcome
 
 
 @dataclass(slots=True)
@@ -29,7 +29,7 @@ class Stats:
         self.by_target: Counter[str] = Counter()
         self._window = Window(started=clock())
 
-    def record(self, outcome: str, app: str, latency_ms: float, target: str | None = None) -> None:
+    def record(self, outcome: Outcome, app: str, latency_ms: float, target: str | None = None) -> None:
         self.totals[outcome] += 1
         app_counts = self.by_app.get(app)
         if app_counts is None:

@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar, NamedTuple
 
+from apdispatch.common.outcomes import Outcome
+
 
 class RequestView(NamedTuple):
     task: str
@@ -55,7 +57,7 @@ class Feedback(NamedTuple):
 
     request: RequestView
     chosen: Candidate
-    outcome: str  # ok, late, inaccurate, failed
+    outcome: Outcome  # ok, late, inaccurate or failed: what became of the decision
     latency_ms: float
 
 

@@ -59,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from apdispatch.common.errors import RejectedError
+from apdispatch.common.outcomes import OUTCOMES
 from apdispatch.policies import Policy, RequestView
 from apdispatch.routing.estimator import LatencyEstimator
 from apdispatch.routing.registry import Registry, Target
@@ -66,7 +67,6 @@ from apdispatch.routing.router import Decision, Router
 from apdispatch.sim.arrivals import Arrivals
 from apdispatch.sim.model import SimModel, SimVariant, SimWorker
 
-OUTCOMES = ("ok", "late", "inaccurate", "rejected", "failed")
 OK, LATE, INACCURATE, REJECTED, FAILED = range(5)
 N_OUTCOMES = len(OUTCOMES)
 

@@ -157,7 +157,7 @@ def summarize(reports: Sequence[SimReport]) -> dict[str, Summary]:
     for name in names:
         results = [r.results[name] for r in reports]
         per = [ratios(res.counts) for res in results]
-        counts = {k: sum(res.counts[k] for res in results) for k in OUTCOMES}
+        counts: dict[str, int] = {k: sum(res.counts[k] for res in results) for k in OUTCOMES}
         out[name] = Summary(
             policy=name,
             success=[p["success_ratio"] for p in per],

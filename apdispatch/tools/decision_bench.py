@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from apdispatch.common.outcomes import Outcome
 from apdispatch.policies import Candidate, Feedback, Policy, RequestView, make_policy
 from apdispatch.tools.bench import percentiles
 
@@ -37,7 +38,12 @@ from apdispatch.tools.bench import percentiles
 # per second) would have it train many times more, alongside, than in an AP.
 RATE = 2000.0
 SIZES: tuple[int | str, ...] = (4, 8, 16, "4-16")  # "4-16": sizes drawn uniformly per decision
-OUTCOMES = ("ok", "ok", "ok", "late")  # feedback mix: the learner gets something to learn
+FEEDBACK_MIX = (
+    Outcome.OK,
+    Outcome.OK,
+    Outcome.OK,
+    Outcome.LATE,
+)  # feedback mix: the learner gets something to learn
 
 
 def candidate_sets(n: int | str, count: int, seed: int) -> list[tuple[RequestView, list[Candidate]]]:
@@ -99,7 +105,7 @@ def measure(
             t0 = clock()
             chosen = policy.choose(view, cands)
             t1 = clock()
-            feedback = Feedback(view, chosen, OUTCOMES[(i + r) % len(OUTCOMES)], chosen.predicted_ms)
+            feedback = Feedback(view, chosen, FEEDBACK_MIX[(i + r) % len(FEEDBACK_MIX)], chosen.predicted_ms)
             t2 = clock()
             policy.observe(feedback)
             t3 = clock()

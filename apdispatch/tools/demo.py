@@ -36,6 +36,7 @@ from typing import Any
 
 from apdispatch.common.errors import ApdispatchError
 from apdispatch.common.manifest import MANIFEST_NAME, load_manifest
+from apdispatch.common.outcomes import OUTCOMES
 from apdispatch.policies import STATIC_POLICIES, policy_names
 from apdispatch.scenario import Scenario, ScenarioError, load_scenario
 from apdispatch.sim.calibration import Calibration
@@ -110,8 +111,6 @@ async def _load(scenario: Scenario, ap: str, models: Path, seed: int, progress: 
 
 
 # --- the table -------------------------------------------------------------------
-
-OUTCOMES = ("ok", "late", "inaccurate", "rejected", "failed")
 
 
 def summary_row(policy: str, report: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from apdispatch.common.outcomes import OUTCOMES
 from apdispatch.policies import LEARNED_POLICIES
 
 TARGET_WINDOWS = 20  # about this many points per line, whatever the run's length
@@ -53,7 +54,7 @@ def live_series(timeline: Sequence[Mapping[str, int]], window: int) -> tuple[np.
     for entry in timeline:
         w = int(entry["t_s"]) // window
         ok[w] += entry["ok"]
-        total[w] += sum(entry[k] for k in ("ok", "late", "inaccurate", "rejected", "failed"))
+        total[w] += sum(entry[k] for k in OUTCOMES)
     return (np.arange(n) + 0.5) * window, _percent(ok, total)
 
 

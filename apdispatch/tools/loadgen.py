@@ -39,9 +39,10 @@ from typing import Any, Final, NamedTuple
 
 import numpy as np
 
-from apdispatch.client import OUTCOMES, AsyncClient, AsyncStream, Result
+from apdispatch.client import AsyncClient, AsyncStream, Result
 from apdispatch.common import tensors
 from apdispatch.common.errors import ApdispatchError, UnavailableError
+from apdispatch.common.outcomes import OUTCOMES, SERVED
 from apdispatch.common.protocol import dispatcher_pb2 as pb
 from apdispatch.scenario import Scenario, ScenarioError, load_scenario
 from apdispatch.scenario.plan import LoadPlan, QueryProcess, StreamPlan, plan_load, stream_starts
@@ -63,8 +64,7 @@ Samples = Mapping[str, tuple[np.ndarray, np.ndarray]]
 DEFAULT_GRACE_S: Final = 2.0
 DEFAULT_CONNECT_TIMEOUT_S: Final = 5.0
 NO_REPLY: Final = "no reply"
-_SERVED: Final = frozenset({"ok", "late", "inaccurate"})
-_OUTCOME_INDEX: Final = MappingProxyType({name: i for i, name in enumerate(OUTCOMES)})
+_OUTCOME_INDEX: Final[Mapping[str, int]] = MappingProxyType({name: i for i, name in enumerate(OUTCOMES)})
 _FAILED: Final = _OUTCOME_INDEX["failed"]
 _REJECTED: Final = _OUTCOME_INDEX["rejected"]
 _STOP: Final = "apdispatch.tools.loadgen.stop"  # cancel message of _Runner.stop()
@@ -331,7 +331,7 @@ class _Tally:
         self._count(p, outcome)
         if outcome == 0:
             self.ok += 1
-        if result.outcome in _SERVED:
+        if result.outcome in SERVED:
             self.latency[p.app].append(now - p.sent_at)
             if result.served_by is not None:
                 key = result.served_by.key
