@@ -17,7 +17,7 @@ from apdispatch.policies import STATIC_POLICIES, Candidate, RequestView, make_po
 from apdispatch.routing.estimator import LatencyEstimator
 from apdispatch.routing.router import Router, admit
 from apdispatch.scenario import Scenario, ScenarioError, load_scenario, parse_scenario
-from apdispatch.sim.arrivals import Arrivals, plan_arrivals
+from apdispatch.sim.arrivals import Queries, plan_arrivals
 from apdispatch.sim.calibration import Calibration, batch_latency_ms, fit_calibration
 from apdispatch.sim.engine import INACCURATE, LATE, OK, OUTCOMES, REJECTED, Simulation
 from apdispatch.sim.env import DispatchEnv
@@ -95,10 +95,10 @@ def tiny(
     return build_model(parse_scenario(doc))
 
 
-def fixed(times_ms: list[float], z: list[float] | None = None, duration_s: float = 1.0) -> Arrivals:
+def fixed(times_ms: list[float], z: list[float] | None = None, duration_s: float = 1.0) -> Queries:
     """Queries of app 0 at exactly these times (jitter draws ``z``, default 0)."""
     n = len(times_ms)
-    return Arrivals(
+    return Queries(
         times_ms=np.asarray(times_ms, dtype=np.float64),
         apps=np.zeros(n, dtype=np.int64),
         jitter_z=np.asarray(z if z is not None else [0.0] * n, dtype=np.float64),
@@ -107,7 +107,7 @@ def fixed(times_ms: list[float], z: list[float] | None = None, duration_s: float
     )
 
 
-def run(model: SimModel, arrivals: Arrivals, policy: str = "fastest") -> Simulation:
+def run(model: SimModel, arrivals: Queries, policy: str = "fastest") -> Simulation:
     sim = Simulation(model, make_policy(policy), arrivals)
     sim.finish()
     return sim

@@ -29,7 +29,7 @@ _JITTER_STREAM = 1
 
 
 @dataclass(frozen=True, slots=True)
-class Arrivals:
+class Queries:
     """Every query of a run, in order of arrival at the AP."""
 
     times_ms: np.ndarray  # float64, non-decreasing, in [0, duration)
@@ -50,7 +50,7 @@ class Arrivals:
         return counts
 
 
-def plan_arrivals(scenario: Scenario, seed: int) -> Arrivals:
+def plan_arrivals(scenario: Scenario, seed: int) -> Queries:
     """The queries of a run of ``scenario`` for ``seed`` (what ``apdispatch load`` would send)."""
     plan = plan_load(scenario, seed=seed)
     if plan.streams:
@@ -61,7 +61,7 @@ def plan_arrivals(scenario: Scenario, seed: int) -> Arrivals:
         apps = np.zeros(0, dtype=np.int64)
     order = np.argsort(times, kind="stable")
     rng = np.random.default_rng(np.random.SeedSequence([seed, _JITTER_STREAM]))
-    return Arrivals(
+    return Queries(
         times_ms=times[order] * 1000.0,
         apps=apps[order],
         jitter_z=rng.standard_normal(len(times)),

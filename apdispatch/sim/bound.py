@@ -130,7 +130,7 @@ def variant_costs(scenario: Scenario, manifest: Manifest | None = None) -> dict[
 
 
 @dataclass(frozen=True, slots=True)
-class Target:
+class PoolTarget:
     """A variant on a pool of identical workers (one worker group of one cluster).
 
     One execution of a batch of b takes ``s(b) = max(0, s1 - overhead + slope (b - 1))
@@ -200,9 +200,9 @@ class BoundResult:
 
 def _targets(
     scenario: Scenario, variants: Mapping[str, VariantCost], use_interference: bool
-) -> tuple[list[Target], list[float]]:
+) -> tuple[list[PoolTarget], list[float]]:
     """Targets, and the progress rate (slot-ms per ms) each pool can sustain."""
-    targets: list[Target] = []
+    targets: list[PoolTarget] = []
     rates: list[float] = []
     for ci, cluster in enumerate(scenario.clusters):
         for group in cluster.workers:
@@ -232,7 +232,7 @@ def _targets(
                 t1 = v.latency_ms / dev.speed
                 t8 = (v.latency_ms if v.latency_ms_batch8 is None else v.latency_ms_batch8) / dev.speed
                 overhead = max(0.0, v.overhead_ms)
-                targets.append(Target(pool, ci, name, t1 + overhead, (t8 - t1) / 7.0, overhead, big_b))
+                targets.append(PoolTarget(pool, ci, name, t1 + overhead, (t8 - t1) / 7.0, overhead, big_b))
     return targets, rates
 
 
@@ -280,7 +280,9 @@ class _Groups:
         self.n += len(window)
 
 
-def _work(app: App, tids: Sequence[int], targets: Sequence[Target], least_rtt_ms: FloatArray) -> FloatArray:
+def _work(
+    app: App, tids: Sequence[int], targets: Sequence[PoolTarget], least_rtt_ms: FloatArray
+) -> FloatArray:
     """Least slot-time of one of ``app``'s queries on each target: only batches that leave it
     time for the least RTT it can have are counted."""
     out = np.zeros(len(tids))
@@ -321,7 +323,7 @@ def _solve(
     pr_p: FloatArray,
     pr_work: FloatArray,
     span: IntArray,
-    targets: Sequence[Target],
+    targets: Sequence[PoolTarget],
     pool_rates: Sequence[float],
     window_s: float,
 ) -> _Solution:

@@ -64,7 +64,7 @@ from apdispatch.policies import Policy, RequestView
 from apdispatch.routing.estimator import LatencyEstimator
 from apdispatch.routing.registry import Registry, Target
 from apdispatch.routing.router import Decision, Router
-from apdispatch.sim.arrivals import Arrivals
+from apdispatch.sim.arrivals import Queries
 from apdispatch.sim.model import SimModel, SimVariant, SimWorker
 
 OK, LATE, INACCURATE, REJECTED, FAILED = range(5)
@@ -244,7 +244,7 @@ class Simulation:
         self,
         model: SimModel,
         policy: Policy,
-        arrivals: Arrivals,
+        arrivals: Queries,
         *,
         window_s: float = 10.0,
         estimator: LatencyEstimator | None = None,

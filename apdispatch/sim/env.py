@@ -49,7 +49,7 @@ import numpy as np
 
 from apdispatch.policies import STATIC_POLICIES, Policy, make_policy
 from apdispatch.scenario import load_scenario
-from apdispatch.sim.arrivals import Arrivals, plan_arrivals
+from apdispatch.sim.arrivals import Queries, plan_arrivals
 from apdispatch.sim.calibration import MANIFEST, Calibration
 from apdispatch.sim.engine import N_OUTCOMES, OK, OUTCOMES, Simulation
 from apdispatch.sim.model import SimModel
@@ -87,7 +87,7 @@ class DispatchEnv:
         self.steps_per_episode = max(1, math.ceil(scenario.duration_s / window_s))
         self._next_seed = scenario.seed
         self._sim: Simulation | None = None
-        self._arrivals: Arrivals | None = None
+        self._arrivals: Queries | None = None
         self._policies: list[Policy] = []
         self._per_window = np.zeros((0, 0), dtype=np.int64)
         self._step = 0

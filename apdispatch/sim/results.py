@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from apdispatch.policies import Policy, make_policy
-from apdispatch.sim.arrivals import Arrivals, plan_arrivals
+from apdispatch.sim.arrivals import Queries, plan_arrivals
 from apdispatch.sim.engine import OUTCOMES, Simulation
 from apdispatch.sim.model import SimModel
 
@@ -89,7 +89,7 @@ def ratios(counts: dict[str, int]) -> dict[str, float]:
 def simulate(
     model: SimModel,
     policy: Policy,
-    arrivals: Arrivals,
+    arrivals: Queries,
     *,
     window_s: float = DEFAULT_WINDOW_S,
 ) -> PolicyResult:
@@ -159,7 +159,7 @@ def run_policies(
 # -- the upper bound ------------------------------------------------------------------
 
 
-def upper_bound_hook(model: SimModel, arrivals: Arrivals) -> float | None:
+def upper_bound_hook(model: SimModel, arrivals: Queries) -> float | None:
     """The best success ratio any dispatcher could reach on these arrivals, or None.
 
     Computed by ``apdispatch.sim.bound.upper_bound`` when that module exists,
