@@ -54,31 +54,23 @@ HIGH.flags.writeable = False
 # Standard deviations of a target's lateness its safety margin covers. The
 # mean corrects the estimator's bias; the spread trades a target's own late
 # replies against the load it then pushes onto the targets it is trusted
-# less than. 3 sd was too cautious where the network is noisy: on
-# scenarios/held-out/high-jitter.toml (cloud RTT 30 +- 15 ms) it kept
-# moderately tight requests off the cloud, onto edge slots that the
-# tightest app needed, and `learned` fell 6.6 points below `fastest`
-# (seed 7); 1 sd puts it 1.7 points above, at no cost on the nine
-# scenarios of scenarios/sim/ (within 0.6 points of 3 sd on each).
+# less than. More than 1 sd is too cautious on a jittery network: it pushes
+# requests that could use a far target onto the slots the tightest app needs.
 SPREAD = 1.0
 # A second, wider margin (mean + 2 sd): of the candidates left after every
 # other mask, those it puts past the deadline are closed too, as long as
 # one it keeps stays open (``risky_mask``). It comes last, after the
 # reservations, so that it never sends a request onto a worker another app
-# needs: in place of SPREAD it cost high-jitter the 6 points above, as a
-# last tie-break it keeps them, and it takes a loose app's requests off a
-# cloud whose jitter made 4-6 % of them late while edge slots stood idle
-# (generated-118: 2.2 points below `fastest`, now level).
+# needs; as a tie-break it takes requests off a jittery target while a
+# steadier one is open.
 RISK_SPREAD = 2.0
 # The wider margin's spread is estimated from the target's own replies, and
-# from a few of them it comes out too small: a cloud known from 6-30 replies
-# kept app-1's requests on generated-105 past their deadline (92 sent, 11
-# late where `fastest` was in time) while the nearer one, known from
-# hundreds, was rightly closed. So the 2 sd become the same one-sided
-# quantile (97.7 %) of Student's t with n - 1 degrees of freedom, for a
-# target known from n replies: x2.26 at 3, x1.32 at 6, x1.03 at 40, x1.003
-# at 400 (and exactly 1 beyond). Below 3 replies the spread is left as it
-# is (t with 1 df is 7x wider): a new target must be tried to be known.
+# from a few of them it comes out too small, which makes a little-known
+# target look safer than a well-known one. So the 2 sd become the same
+# one-sided quantile (97.7 %) of Student's t with n - 1 degrees of freedom,
+# for a target known from n replies: x2.26 at 3, x1.32 at 6, x1.03 at 40,
+# x1.003 at 400 (and exactly 1 beyond). Below 3 replies the spread is left
+# as it is (t with 1 df is 7x wider): a new target must be tried to be known.
 RISK_QUANTILE = 0.97725  # the normal's at RISK_SPREAD sd
 SMALL_SAMPLE_MAX = 400
 # Factor by replies seen: 1 below 3, t_{n-1}(RISK_QUANTILE) / RISK_SPREAD up to SMALL_SAMPLE_MAX.
@@ -130,11 +122,8 @@ class Margins:
         else:
             # A plain average over the first 1 / alpha replies, then an
             # exponential one. With alpha from the start, the first reply
-            # kept 0.95^(n-1) of the weight (44 % after 17), and one cold
-            # start's outlier held a target's margin for good: on
-            # generated-105 (seed 104) a cloud worker's first replies left it
-            # at 50.7 ms, its twin at 19.6, and it got 6 of app-1's 16,000
-            # requests.
+            # would keep 0.95^(n-1) of the weight (44 % after 17), and one
+            # cold start's outlier would hold a target's margin for good.
             m[2] += 1.0
             a = max(self._alpha, 1.0 / m[2])
             m[0] += a * (residual - m[0])
@@ -273,18 +262,10 @@ def screen(
       of equals): a slower variant on the same worker meets the SLA no
       better and holds the slot longer. The margins are left out of this
       comparison: the variants share the worker's network and queue, and
-      their margins differ mostly by how often each was chosen. Comparing
-      only the variants the margins trust let a rarely chosen variant, its
-      margin learned from few replies, stand in for the worker's soonest:
-      on generated-105 the network sent 1,292 of app-2's requests to a
-      cloud's large variant whenever the small one's margin (12 % of its
-      replies late) put it past the deadline, and `learned` was 0.06
-      points below `fastest`, 0.01 with the soonest variant alone (seeds
-      100-103: -0.05 and -0.01 on average). On
-      scenarios/held-out/two-nodes.toml the network sent half of one
-      app's requests to the more accurate of two variants on a node, and
-      `learned` was 0.2 points below `least-loaded`; with those masked it is
-      2.7 above (seeds 7-9), and no other scenario moved by more than 0.4.
+      their margins differ mostly by how often each was chosen (comparing
+      only the variants the margins trust lets a rarely chosen variant,
+      its margin learned from few replies, stand in for the worker's
+      soonest).
     - of the workers' soonest, the *unsafe* ones (prediction plus the
       target's safety margin past the deadline) when at least one is
       safe, else those predicted past the deadline (slack < 0). The
@@ -292,9 +273,7 @@ def screen(
       is where its choice generalizes. The margins act through this mask
       only, not as a feature: as an input, a margin larger than any seen
       in training (a network far noisier than the training scenarios')
-      pushed the network's scores off targets the mask trusts
-      (high-jitter: 80 % with the feature, 89.5 % without, `fastest` 86.7
-      %; seed 7, 150 s).
+      pushes the network's scores off targets the mask trusts.
 
     Risky are the candidates whose prediction plus the wider margin
     (``risk``, ``Margins.risk``) is past the deadline: the last mask

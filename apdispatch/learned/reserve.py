@@ -21,78 +21,33 @@ Everything is learned online from what the policy sees, per deployment:
 - per (app, worker), the app's service time there: of its candidates on
   the worker, the least (prediction - round trip, queue taken out), i.e.
   its fastest variant that meets its floor, averaged like the typical
-  predictions. The least ever seen stuck to one hopeful prediction (a
-  live estimator's first, from the latency a worker announces, or a
-  noisy one): live, on scenarios/edge-contention.toml, the policy was
-  calm (replies' p50 17 ms, as under `fastest`) while ar-overlay (35 ms)
-  had 2-6 % of its requests rejected; with the average it spends slack
-  there again (p50 44-45 ms, two runs).
+  predictions (the least ever seen would stick to one hopeful prediction).
 
 An app's *pressure* is its arrival rate over the capacity of its feasible
 workers for it (sum of slots / service time): about the share of its
 requests that would find them busy, counted in full only while the app
-misses its SLA on ``MISSES`` (1 %) of its requests or more. Finding a
-worker busy costs an app nothing when its slack absorbs the wait, and the
-utilisation alone overstated that cost: on generated-115 a 153 ms app was
-kept off three idle edge workers, for apps that met every SLA whoever used
-them, and sent to a cloud 70 +- 34 ms away that made 1.1 % of its replies
-late. An app that misses less has its pressure scaled down in proportion
-(an average over its last ~300 outcomes, ``MISS_ALPHA``); once it misses
-again, its workers are reserved again. A worker is *reserved* against a
-request when the other apps that could use it, and could not use some other
-worker open to the request, press by ``load`` or more in all; it is then
-closed to the request unless every other open target is likelier to be
-late than that pressure (``mask``). A batching cloud worker serves thousands
-per second and is reserved against nobody; a one-slot MEC server running
-the large variants is.
-
-Found on generated scenarios (``apdispatch generate --seeds N --duration
-150``), `learned` against `fastest`, one seed each:
-
-- generated-101: app-3 (25.7 ms, accuracy 0.931) can only use a one-slot
-  MEC server, which `learned` filled with three apps that had edge targets
-  to spare: 63.8 % against 75.0 %.
-- generated-128: one slot that app-1 needs for its digits-small; the
-  worker's capacity once counted with another app's far faster shapes-tiny
-  looked four times what app-1 could get: 6,243 of app-1's 8,614 requests
-  rejected, 8.9 points below.
-- generated-103: two apps share the same two edge workers (the cloud is 70
-  ms away), and a looser app filled one of them: 2.9 points below.
-- generated-107: a cloud 72.4 ms away, once predicted within a 72.4 ms
-  deadline, counted as a second worker for the app, and its batching
-  capacity hid the one MEC server the app really had: 0.5 points below.
-
-- generated-115 (above): 0.23 points below the best static policy, 0.12
-  with the pressure scaled by the misses; generated-120 and -121 from
-  -0.14 and -0.18 to -0.02 and -0.09, generated-103 from +3.5 to +4.1,
-  generated-128 from +0.49 to +0.35. A faster average (the last ~30
-  outcomes) or a higher miss level (10 %) let generated-128 fall to -0.3;
-  from 3 %, generated-128 was +0.02 and generated-115 -0.14.
+misses its SLA on ``MISSES`` (1 %) of its requests or more (an average
+over its last ~300 outcomes, ``MISS_ALPHA``), and scaled down in
+proportion below: finding a worker busy costs an app nothing when its
+slack absorbs the wait. A worker is *reserved* against a request when
+the other apps that could use it, and could not use some other worker open
+to the request, press by ``load`` or more in all; it is then closed to the
+request unless every other open target is likelier to be late than that
+pressure (``mask``). A batching cloud worker serves thousands per second
+and is reserved against nobody; a one-slot MEC server running the large
+variants is.
 
 The same miss averages say when nobody needs room (``calm``): while every
 app that sends requests misses its SLA on less than ``MISSES`` of them, or
-presses below ``load`` (below), the policy takes the soonest predicted of
-its open candidates, as `fastest` does, instead of spending slack. Spent slack frees near, fast targets for
-others; with nobody short of them it only adds the risk of a far or queued
-target. On the 30 random scenarios, 8 of the 9 where `learned` was behind
-the best static policy were lightly loaded ones that `fastest` served at
-99.9-100 %, and `learned` lost 2-42 requests there to late replies from a
-jittery cloud (generated-115: 21 of 2,227 of app-3's requests sent 70 +- 34
-ms away with a 153 ms deadline) or from a queue it chose over a free slot
-(generated-115: app-1 queued on the MEC server, predicted 2.7 ms inside
-its deadline; generated-120). An app that misses but presses below
-``load`` does not count against calm: making room would not help it (no
-worker is reserved for it either). On generated-124, app-1 missed 16 % of
-its requests on a batching cloud, its only feasible worker, so the policy
-was never calm, and sent 3,527 of app-3's 3,528 requests to that cloud
-instead of a free edge slot: 7 late, 0.02 points below `fastest`, now
-level. That needs the queue taken out of the typical predictions: on
-generated-104 the MEC server app-3 depends on was always full when app-3
-looked, so app-3 had no feasible worker and pressed on nothing, the policy
-went calm, and `learned` fell from 9.9 points above `fastest` to 0.6 below.
+presses below ``load``, the policy takes the soonest predicted of its open
+candidates, as `fastest` does: with nobody short of near, fast targets,
+spending slack only adds the risk of a far or queued one. An app that
+misses but presses below ``load`` does not count against calm: making
+room would not help it (no worker is reserved for it either).
 
 Nothing of this is saved in checkpoints: it describes a deployment's
-current apps, and is learned again in seconds.
+current apps, and is learned again in seconds. The scenarios behind each
+rule are in docs/experiments.md.
 """
 
 from __future__ import annotations
@@ -102,10 +57,8 @@ from math import exp
 
 from apdispatch.routing.policy import Candidate, RequestView
 
-# The pressure from which a worker is reserved. Against `fastest` on
-# generated-128: -8.9 points with 0.25 (app-1's 0.3 of one slot came and
-# went around it), +0.4 with 0.1, +0.5 with 0.05; on the full-edge
-# scenarios and high-jitter 0.05 and 0.25 were within 0.12 points (seeds 7-9).
+# The pressure from which a worker is reserved: low enough that an app
+# needing a fraction of one slot still holds it.
 LOAD = 0.05
 TAU_S = 10.0
 # The dependencies and capacities are refreshed at most this often per app,
@@ -118,10 +71,8 @@ REFRESH_S = 0.2
 # this old (no feedback for that long, such as at the very start).
 STALE_S = 1.0
 # Weight of a refresh in a target's typical prediction: about the last 5
-# refreshes (one second of a busy app). The least prediction ever seen was
-# too hopeful: a cloud 72.4 ms away was once predicted within a 72.4 ms
-# deadline, counted as a second worker for the app, and its batching
-# capacity hid the one MEC server the app really had (generated-107).
+# refreshes (one second of a busy app). An average, not the least ever
+# seen, so that one hopeful prediction does not make a worker feasible.
 TYPICAL_ALPHA = 0.2
 # The miss ratio from which an app's pressure counts in full, and the weight
 # of one outcome in the app's average (about its last 300).
@@ -209,10 +160,8 @@ class Reservations:
 
         ``catch_up``, called where no request waits (after a reply has
         gone), learns from what was kept. A refresh walks every candidate
-        and costs about a decision: at 16 candidates, the 1 % of decisions
-        that paid it (four apps, one refresh each per REFRESH_S, 2,000
-        decisions a second) made up a third of the slowest 1 %, and took the
-        decision p99 from 41 to 52 us.
+        and costs about a decision: on the decision path it would set the
+        decisions' tail latency.
         """
         if self._due(request):
             self._deferred[request.app] = (request, candidates)
@@ -267,10 +216,8 @@ class Reservations:
                 # Queued: the queue taken out as the estimator puts it in (the
                 # requests ahead, served ``slots`` at a time, each as long as
                 # the compute), which leaves its prediction with the last slot
-                # free. From free slots alone, a worker that other apps kept
-                # full was never feasible for an app that saw it only busy:
-                # on generated-104, app-3 (55 ms) depends on a two-slot MEC
-                # server that app-1 filled, and had no feasible worker at all.
+                # free. From free slots alone, a worker that other apps keep
+                # full would never be feasible for an app that sees it only busy.
                 own = c.rtt_ms + (predicted - c.rtt_ms) * c.slots / (in_flight + 1)
             typical[key] = b = own if b is None else b + TYPICAL_ALPHA * (own - b)
             if b <= deadline:
@@ -285,8 +232,8 @@ class Reservations:
             s = service.get(worker)
             service[worker] = alone if s is None else s + TYPICAL_ALPHA * (alone - s)
         # As in the features' mask: when the margins leave nothing, the app
-        # still uses what is predicted in time (generated-101: a MEC server
-        # whose margin grows under load is all a 25.7 ms app has).
+        # still uses what is predicted in time (a worker whose margin grows
+        # under load may be all a tight app has).
         feasible = feasible or hopeful
         # The set's capacity for this app, in requests a second: sum of slots / service time.
         capacity = sum(slots[w] * 1000.0 / service[w] for w in feasible)

@@ -13,9 +13,9 @@ One :class:`Router` holds the policy and the latency estimator. Per request:
    :meth:`Router.learn` feeds a served reply's timings to the estimator and
    :meth:`Router.observe` tells the policy what became of its choice.
 
-A request that admission rejects never reaches the policy's ``choose``; a
-policy that defines ``rejected(view)`` (ASET, whose reward is a window's
-success over every request, rejected ones included) is told of it.
+A request that admission rejects never reaches the policy's ``choose``; its
+``rejected`` hook is told of it (ASET's reward is a window's success over
+every request, rejected ones included).
 
 ``apdispatch.ap.dispatcher`` (the live AP) and ``apdispatch.sim`` (the simulator)
 both drive a ``Registry``'s targets through these calls and nothing else, so a
