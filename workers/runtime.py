@@ -18,7 +18,6 @@ This module must not import torch (an edge device does not have it).
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -282,18 +281,6 @@ class DirectScheduler:
         queued = time.perf_counter() - t0
         outputs, held = await self.slots.execute(partial(self.runtime.predict, inputs), inline=self.inline)
         return InferResult(outputs, queued * 1e3, held * 1e3, rows)
-
-
-def all_finite(array: np.ndarray) -> bool:
-    """True when a float array holds no NaN or infinity.
-
-    One float64 reduction instead of a full boolean temporary: a NaN or an
-    infinity anywhere makes the sum non-finite. A non-finite sum can also come
-    from overflow of huge finite FP64 values, so only then check element-wise.
-    """
-    if math.isfinite(float(array.sum(dtype=np.float64))):
-        return True
-    return bool(np.isfinite(array).all())
 
 
 def format_shape(shape: Sequence[int]) -> str:

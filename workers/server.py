@@ -43,7 +43,7 @@ from apdispatch.common.manifest import TensorSpec, Variant, load_manifest
 from apdispatch.common.protocol import dispatcher_pb2 as dpb
 from apdispatch.common.protocol import oip_pb2 as pb
 from apdispatch.common.protocol import oip_pb2_grpc as pb_grpc
-from apdispatch.common.tensors import DATATYPE_TO_DTYPE, FLOAT_DATATYPES
+from apdispatch.common.tensors import DATATYPE_TO_DTYPE, FLOAT_DATATYPES, all_finite
 from workers.config import WorkerConfig
 from workers.logging import make_logger
 from workers.registration import Registrar
@@ -54,7 +54,6 @@ from workers.runtime import (
     Runtime,
     Scheduler,
     Slots,
-    all_finite,
     format_shape,
 )
 

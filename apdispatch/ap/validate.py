@@ -9,7 +9,7 @@ import numpy as np
 
 from apdispatch.common.errors import InvalidRequestError, NotFoundError
 from apdispatch.common.protocol import dispatcher_pb2 as pb
-from apdispatch.common.tensors import DATATYPE_TO_DTYPE, FLOAT_DATATYPES
+from apdispatch.common.tensors import DATATYPE_TO_DTYPE, FLOAT_DATATYPES, all_finite
 from apdispatch.routing.registry import Registry, Target, TensorSpec
 
 
@@ -86,15 +86,6 @@ def _check_inputs(req: pb.InferRequest, specs: tuple[TensorSpec, ...], max_bytes
             raise InvalidRequestError(
                 f"{where}.data", f"expected {size} bytes for shape {list(shape)}, got {len(tensor.data)}"
             )
-        if spec.datatype in FLOAT_DATATYPES and not _all_finite(np.frombuffer(tensor.data, dtype=dtype)):
+        if spec.datatype in FLOAT_DATATYPES and not all_finite(np.frombuffer(tensor.data, dtype=dtype)):
             raise InvalidRequestError(f"{where}.data", "contains NaN or infinity")
     return batch
-
-
-def _all_finite(values: np.ndarray) -> bool:
-    # NaN and infinity propagate through a sum, and a float64 sum of finite
-    # float16/float32 values cannot overflow: one reduction decides the common
-    # case; only an overflowing float64 sum needs the element-wise check.
-    if math.isfinite(float(np.add.reduce(values, dtype=np.float64))):
-        return True
-    return bool(np.isfinite(values).all())

@@ -5,6 +5,7 @@ Raw contents are flat, row-major, little-endian; the AP never re-encodes them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -56,3 +57,16 @@ def to_tensor(name: str, array: np.ndarray) -> pb.Tensor:
 
 def from_tensor(tensor: pb.Tensor) -> np.ndarray:
     return from_bytes(tensor.data, tensor.datatype, tensor.shape)
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """True when a float array holds no NaN or infinity; the AP and the workers check inputs with it.
+
+    NaN and infinity propagate through a sum, and a float64 sum of finite
+    FP16/FP32 values cannot overflow: one reduction decides the common case
+    without a boolean temporary. Only a non-finite sum, which huge finite FP64
+    values can also give, needs the element-wise check.
+    """
+    if math.isfinite(float(np.add.reduce(values, axis=None, dtype=np.float64))):
+        return True
+    return bool(np.isfinite(values).all())
