@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import pytest
 
+from apdispatch.common.errors import (
+    ApdispatchError,
+    DeadlineExceededError,
+    InvalidInputError,
+    InvalidRequestError,
+    NotFoundError,
+    RejectedError,
+    UnavailableError,
+    from_status,
+)
 from apdispatch.common.tensors import all_finite
 
 pytestmark = pytest.mark.unit
@@ -36,3 +47,40 @@ def test_all_finite_reads_every_axis_of_a_read_only_view() -> None:
     view = np.frombuffer(raw.tobytes(), dtype="<f4").reshape(3, 4)
     assert not view.flags.writeable
     assert not all_finite(view)
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (InvalidRequestError("sla.deadline_ms", "must be > 0"), grpc.StatusCode.INVALID_ARGUMENT),
+        (InvalidInputError("unexpected inference input 'x' for model 'm'"), grpc.StatusCode.INVALID_ARGUMENT),
+        (NotFoundError("Request for unknown model: 'm' is not found"), grpc.StatusCode.NOT_FOUND),
+        (RejectedError("no target can meet the SLA"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (UnavailableError("worker gone"), grpc.StatusCode.UNAVAILABLE),
+        (DeadlineExceededError(), grpc.StatusCode.DEADLINE_EXCEEDED),
+    ],
+)
+def test_each_error_carries_its_status_and_comes_back_from_it(
+    error: ApdispatchError, code: grpc.StatusCode
+) -> None:
+    assert error.code is code
+    back = from_status(error.code, error.message, request_id="r1")
+    assert isinstance(back, ApdispatchError) and back.code is code and back.request_id == "r1"
+    # The SDK raises the family a client catches: a worker's input error is an invalid request.
+    assert isinstance(back, InvalidRequestError) == isinstance(error, InvalidRequestError)
+    assert isinstance(error, type(back))
+    assert back.message == error.message
+
+
+def test_a_worker_input_error_keeps_its_message_whole() -> None:
+    err = InvalidInputError("input 'input' for model 'digits-tiny' holds NaN or infinite values")
+    assert str(err) == err.message == "input 'input' for model 'digits-tiny' holds NaN or infinite values"
+    assert err.field == ""
+    assert InvalidRequestError("inputs[0].data", "contains NaN or infinity").message == (
+        "inputs[0].data: contains NaN or infinity"
+    )
+
+
+def test_an_unmapped_status_keeps_its_code() -> None:
+    err = from_status(grpc.StatusCode.PERMISSION_DENIED, "no")
+    assert type(err) is ApdispatchError and err.code is grpc.StatusCode.PERMISSION_DENIED

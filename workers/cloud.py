@@ -28,8 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from apdispatch.common.errors import DeadlineExceededError
 from apdispatch.common.manifest import Variant
-from workers.runtime import DeadlineExceededError, InferResult, Runtime, Slots
+from workers.runtime import InferResult, Runtime, Slots
 
 NetworkBuilder = Callable[[dict[str, Any]], torch.nn.Module]
 

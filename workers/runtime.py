@@ -27,9 +27,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
-import grpc
 import numpy as np
 
+from apdispatch.common.errors import DeadlineExceededError
 from apdispatch.common.manifest import TensorSpec, Variant
 from apdispatch.common.tensors import DATATYPE_TO_DTYPE
 
@@ -41,20 +41,6 @@ T = TypeVar("T")
 # instead (time.sleep is accurate to tens of microseconds), which keeps the
 # slot just as busy without blocking the loop.
 THREAD_HOLD_BELOW_S = 0.002
-
-
-class RequestError(Exception):
-    """A request the worker answers with a gRPC status other than OK."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-class DeadlineExceededError(RequestError):
-    def __init__(self, message: str = "deadline exceeded before the request got a slot") -> None:
-        super().__init__(grpc.StatusCode.DEADLINE_EXCEEDED, message)
 
 
 @dataclass(slots=True)

@@ -39,6 +39,7 @@ import numpy as np
 from structlog.typing import FilteringBoundLogger
 
 from apdispatch.common import __version__
+from apdispatch.common.errors import ApdispatchError, InvalidInputError, NotFoundError
 from apdispatch.common.manifest import TensorSpec, Variant, load_manifest
 from apdispatch.common.protocol import dispatcher_pb2 as dpb
 from apdispatch.common.protocol import oip_pb2 as pb
@@ -50,7 +51,6 @@ from workers.registration import Registrar
 from workers.runtime import (
     DirectScheduler,
     InferResult,
-    RequestError,
     Runtime,
     Scheduler,
     Slots,
@@ -72,8 +72,6 @@ GRPC_OPTIONS = (
     # An explicit port must fail when taken, not be silently shared.
     ("grpc.so_reuseport", 0),
 )
-
-INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 # Which InferTensorContents field carries each datatype when not sent raw.
 _CONTENTS_FIELD: dict[str, str] = {
@@ -147,23 +145,21 @@ class Model:
     def decode(self, request: pb.ModelInferRequest) -> tuple[list[np.ndarray], int]:
         """The request's input arrays (in the variant's input order) and its batch size.
 
-        Raises :class:`RequestError` (INVALID_ARGUMENT) naming the input and the
-        model for anything the model cannot run. Raw contents become read-only
-        views (``np.frombuffer``), not copies.
+        Raises :class:`InvalidInputError` naming the input and the model for
+        anything the model cannot run. Raw contents become read-only views
+        (``np.frombuffer``), not copies.
         """
         m = self.name
         tensors = request.inputs
         if len(tensors) != self._n_inputs:
             expected = ", ".join(f"'{n}'" for n in self._inputs)
-            raise RequestError(
-                INVALID,
+            raise InvalidInputError(
                 f"expected {self._n_inputs} inputs but got {len(tensors)} inputs"
                 f" for model '{m}' (inputs: {expected})",
             )
         raw = request.raw_input_contents
         if raw and len(raw) != len(tensors):
-            raise RequestError(
-                INVALID,
+            raise InvalidInputError(
                 f"raw_input_contents for model '{m}' has {len(raw)} entries,"
                 f" expected one per input ({len(tensors)})",
             )
@@ -174,12 +170,11 @@ class Model:
             name = tensor.name
             spec = self._inputs.get(name)
             if spec is None:
-                raise RequestError(INVALID, f"unexpected inference input '{name}' for model '{m}'")
+                raise InvalidInputError(f"unexpected inference input '{name}' for model '{m}'")
             if arrays[spec.index] is not None:
-                raise RequestError(INVALID, f"input '{name}' for model '{m}' is given more than once")
+                raise InvalidInputError(f"input '{name}' for model '{m}' is given more than once")
             if tensor.datatype != spec.datatype:
-                raise RequestError(
-                    INVALID,
+                raise InvalidInputError(
                     f"inference input '{name}' data-type is '{tensor.datatype}',"
                     f" but model '{m}' expects '{spec.datatype}'",
                 )
@@ -189,8 +184,7 @@ class Model:
                 len(shape) != len(spec.shape)
                 or any(d < 0 or (e >= 0 and d != e) for d, e in zip(shape, spec.shape, strict=True))
             ):
-                raise RequestError(
-                    INVALID,
+                raise InvalidInputError(
                     f"unexpected shape for input '{name}' for model '{m}'."
                     f" Expected {format_shape(spec.shape)}, got {format_shape(shape)}",
                 )
@@ -198,34 +192,30 @@ class Model:
             for d in shape:
                 count *= d
             if count == 0:
-                raise RequestError(
-                    INVALID, f"input '{name}' for model '{m}' is empty (shape {format_shape(shape)})"
+                raise InvalidInputError(
+                    f"input '{name}' for model '{m}' is empty (shape {format_shape(shape)})"
                 )
             batch = shape[0]
             if batch > self.max_batch_size:
-                raise RequestError(
-                    INVALID,
+                raise InvalidInputError(
                     f"inference request batch-size must be <= {self.max_batch_size}"
                     f" for model '{m}', got {batch} (input '{name}')",
                 )
             if rows < 0:
                 rows, first = batch, name
             elif batch != rows:
-                raise RequestError(
-                    INVALID,
+                raise InvalidInputError(
                     f"input '{name}' for model '{m}' has batch size {batch}, but input '{first}' has {rows}",
                 )
             if raw:
                 if tensor.HasField("contents"):
-                    raise RequestError(
-                        INVALID,
+                    raise InvalidInputError(
                         f"input '{name}' for model '{m}' has both typed contents and raw_input_contents",
                     )
                 data = raw[pos]
                 expected_bytes = count * spec.dtype.itemsize
                 if len(data) != expected_bytes:
-                    raise RequestError(
-                        INVALID,
+                    raise InvalidInputError(
                         f"unexpected total byte size {len(data)} for input '{name}'"
                         f" for model '{m}', expecting {expected_bytes}"
                         f" (shape {format_shape(shape)} of {spec.datatype})",
@@ -234,7 +224,7 @@ class Model:
             else:
                 array = self._typed(tensor, spec, shape, count)
             if spec.is_float and not all_finite(array):
-                raise RequestError(INVALID, f"input '{name}' for model '{m}' holds NaN or infinite values")
+                raise InvalidInputError(f"input '{name}' for model '{m}' holds NaN or infinite values")
             arrays[spec.index] = array
         return arrays, rows  # type: ignore[return-value]  # every slot was filled above
 
@@ -248,28 +238,25 @@ class Model:
         field = _CONTENTS_FIELD.get(spec.datatype)
         m, name = self.name, spec.name
         if field is None:
-            raise RequestError(
-                INVALID,
+            raise InvalidInputError(
                 f"input '{name}' for model '{m}': {spec.datatype} travels only as raw_input_contents",
             )
         values = getattr(tensor.contents, field)
         if len(values) == 0:
-            raise RequestError(
-                INVALID,
+            raise InvalidInputError(
                 f"input '{name}' for model '{m}' has no data: neither raw_input_contents"
                 f" nor contents.{field}",
             )
         if len(values) != count:
-            raise RequestError(
-                INVALID,
+            raise InvalidInputError(
                 f"input '{name}' for model '{m}' has {len(values)} values in"
                 f" contents.{field}, expected {count} for shape {format_shape(shape)}",
             )
         try:
             return np.array(values, dtype=spec.dtype).reshape(shape)
         except OverflowError:
-            raise RequestError(
-                INVALID, f"input '{name}' for model '{m}' holds values out of range for {spec.datatype}"
+            raise InvalidInputError(
+                f"input '{name}' for model '{m}' holds values out of range for {spec.datatype}"
             ) from None
 
     def requested_outputs(self, request: pb.ModelInferRequest) -> list[int]:
@@ -279,9 +266,7 @@ class Model:
         for out in request.outputs:
             index = self._outputs.get(out.name)
             if index is None:
-                raise RequestError(
-                    INVALID, f"unexpected inference output '{out.name}' for model '{self.name}'"
-                )
+                raise InvalidInputError(f"unexpected inference output '{out.name}' for model '{self.name}'")
             picked.append(index)
         return picked
 
@@ -365,8 +350,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelMetadataResponse:
         try:
             model = self._model(request.name, request.version)
-        except RequestError as err:
-            await context.abort(err.code, err.message)
+        except ApdispatchError as err:
+            await context.abort(*self._status(err, request.name, ""))
         return model.metadata
 
     # Inference -----------------------------------------------------------
@@ -374,10 +359,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _model(self, name: str, version: str) -> Model:
         model = self.models.get(name)
         if model is None:
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"Request for unknown model: '{name}' is not found")
+            raise NotFoundError(f"Request for unknown model: '{name}' is not found")
         if version not in ("", MODEL_VERSION):
-            raise RequestError(
-                grpc.StatusCode.NOT_FOUND,
+            raise NotFoundError(
                 f"Request for unknown model: '{name}' version {version} is not found",
             )
         return model
@@ -398,13 +382,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
         return model.encode(request, result, picked)
 
-    def _stream_failure(self, request: pb.ModelInferRequest, exc: Exception) -> pb.ModelStreamInferResponse:
-        if isinstance(exc, RequestError):
-            return self._stream_error(request, exc.code, exc.message)
-        self.log.error("infer_failed", model=request.model_name, request_id=request.id, exc_info=exc)
-        return self._stream_error(
-            request, grpc.StatusCode.INTERNAL, f"model '{request.model_name}' failed: {exc}"
-        )
+    def _status(self, exc: Exception, model: str, request_id: str) -> tuple[grpc.StatusCode, str]:
+        """The status and message a failed call is answered with: errors become statuses here only.
+
+        Ours carry their status; anything else is the model failing (INTERNAL), and is logged.
+        """
+        if isinstance(exc, ApdispatchError):
+            return exc.code, _with_id(request_id, exc.message)
+        self.log.error("infer_failed", model=model, request_id=request_id, exc_info=exc)
+        return grpc.StatusCode.INTERNAL, _with_id(request_id, f"model '{model}' failed: {exc}")
 
     @staticmethod
     def _timeout_deadline(request: pb.ModelInferRequest, now: float) -> float | None:
@@ -430,16 +416,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await asyncio.sleep(half)
         try:
             response = await self._infer(request, deadline)
-        except RequestError as err:
+        except Exception as exc:
+            code, message = self._status(exc, request.model_name, request.id)
             if half:
                 await asyncio.sleep(half)
-            await context.abort(err.code, _with_id(request.id, err.message))
-        except Exception as exc:
-            self.log.exception("infer_failed", model=request.model_name, request_id=request.id)
-            await context.abort(
-                grpc.StatusCode.INTERNAL,
-                _with_id(request.id, f"model '{request.model_name}' failed: {exc}"),
-            )
+            await context.abort(code, message)
         if half:
             await asyncio.sleep(half)
         return response
@@ -467,7 +448,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 response = await self._infer(request, deadline)
                 reply = pb.ModelStreamInferResponse(infer_response=response)
             except Exception as exc:
-                reply = self._stream_failure(request, exc)
+                reply = self._stream_error(request, *self._status(exc, request.model_name, request.id))
             if half:
                 await asyncio.sleep(half)
             replies.put_nowait(reply)
@@ -501,7 +482,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         request: pb.ModelInferRequest, code: grpc.StatusCode, message: str
     ) -> pb.ModelStreamInferResponse:
         return pb.ModelStreamInferResponse(
-            error_message=_with_id(request.id, message),
+            error_message=message,
             infer_response=pb.ModelInferResponse(
                 model_name=request.model_name,
                 id=request.id,

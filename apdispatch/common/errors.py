@@ -1,4 +1,9 @@
-"""Errors with the gRPC status each maps to; mapped to statuses in one place (the servicers)."""
+"""One error hierarchy for the AP, the workers and the SDK.
+
+Each class carries the gRPC status it maps to (``code``); a server turns them
+into statuses in one place, its servicer, and the SDK turns statuses back into
+them (:func:`from_status`).
+"""
 
 from __future__ import annotations
 
@@ -17,17 +22,26 @@ class ApdispatchError(Exception):
 
 
 class InvalidRequestError(ApdispatchError):
-    """Bad input; the message names the offending field."""
+    """Bad input; the message names the offending field (``field: problem``, or the
+    problem alone when it names what it is about itself)."""
 
     code = grpc.StatusCode.INVALID_ARGUMENT
 
     def __init__(self, field: str, problem: str, *, request_id: str = "") -> None:
-        super().__init__(f"{field}: {problem}", request_id=request_id)
+        super().__init__(f"{field}: {problem}" if field else problem, request_id=request_id)
         self.field = field
 
 
+class InvalidInputError(InvalidRequestError):
+    """An input a worker's model cannot run; the message, worded as Triton words it,
+    names the input and the model."""
+
+    def __init__(self, message: str, *, request_id: str = "") -> None:
+        super().__init__("", message, request_id=request_id)
+
+
 class NotFoundError(ApdispatchError):
-    """Unknown task or variant."""
+    """Unknown task, variant or model."""
 
     code = grpc.StatusCode.NOT_FOUND
 
@@ -44,11 +58,23 @@ class UnavailableError(ApdispatchError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class DeadlineExceededError(ApdispatchError):
+    """The deadline passed before the request could run."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def __init__(
+        self, message: str = "deadline exceeded before the request got a slot", *, request_id: str = ""
+    ) -> None:
+        super().__init__(message, request_id=request_id)
+
+
 _BY_CODE: dict[grpc.StatusCode, type[ApdispatchError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: RejectedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
 }
 
 
@@ -56,8 +82,10 @@ def from_status(code: grpc.StatusCode, message: str, *, request_id: str = "") ->
     """The client-side exception for a status a server answered with."""
     cls = _BY_CODE.get(code, ApdispatchError)
     if cls is InvalidRequestError:
-        field, _, problem = message.partition(": ")
-        return InvalidRequestError(field, problem or message, request_id=request_id)
+        field, sep, problem = message.partition(": ")
+        if not sep:
+            field, problem = "", message
+        return InvalidRequestError(field, problem, request_id=request_id)
     err = cls(message, request_id=request_id)
     if cls is ApdispatchError:
         err.code = code
