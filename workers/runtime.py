@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -267,7 +267,3 @@ class DirectScheduler:
         queued = time.perf_counter() - t0
         outputs, held = await self.slots.execute(partial(self.runtime.predict, inputs), inline=self.inline)
         return InferResult(outputs, queued * 1e3, held * 1e3, rows)
-
-
-def format_shape(shape: Sequence[int]) -> str:
-    return "[" + ",".join(str(int(d)) for d in shape) + "]"
