@@ -35,6 +35,13 @@ def _worker_parser(sub: argparse._SubParsersAction, kind: str) -> argparse.Argum
     )
     p.add_argument("--worker-id", default=None)
     p.add_argument("--advertise", default=None, help="address announced to the AP")
+    p.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        default=None,
+        help="on SIGINT/SIGTERM, how long requests in flight may take to finish (default 5; "
+        "a second signal cuts it short)",
+    )
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-format", default="json", choices=["json", "console"])
     if kind == "cloud":

@@ -8,7 +8,7 @@
   little-endian replies).
 - :mod:`workers.servicer`: the ``inference.GRPCInferenceService`` RPCs.
 - :class:`Worker` (here): start-up, the grpc.aio server, registration,
-  shut-down; :func:`serve` runs one until a signal.
+  shut-down; :func:`serve` runs one under :class:`apdispatch.common.lifecycle.Lifecycle`.
 
 **Emulation**, so that one machine can host a heterogeneous topology:
 ``slowdown`` F holds each slot F times as long as the real compute took
@@ -35,6 +35,7 @@ from pathlib import Path
 import grpc
 from structlog.typing import FilteringBoundLogger
 
+from apdispatch.common.lifecycle import Lifecycle
 from apdispatch.common.manifest import TensorSpec, Variant, load_manifest
 from apdispatch.common.protocol import dispatcher_pb2 as dpb
 from apdispatch.common.protocol import oip_pb2_grpc as pb_grpc
@@ -93,6 +94,8 @@ class Worker:
         self._server: grpc.aio.Server | None = None
         self._servicer: InferenceServicer | None = None
         self._stopping = False
+        self._closing = False
+        self._cut = False  # a second signal ended the drain early
         self._stopped = asyncio.Event()
 
     # Start-up ------------------------------------------------------------
@@ -241,21 +244,25 @@ class Worker:
 
     # Shut-down -------------------------------------------------------------
 
-    async def stop(self, grace: float | None = None, force: asyncio.Event | None = None) -> bool:
-        """Deregister, stop accepting, let in-flight requests finish within ``grace`` seconds.
+    async def stop(self, grace: float | None = None) -> bool:
+        """Drain within ``grace`` seconds (default: the config's), then shut down.
 
-        Setting ``force`` cuts the grace period short. Returns False when forced.
+        Idempotent; returns False when a drain was cut short (:meth:`cut`).
         """
         if self._stopping:
             await self._stopped.wait()
-            return True
+            return not self._cut
         self._stopping = True
-        graceful = True
-        grace = self.config.shutdown_grace_s if grace is None else grace
+        await self.drain(self.config.shutdown_grace_s if grace is None else grace)
+        await self.close()
+        return not self._cut
+
+    async def drain(self, grace_s: float) -> None:
+        """Deregister, stop accepting, let in-flight requests finish within ``grace_s`` seconds."""
         slots = self.slots
         self.log.info(
             "stopping",
-            grace_s=grace,
+            grace_s=grace_s,
             running=slots.busy if slots else 0,
             queued=slots.waiting if slots else 0,
         )
@@ -264,24 +271,35 @@ class Worker:
         if self.registrar is not None:
             await self.registrar.stop()
         if self._server is not None:
-            stopping = asyncio.ensure_future(self._server.stop(grace))
-            if force is not None:
-                forced = asyncio.ensure_future(force.wait())
-                await asyncio.wait({stopping, forced}, return_when=asyncio.FIRST_COMPLETED)
-                if not stopping.done():
-                    graceful = False
-                    self.log.warning("forced_stop")
-                    await self._server.stop(None)
-                forced.cancel()
-            await stopping
+            await self._server.stop(grace_s)
+
+    async def cut(self) -> None:
+        """End a drain now: requests still in flight are cancelled."""
+        self._cut = True
+        self.log.warning("forced_stop")
+        if self._server is not None:
+            await self._server.stop(None)
+
+    async def close(self) -> None:
+        """The shut-down steps, whatever came before (a drain, a cut one, a failed start)."""
+        if self._closing:
+            await self._stopped.wait()
+            return
+        self._closing = True
+        if self._servicer is not None:
+            self._servicer.ready = False
+        # Both are no-ops after a drain.
+        if self.registrar is not None:
+            await self.registrar.stop()
+        if self._server is not None:
+            await self._server.stop(None)
         for model in self.models.values():
             await model.scheduler.close()
             model.runtime.unload()
         if self.slots is not None:
             self.slots.close()
-        self.log.info("stopped", graceful=graceful)
+        self.log.info("stopped", graceful=not self._cut)
         self._stopped.set()
-        return graceful
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -310,46 +328,56 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_batch_size=getattr(args, "max_batch_size", defaults.max_batch_size),
         max_wait_ms=getattr(args, "max_wait_ms", defaults.max_wait_ms),
         device=getattr(args, "device", defaults.device),
+        shutdown_grace_s=(
+            defaults.shutdown_grace_s
+            if getattr(args, "shutdown_grace_s", None) is None
+            else args.shutdown_grace_s
+        ),
     )
 
 
 async def serve(config: WorkerConfig, log: FilteringBoundLogger) -> int:
-    """Run a worker until SIGINT/SIGTERM; a second signal cuts the grace period short."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    force = asyncio.Event()
-    received: list[signal.Signals] = []
+    """Run a worker until SIGINT/SIGTERM, under :class:`Lifecycle`.
 
-    def on_signal(sig: signal.Signals) -> None:
-        received.append(sig)
-        if len(received) == 1:
-            log.info("shutdown_requested", signal=sig.name)
-            stop.set()
-        else:
-            log.warning("forced_exit_requested", signal=sig.name)
-            force.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
+    0 when it drained; 1 when a second signal cut the drain short, or when it
+    could not start.
+    """
     worker = Worker(config, log)
-    try:
+    failed = False
+
+    async def startup() -> None:
+        nonlocal failed
         try:
             await worker.start()
         except (OSError, ValueError, KeyError) as err:
+            failed = True
             # Expected failures (a taken port, a missing zoo, an unknown variant): one line.
             log.error("startup_failed", error=str(err))
-            await worker.stop(grace=0)
-            return 1
+            raise
         except Exception:
+            failed = True
             log.exception("startup_failed")
-            await worker.stop(grace=0)
+            raise
+
+    def notify(sig: signal.Signals, forced: bool) -> None:
+        if forced:
+            log.warning("forced_exit_requested", signal=sig.name)
+        else:
+            log.info("shutdown_requested", signal=sig.name)
+
+    try:
+        graceful = await Lifecycle(notify=notify).run(
+            startup=startup,
+            drain=worker.drain,
+            cut=worker.cut,
+            shutdown=worker.close,
+            grace_s=config.shutdown_grace_s,
+        )
+    except Exception:
+        if failed:  # logged above, and shut down
             return 1
-        await stop.wait()
-        graceful = await worker.stop(config.shutdown_grace_s, force=force)
-        return 0 if graceful else 1
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        raise
+    return 0 if graceful else 1
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,16 +1,15 @@
 """The AP daemon's lifecycle: start up, serve, shut down with a grace period.
 
 ``AccessPoint`` is usable in-process (tests, benchmarks); ``main`` runs it as
-``apdispatch serve`` with signal handling: the first SIGINT/SIGTERM starts a
-graceful shutdown, a second one exits at once.
+``apdispatch serve`` under :class:`apdispatch.common.lifecycle.Lifecycle`: the
+first SIGINT/SIGTERM drains within ``shutdown_grace_s``, a second one cuts the
+grace period short; the checkpoint is written either way.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
 import signal
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from apdispatch.ap.forwarder import Forwarder
 from apdispatch.ap.logs import configure_logging, is_enabled
 from apdispatch.ap.metrics import Stats
 from apdispatch.ap.servicers import DispatcherServicer, RegistryServicer
+from apdispatch.common.lifecycle import Lifecycle
 from apdispatch.common.protocol import dispatcher_pb2_grpc as pb_grpc
 from apdispatch.policies import make_policy, policy_names
 from apdispatch.routing.estimator import LatencyEstimator
@@ -64,6 +64,7 @@ class AccessPoint:
         )
         self.address = ""
         self._background: list[asyncio.Task[None]] = []
+        self._started = False
 
     async def start(self) -> str:
         host = self.config.listen.rsplit(":", 1)[0]
@@ -72,6 +73,7 @@ class AccessPoint:
             raise OSError(f"listen: cannot bind {self.config.listen}")
         self.address = f"{host}:{port}"
         await self.server.start()
+        self._started = True
         loop = asyncio.get_running_loop()
         self._background = [
             loop.create_task(self._expire_leases()),
@@ -83,15 +85,34 @@ class AccessPoint:
         return self.address
 
     async def stop(self, grace_s: float | None = None) -> None:
-        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
-        for task in self._background:
-            task.cancel()
-        await self.server.stop(grace)
+        await self.drain(self.config.shutdown_grace_s if grace_s is None else grace_s)
+        await self.close()
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop taking calls; those in flight get ``grace_s`` seconds to finish."""
+        await self._cancel_background()
+        await self.server.stop(grace_s)
+
+    async def cut(self) -> None:
+        """End a drain now: calls still in flight are cancelled."""
+        await self.server.stop(None)
+
+    async def close(self) -> None:
+        """The shut-down steps, whatever came before (a drain, a cut one, a failed start)."""
+        await self._cancel_background()
+        await self.server.stop(None)  # a no-op once drained
         await self.forwarder.close()
         # Save first: the learner (a process for the actor-critic) holds the parameters.
-        await self._save_checkpoint()
+        if self._started:
+            await self._save_checkpoint()
         await asyncio.to_thread(self.policy.close)
         self.log.info("stopped", requests=self.stats.total, **dict(self.stats.totals))
+
+    async def _cancel_background(self) -> None:
+        tasks, self._background = self._background, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _checkpoint_path(self) -> Path | None:
         if self.policy.learns and self.config.checkpoint:
@@ -112,7 +133,14 @@ class AccessPoint:
     async def _checkpoints(self) -> None:
         while True:
             await asyncio.sleep(self.config.checkpoint_interval_s)
-            await self._save_checkpoint()
+            # A save under way finishes before the task ends: the shut-down's
+            # save must not run beside it.
+            save = asyncio.ensure_future(self._save_checkpoint())
+            try:
+                await asyncio.shield(save)
+            except asyncio.CancelledError:
+                await save
+                raise
 
     async def _expire_leases(self) -> None:
         interval = min(1.0, self.config.lease_s / 4)
@@ -138,28 +166,23 @@ class AccessPoint:
         await self.stop(grace_s=0.5)
 
 
-async def serve(config: APConfig, log: structlog.typing.FilteringBoundLogger) -> None:
+async def serve(config: APConfig, log: structlog.typing.FilteringBoundLogger) -> bool:
+    """Serve until a signal; False when a second signal cut the drain short."""
     ap = AccessPoint(config, log)
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
 
-    def on_signal(signum: int) -> None:
-        if stopping.is_set():
-            log.warning("second signal, exiting now", signal=signal.Signals(signum).name)
-            os._exit(1)
-        log.info("shutting down", signal=signal.Signals(signum).name, grace_s=config.shutdown_grace_s)
-        stopping.set()
+    def notify(sig: signal.Signals, forced: bool) -> None:
+        if forced:
+            log.warning("second signal, cutting the grace period short", signal=sig.name)
+        else:
+            log.info("shutting down", signal=sig.name, grace_s=config.shutdown_grace_s)
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal, signum)
-    await ap.start()
-    try:
-        await stopping.wait()
-    finally:
-        await ap.stop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(Exception):
-                loop.remove_signal_handler(signum)
+    return await Lifecycle(notify=notify).run(
+        startup=ap.start,
+        drain=ap.drain,
+        cut=ap.cut,
+        shutdown=ap.close,
+        grace_s=config.shutdown_grace_s,
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -180,8 +203,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     log = configure_logging(config.log_level, config.log_format)
     try:
-        asyncio.run(serve(config, log))
+        graceful = asyncio.run(serve(config, log))
     except OSError as exc:
         log.error("cannot serve", error=str(exc))
         return 1
-    return 0
+    return 0 if graceful else 1

@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 
 from apdispatch.common.errors import UnavailableError
+from apdispatch.common.lifecycle import Lifecycle
 from apdispatch.scenario import ScenarioError, load_scenario
 from apdispatch.scenario.plan import LoadPlan, QueryProcess, StreamPlan, plan_load, stream_starts
 from apdispatch.tools.loadgen.report import LoadReport
@@ -65,29 +66,28 @@ __all__ = [
 ]
 
 
-def _stop_on_signals(stop: asyncio.Event) -> None:
-    """First Ctrl-C (or SIGTERM): stop sending, wait for replies, report. Second: abort."""
-    loop = asyncio.get_running_loop()
-
-    def first(sig: signal.Signals) -> None:
+def _announce(sig: signal.Signals, forced: bool) -> None:
+    if forced:
         print(
-            f"\napdispatch load: {sig.name}: stopping; waiting for outstanding replies (again to abort)",
+            f"apdispatch load: {sig.name}: no longer waiting; missing replies count as '{NO_REPLY}'",
             file=sys.stderr,
         )
-        stop.set()
-        for s in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(s)  # back to the default: the next one aborts
-
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, first, sig)
-    except (ValueError, RuntimeError, NotImplementedError):
-        pass  # not the main thread, or no signal support: no graceful stop
+    else:
+        print(
+            f"\napdispatch load: {sig.name}: stopping; waiting for outstanding replies (again: stop waiting)",
+            file=sys.stderr,
+        )
 
 
 def main(args: argparse.Namespace) -> int:
     """``apdispatch load``: 0 when the run completed, 1 when the AP was unreachable,
-    2 for bad input (scenario, samples), 3 when the outcomes do not add up."""
+    2 for bad input (scenario, samples), 3 when the outcomes do not add up, 130
+    when a second signal cut the wait for replies short (the report is still
+    printed and written).
+
+    The first SIGINT/SIGTERM stops sending and waits for outstanding replies;
+    a second one stops waiting (:class:`apdispatch.common.lifecycle.Lifecycle`).
+    """
     try:
         scenario = load_scenario(args.scenario)
     except (OSError, ScenarioError) as exc:
@@ -95,23 +95,27 @@ def main(args: argparse.Namespace) -> int:
         return 2
     progress = not getattr(args, "no_progress", False) and sys.stderr.isatty()
 
-    async def run() -> LoadReport:
-        stop = asyncio.Event()
-        _stop_on_signals(stop)
-        return await run_load(
-            scenario,
-            args.ap,
-            Path(args.models),
-            duration_s=getattr(args, "duration", None),
-            seed=getattr(args, "seed", None),
-            progress=progress,
-            connect_timeout_s=getattr(args, "connect_timeout", DEFAULT_CONNECT_TIMEOUT_S),
-            stop=stop,
-        )
+    async def run() -> tuple[LoadReport, bool]:
+        # The handlers stay in place while the report is written: a further
+        # signal then changes nothing.
+        with Lifecycle(notify=_announce) as life:
+            report = await run_load(
+                scenario,
+                args.ap,
+                Path(args.models),
+                duration_s=getattr(args, "duration", None),
+                seed=getattr(args, "seed", None),
+                progress=progress,
+                connect_timeout_s=getattr(args, "connect_timeout", DEFAULT_CONNECT_TIMEOUT_S),
+                stop=life.stopping,
+                force=life.forced,
+            )
+            _write(report, getattr(args, "json", None))
+            return report, life.forced.is_set()
 
     try:
-        report = asyncio.run(run())
-    except KeyboardInterrupt:
+        report, forced = asyncio.run(run())
+    except KeyboardInterrupt:  # before the handlers are in place, or after
         print("apdispatch load: aborted", file=sys.stderr)
         return 130
     except UnavailableError as exc:
@@ -120,10 +124,15 @@ def main(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"apdispatch load: {exc}", file=sys.stderr)
         return 2
+    if not report.counts_add_up:
+        return 3
+    return 130 if forced else 0
+
+
+def _write(report: LoadReport, out: Path | str | None) -> None:
+    """The shut-down step: the summary on stdout, the JSON document to ``out``."""
     print(report.summary())
-    out = getattr(args, "json", None)
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    return 0 if report.counts_add_up else 3

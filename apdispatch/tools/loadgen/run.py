@@ -24,6 +24,7 @@ import numpy as np
 from apdispatch.client import AsyncClient, AsyncStream
 from apdispatch.common import tensors
 from apdispatch.common.errors import ApdispatchError
+from apdispatch.common.lifecycle import cut_short
 from apdispatch.common.protocol import dispatcher_pb2 as pb
 from apdispatch.scenario import Scenario
 from apdispatch.scenario.plan import LoadPlan, QueryProcess, StreamPlan, plan_load
@@ -299,6 +300,7 @@ async def run_load(
     grace_s: float = DEFAULT_GRACE_S,
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     stop: asyncio.Event | None = None,
+    force: asyncio.Event | None = None,
 ) -> LoadReport:
     """Offer ``scenario``'s load to the AP at ``ap`` and report what came back.
 
@@ -307,6 +309,8 @@ async def run_load(
     (``Scenario.scaled``: every phase is visited, load levels are kept);
     ``seed`` defaults to the scenario's. Setting ``stop`` ends the sending early;
     outstanding replies are still awaited and the report covers what was sent.
+    Setting ``force`` also ends that wait: replies still missing count as
+    ``failed`` (``no reply``), and the report is made all the same.
     Raises UnavailableError when the AP cannot be reached at the start; once
     running, failures are outcomes.
     """
@@ -328,10 +332,14 @@ async def run_load(
         runner.t0 = runner.loop.time()
         ticker = asyncio.create_task(_progress(runner, scenario.duration_s)) if progress else None
         watcher = asyncio.create_task(_stop_on(stop, runner)) if stop is not None else None
+        forced = force if force is not None else asyncio.Event()
         try:
-            await asyncio.create_task(runner.launch())
             # Each stream ends by itself (deadline + grace after its last query).
-            await asyncio.gather(*runner.tasks)
+            ended = await cut_short(runner.launch(), forced) and await cut_short(
+                asyncio.gather(*runner.tasks), forced
+            )
+            if not ended:
+                runner.stop()  # a no-op when ``stop`` came first, as it does from signals
         finally:
             if watcher is not None:
                 watcher.cancel()
