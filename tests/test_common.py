@@ -1,4 +1,4 @@
-"""What the AP and the workers share: the finiteness check on inputs, the error hierarchy."""
+"""What the AP and the workers share: the finiteness check on inputs, the error hierarchy, tensor specs."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from apdispatch.common.errors import (
     UnavailableError,
     from_status,
 )
-from apdispatch.common.tensors import all_finite
+from apdispatch.common.manifest import TensorSpec as ManifestTensorSpec
+from apdispatch.common.tensors import TensorSpec, all_finite
 
 pytestmark = pytest.mark.unit
 
@@ -84,3 +85,12 @@ def test_a_worker_input_error_keeps_its_message_whole() -> None:
 def test_an_unmapped_status_keeps_its_code() -> None:
     err = from_status(grpc.StatusCode.PERMISSION_DENIED, "no")
     assert type(err) is ApdispatchError and err.code is grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_one_tensor_spec_from_the_manifest_over_the_wire() -> None:
+    assert ManifestTensorSpec is TensorSpec
+    spec = TensorSpec(name="input", datatype="FP32", shape=(-1, 1, 8, 8))
+    assert TensorSpec.from_json(spec.to_json()) == spec
+    wire = spec.to_proto()
+    assert (wire.name, wire.datatype, list(wire.shape)) == ("input", "FP32", [-1, 1, 8, 8])
+    assert TensorSpec.from_proto(wire) == spec

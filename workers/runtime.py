@@ -30,8 +30,8 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import numpy as np
 
 from apdispatch.common.errors import DeadlineExceededError
-from apdispatch.common.manifest import TensorSpec, Variant
-from apdispatch.common.tensors import DATATYPE_TO_DTYPE
+from apdispatch.common.manifest import Variant
+from apdispatch.common.tensors import DATATYPE_TO_DTYPE, TensorSpec
 
 T = TypeVar("T")
 

@@ -29,14 +29,13 @@ import asyncio
 import contextlib
 import signal
 import socket
-from collections.abc import Iterable
 from pathlib import Path
 
 import grpc
 from structlog.typing import FilteringBoundLogger
 
 from apdispatch.common.lifecycle import Lifecycle
-from apdispatch.common.manifest import TensorSpec, Variant, load_manifest
+from apdispatch.common.manifest import Variant, load_manifest
 from apdispatch.common.protocol import dispatcher_pb2 as dpb
 from apdispatch.common.protocol import oip_pb2_grpc as pb_grpc
 from workers.codec import Model
@@ -234,8 +233,8 @@ class Worker:
                     accuracy=m.variant.accuracy,
                     latency_ms=m.variant.latency_ms_batch1 * factor,
                     latency_ms_batch8=m.variant.latency_ms_batch8 * factor,
-                    inputs=_specs(m.variant.inputs),
-                    outputs=_specs(m.variant.outputs),
+                    inputs=[s.to_proto() for s in m.variant.inputs],
+                    outputs=[s.to_proto() for s in m.variant.outputs],
                     max_batch_size=m.max_batch_size,
                 )
                 for m in self.models.values()
@@ -303,10 +302,6 @@ class Worker:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
-
-
-def _specs(specs: Iterable[TensorSpec]) -> list[dpb.TensorSpec]:
-    return [dpb.TensorSpec(name=s.name, datatype=s.datatype, shape=list(s.shape)) for s in specs]
 
 
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:

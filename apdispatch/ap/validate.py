@@ -9,8 +9,8 @@ import numpy as np
 
 from apdispatch.common.errors import InvalidRequestError, NotFoundError
 from apdispatch.common.protocol import dispatcher_pb2 as pb
-from apdispatch.common.tensors import DATATYPE_TO_DTYPE, FLOAT_DATATYPES, all_finite
-from apdispatch.routing.registry import Registry, Target, TensorSpec
+from apdispatch.common.tensors import DATATYPE_TO_DTYPE, FLOAT_DATATYPES, TensorSpec, all_finite
+from apdispatch.routing.registry import Registry, Target
 
 
 @dataclass(frozen=True, slots=True)

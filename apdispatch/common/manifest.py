@@ -22,21 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from apdispatch.common.tensors import TensorSpec
+
+__all__ = ["MANIFEST_NAME", "Manifest", "TensorSpec", "Variant", "load_manifest", "write_manifest"]
+
 MANIFEST_NAME = "manifest.json"
-
-
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]  # -1 = any size (the batch dimension)
-
-    @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> TensorSpec:
-        return cls(name=raw["name"], datatype=raw["datatype"], shape=tuple(raw["shape"]))
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -28,6 +30,29 @@ DATATYPE_TO_DTYPE: dict[str, np.dtype] = {
 }
 DTYPE_TO_DATATYPE: dict[np.dtype, str] = {v: k for k, v in DATATYPE_TO_DTYPE.items()}
 FLOAT_DATATYPES = frozenset({"FP16", "FP32", "FP64"})
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A named tensor a model takes or gives: in the manifest, in a registration, in the AP's checks."""
+
+    name: str
+    datatype: str  # an OIP datatype string
+    shape: tuple[int, ...]  # -1 = any size (the batch dimension)
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> TensorSpec:
+        return cls(name=raw["name"], datatype=raw["datatype"], shape=tuple(raw["shape"]))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_proto(cls, spec: pb.TensorSpec) -> TensorSpec:
+        return cls(name=spec.name, datatype=spec.datatype, shape=tuple(spec.shape))
+
+    def to_proto(self) -> pb.TensorSpec:
+        return pb.TensorSpec(name=self.name, datatype=self.datatype, shape=list(self.shape))
 
 
 def datatype_of(array: np.ndarray) -> str:

@@ -14,13 +14,7 @@ from dataclasses import dataclass, field
 
 from apdispatch.common.errors import InvalidRequestError
 from apdispatch.common.protocol import dispatcher_pb2 as pb
-
-
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
-    name: str
-    datatype: str
-    shape: tuple[int, ...]  # -1 = any size
+from apdispatch.common.tensors import TensorSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +57,7 @@ class Target:
 
 
 def _specs(raw: Iterable[pb.TensorSpec]) -> tuple[TensorSpec, ...]:
-    return tuple(TensorSpec(name=t.name, datatype=t.datatype, shape=tuple(t.shape)) for t in raw)
+    return tuple(TensorSpec.from_proto(t) for t in raw)
 
 
 def _validate_registration(req: pb.RegisterRequest) -> None:
