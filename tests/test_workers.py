@@ -27,13 +27,13 @@ import numpy as np
 import pytest
 
 from apdispatch.cli import build_parser
+from apdispatch.common.logs import make_logger
 from apdispatch.common.manifest import Manifest, Variant, load_manifest
 from apdispatch.common.protocol import dispatcher_pb2 as dpb
 from apdispatch.common.protocol import dispatcher_pb2_grpc as dpb_grpc
 from apdispatch.common.protocol import oip_pb2 as pb
 from apdispatch.common.protocol import oip_pb2_grpc as pb_grpc
 from workers.config import WorkerConfig
-from workers.logging import make_logger
 from workers.server import Worker, config_from_args
 
 REPO = Path(__file__).resolve().parents[1]

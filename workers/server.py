@@ -35,12 +35,12 @@ import grpc
 from structlog.typing import FilteringBoundLogger
 
 from apdispatch.common.lifecycle import Lifecycle
+from apdispatch.common.logs import make_logger
 from apdispatch.common.manifest import Variant, load_manifest
 from apdispatch.common.protocol import dispatcher_pb2 as dpb
 from apdispatch.common.protocol import oip_pb2_grpc as pb_grpc
 from workers.codec import Model
 from workers.config import WorkerConfig
-from workers.logging import make_logger
 from workers.registration import Registrar
 from workers.runtime import DirectScheduler, Runtime, Scheduler, Slots
 from workers.servicer import InferenceServicer

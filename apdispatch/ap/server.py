@@ -19,10 +19,10 @@ import structlog
 from apdispatch.ap.config import APConfig, ConfigError, load_config
 from apdispatch.ap.dispatcher import Dispatcher
 from apdispatch.ap.forwarder import Forwarder
-from apdispatch.ap.logs import configure_logging, is_enabled
 from apdispatch.ap.metrics import Stats
 from apdispatch.ap.servicers import DispatcherServicer, RegistryServicer
 from apdispatch.common.lifecycle import Lifecycle
+from apdispatch.common.logs import is_enabled, make_logger
 from apdispatch.common.protocol import dispatcher_pb2_grpc as pb_grpc
 from apdispatch.policies import make_policy, policy_names
 from apdispatch.routing.estimator import LatencyEstimator
@@ -201,7 +201,11 @@ def main(args: argparse.Namespace) -> int:
     except (ConfigError, KeyError) as exc:
         print(f"apdispatch serve: {exc}")
         return 2
-    log = configure_logging(config.log_level, config.log_format)
+    try:
+        log = make_logger(config.log_level, config.log_format)
+    except ValueError as exc:  # an unknown log level
+        print(f"apdispatch serve: {exc}")
+        return 2
     try:
         graceful = asyncio.run(serve(config, log))
     except OSError as exc:

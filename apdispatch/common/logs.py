@@ -1,4 +1,5 @@
-"""structlog set-up for a worker process: JSON lines by default, one logger passed down.
+"""structlog set-up for the AP, the workers and the tools: JSON lines by default,
+one logger passed down, context bound per use.
 
 The logger is built with ``structlog.wrap_logger`` rather than a global
 ``structlog.configure`` so that several workers (and an AP) can share one process
@@ -46,3 +47,9 @@ def make_logger(level: str = "info", fmt: str = "json", stream: TextIO | None = 
         wrapper_class=structlog.make_filtering_bound_logger(min_level),
     )
     return logger
+
+
+def is_enabled(level: str, current: str) -> bool:
+    """Whether a logger at level ``current`` writes ``level`` events."""
+    mapping = logging.getLevelNamesMapping()
+    return mapping[level.upper()] >= mapping[current.upper()]
