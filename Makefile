@@ -42,12 +42,15 @@ bench: models
 	$(BIN)/apdispatch bench --models $(MODELS) --json build/bench.json
 
 # The evaluation table of docs/evaluation/: every policy, five seeds, on the
-# repo's scenarios and the held-out ones (about 24 minutes on 2 cores).
+# repo's scenarios and the held-out ones (about 24 minutes on 2 cores). The zoo's
+# variants take the shipped reference latencies, so every machine writes the same
+# tables; LATENCIES=measured uses what this machine's zoo build timed instead.
 SEEDS ?= 5
 JOBS ?= 2
+LATENCIES ?= reference
 eval: models
 	$(BIN)/apdispatch evaluate scenarios/sim/*.toml scenarios/held-out/*.toml --models $(MODELS) \
-		--seeds $(SEEDS) --jobs $(JOBS) --out docs/evaluation
+		--latencies $(LATENCIES) --seeds $(SEEDS) --jobs $(JOBS) --out docs/evaluation
 
 # The same on thirty random scenarios (apdispatch generate, seeds 100-129, 150 s
 # each): deployments nobody chose. Each is run on arrival seeds 100-104, so that
@@ -55,9 +58,10 @@ eval: models
 # minutes on 2 cores; GEN_SEEDS=1 for one seed, about 4).
 GEN_SEEDS ?= 5
 eval-generated: models
-	$(BIN)/apdispatch generate --seeds 100-129 --duration 150 --models $(MODELS) --out build/generated
+	$(BIN)/apdispatch generate --seeds 100-129 --duration 150 --models $(MODELS) \
+		--latencies $(LATENCIES) --out build/generated
 	$(BIN)/apdispatch evaluate build/generated/generated-*.toml --models $(MODELS) --seeds $(GEN_SEEDS) \
-		--jobs $(JOBS) --no-plot --out docs/evaluation/generated
+		--latencies $(LATENCIES) --jobs $(JOBS) --no-plot --out docs/evaluation/generated
 
 clean:
 	rm -rf build $(VENV)

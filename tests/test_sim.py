@@ -22,6 +22,7 @@ from apdispatch.sim.calibration import Calibration, batch_latency_ms, fit_calibr
 from apdispatch.sim.engine import INACCURATE, LATE, OK, OUTCOMES, REJECTED, Simulation
 from apdispatch.sim.env import DispatchEnv
 from apdispatch.sim.model import SimModel, build_model, load_model
+from apdispatch.sim.profile import MEASURED_PROFILE, load_profile, reference_profile
 from apdispatch.sim.results import run_policies, simulate, to_json
 from apdispatch.tools.topology import build_topology
 
@@ -511,3 +512,109 @@ def test_the_design_example_simulates(manifest: Any) -> None:
     report = run_policies(model, STATIC_POLICIES, bound=False)
     for result in report.results.values():
         assert result.total == report.queries and result.counts["ok"] > 0
+
+
+# -- where the zoo's variant latencies come from ----------------------------------------------
+
+
+def _zoo_copy(models_dir: Path, folder: Path, factor: float = 1.0) -> Path:
+    """The zoo's manifest alone in ``folder``, every latency the build measured times ``factor``."""
+    doc = json.loads((models_dir / "manifest.json").read_text())
+    for v in doc["variants"]:
+        v["latency_ms_batch1"] *= factor
+        v["latency_ms_batch8"] *= factor
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps(doc, indent=2))
+    return folder
+
+
+def _sim_doc(tmp_path: Path, zoo: Path, *extra: str) -> dict[str, Any]:
+    out = tmp_path / f"{zoo.name}-{len(list(tmp_path.glob('*.json')))}.json"
+    argv = ["sim", str(ROOT / "scenarios/sim/mixed-fast.toml"), "--policies", "fastest,least-loaded"]
+    argv += ["--duration", "30", "--seed", "3", "--models", str(zoo), "--json", str(out), *extra]
+    assert cli_main(argv) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.fixture()
+def two_builds(tmp_path: Path, models_dir: Path) -> tuple[Path, Path]:
+    """Two zoo manifests that differ only in their measured latencies (the second build timed its
+    variants on a machine three times as busy)."""
+    return _zoo_copy(models_dir, tmp_path / "quiet"), _zoo_copy(models_dir, tmp_path / "busy", 3.0)
+
+
+def test_two_zoo_builds_give_the_same_simulated_result(tmp_path: Path, two_builds: tuple[Path, Path]) -> None:
+    quiet, busy = two_builds
+    a, b = _sim_doc(tmp_path, quiet), _sim_doc(tmp_path, busy)
+    assert a == b and a["latencies"] == "reference"
+    assert a["policies"]["fastest"]["ok"] > 0 and a["upper_bound"] is not None
+    # The zoo's variants cost what the shipped profile says; accuracies are the manifest's.
+    reference = reference_profile().variants
+    assert reference is not None
+    manifest = load_manifest(busy)
+    model = load_model(load_scenario(ROOT / "scenarios/sim/mixed-fast.toml"), busy)
+    assert model.latencies == "reference"
+    for v in model.variants.values():
+        assert (v.latency_ms, v.latency_ms_batch8) == reference[v.name]
+        assert v.accuracy == manifest.variant(v.name).accuracy and v.source == "manifest"
+
+
+def test_measured_latencies_are_used_when_asked_for(tmp_path: Path, two_builds: tuple[Path, Path]) -> None:
+    quiet, busy = two_builds
+    a = _sim_doc(tmp_path, quiet, "--latencies", "measured")
+    b = _sim_doc(tmp_path, busy, "--latencies", "measured")
+    assert a["latencies"] == b["latencies"] == "measured"
+    # Variants three times as slow: fewer requests meet their deadlines.
+    assert b["policies"]["fastest"]["ok"] < a["policies"]["fastest"]["ok"]
+    assert b["upper_bound"]["success_ratio"] < a["upper_bound"]["success_ratio"]
+    model = load_model(
+        load_scenario(ROOT / "scenarios/sim/mixed-fast.toml"), busy, latencies=MEASURED_PROFILE
+    )
+    for v in model.variants.values():
+        measured = load_manifest(busy).variant(v.name)
+        assert (v.latency_ms, v.latency_ms_batch8) == (measured.latency_ms_batch1, measured.latency_ms_batch8)
+    # --calibration scales whichever latencies are used.
+    scaled = load_model(model.scenario, busy, Calibration(scale=2.0), MEASURED_PROFILE)
+    assert scaled.variants["digits-large"].latency_ms == 2.0 * model.variants["digits-large"].latency_ms
+
+
+def test_a_profile_file_gives_its_own_latencies(tmp_path: Path, two_builds: tuple[Path, Path]) -> None:
+    quiet, busy = two_builds
+    # The quiet build's measurements written as a profile: the busy build then simulates as the quiet.
+    lines = []
+    for v in load_manifest(quiet).variants:
+        lines += [f"[variants.{v.name}]", f"latency_ms_batch1 = {v.latency_ms_batch1!r}"]
+        lines += [f"latency_ms_batch8 = {v.latency_ms_batch8!r}", ""]
+    profile = tmp_path / "profile.toml"
+    profile.write_text("\n".join(lines))
+    a = _sim_doc(tmp_path, quiet, "--latencies", "measured")
+    b = _sim_doc(tmp_path, busy, "--latencies", str(profile))
+    assert b["latencies"] == str(profile)
+    assert a["policies"] == b["policies"] and a["upper_bound"] == b["upper_bound"]
+    # A profile that lacks a variant of the zoo is an error that names it.
+    profile.write_text("\n".join(lines[4:]))
+    with pytest.raises(ScenarioError, match=r"no latencies for digits-tiny .*--latencies measured"):
+        load_model(
+            load_scenario(ROOT / "scenarios/sim/mixed-fast.toml"), busy, latencies=load_profile(profile)
+        )
+    assert cli_main(["sim", str(ROOT / "scenarios/sim/mixed-fast.toml"), "--latencies", "nope.toml"]) == 2
+
+
+def test_generated_scenarios_do_not_depend_on_the_zoo_build(two_builds: tuple[Path, Path]) -> None:
+    from apdispatch.sim.generate import generate
+
+    quiet, busy = (load_manifest(p) for p in two_builds)
+    assert all(generate(seed, quiet) == generate(seed, busy) for seed in range(5))
+    # Deadlines are drawn against the latencies: measured ones that differ give other scenarios.
+    assert any(
+        generate(seed, quiet, latencies=MEASURED_PROFILE) != generate(seed, busy, latencies=MEASURED_PROFILE)
+        for seed in range(5)
+    )
+
+
+def test_the_reference_profile_covers_the_zoo(manifest: Any) -> None:
+    reference = reference_profile()
+    assert reference.variants is not None
+    assert set(reference.variants) == {v.name for v in manifest.variants}
+    for b1, b8 in reference.variants.values():
+        assert 0 < b1 <= b8

@@ -91,6 +91,7 @@ from scipy.optimize import linprog
 
 from apdispatch.common.manifest import Manifest
 from apdispatch.scenario import App, Scenario
+from apdispatch.sim.profile import LatencyProfile
 
 RttMode = Literal["expected", "certain"]
 
@@ -118,10 +119,15 @@ class VariantCost:
     overhead_ms: float = 0.0  # fixed cost per execution, not scaled by the device's speed
 
 
-def variant_costs(scenario: Scenario, manifest: Manifest | None = None) -> dict[str, VariantCost]:
-    """The variant table the simulator uses: the scenario's ``[variants]`` over the manifest's."""
+def variant_costs(
+    scenario: Scenario, manifest: Manifest | None = None, latencies: LatencyProfile | None = None
+) -> dict[str, VariantCost]:
+    """The scenario's ``[variants]`` over the manifest's. The manifest's latencies are taken as
+    given unless ``latencies`` is a profile; the simulator's are ``reference_profile()``'s."""
     table: dict[str, VariantCost] = {}
     if manifest is not None:
+        if latencies is not None:
+            manifest = latencies.apply(manifest)
         for v in manifest.variants:
             table[v.name] = VariantCost(v.name, v.task, v.accuracy, v.latency_ms_batch1, v.latency_ms_batch8)
     for name, s in scenario.variants.items():

@@ -5,10 +5,12 @@ Where a variant's cost comes from, in order:
 1. the scenario's ``[variants.NAME]`` table (``latency_ms``, optionally
    ``latency_ms_batch8``): taken as they are, "one request alone on a
    speed-1.0 device";
-2. otherwise the model manifest (``latency_ms_batch1``, ``latency_ms_batch8``),
+2. otherwise the zoo variant's ``latency_ms_batch1`` and ``latency_ms_batch8``
+   from a latency profile (``apdispatch.sim.profile``: the shipped reference
+   by default, the manifest's measured figures with ``--latencies measured``),
    passed through a :class:`Calibration`.
 
-The manifest's figures are tight-loop timings of the bare model on the build
+Either profile holds tight-loop timings of the bare model on a build
 machine (microseconds for the zoo's small networks). A live worker holds its
 slot for longer than that: ``Slots.execute`` multiplies the measured compute by
 the emulated slowdown and adds the hop into the slot's thread, which the
@@ -18,9 +20,9 @@ variant at batch ``b`` on a device of speed ``s``::
     service_ms = scale * latency_ms(b) / s + overhead_ms
 
 ``scale`` absorbs a machine that runs the models slower (or faster) than the
-one that built the zoo; ``overhead_ms`` is the fixed cost per execution. The
-default, :data:`MANIFEST`, is the manifest as measured (scale 1, no overhead),
-which matches what ``apdispatch worker`` measures for the zoo's models at
+one the profile was timed on; ``overhead_ms`` is the fixed cost per
+execution. The default, :data:`MANIFEST`, takes the profile's figures as they
+are (scale 1, no overhead), which matches what ``apdispatch worker`` measures for the zoo's models at
 warm-up, on an idle machine, to within a few microseconds. Under load the
 live figure is much larger: ``apdispatch demo scenarios/small-edge-cloud.toml
 --duration 20`` on a 2-core machine (AP, four workers and the load generator

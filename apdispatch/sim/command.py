@@ -22,6 +22,7 @@ from apdispatch.policies import LEARNED_POLICIES, STATIC_POLICIES, Policy, make_
 from apdispatch.scenario import Scenario, ScenarioError, load_scenario
 from apdispatch.sim.calibration import parse_calibration
 from apdispatch.sim.model import SimModel, load_model
+from apdispatch.sim.profile import parse_latencies
 from apdispatch.sim.results import PolicyResult, SimReport, format_table, ratios, run_policies, to_json
 
 
@@ -72,7 +73,8 @@ def main(args: argparse.Namespace) -> int:
             scenario = scenario.scaled(args.duration)
         if args.window <= 0:
             raise ScenarioError("--window: must be > 0")
-        model = load_model(scenario, args.models, parse_calibration(args.calibration))
+        latencies = parse_latencies(getattr(args, "latencies", None))
+        model = load_model(scenario, args.models, parse_calibration(args.calibration), latencies)
         policies = resolve_policies(args.policies)
     except (ScenarioError, OSError, KeyError) as exc:
         print(f"apdispatch sim: {exc}", file=sys.stderr)
@@ -88,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
         return _main_seeds(args, scenario, model, policies, seed)
     print(
         f"scenario {scenario.name}: {scenario.duration_s:g} s, seed {seed}, "
-        f"{len(model.workers)} workers in {len(model.clusters)} clusters",
+        f"{len(model.workers)} workers in {len(model.clusters)} clusters, {model.latencies} latencies",
         flush=True,
     )
     started = time.perf_counter()
@@ -142,7 +144,8 @@ def _main_seeds(
         return 2
     print(
         f"scenario {scenario.name}: {scenario.duration_s:g} s, seeds {', '.join(map(str, seeds))}, "
-        f"{len(model.workers)} workers in {len(model.clusters)} clusters, {args.jobs} job(s)",
+        f"{len(model.workers)} workers in {len(model.clusters)} clusters, {model.latencies} latencies, "
+        f"{args.jobs} job(s)",
         flush=True,
     )
     spec = multi.RunSpec(
@@ -153,6 +156,7 @@ def _main_seeds(
         policies=tuple(policies),
         window_s=args.window,
         bound=not args.no_bound,
+        latencies=getattr(args, "latencies", None),
     )
     started = time.perf_counter()
 

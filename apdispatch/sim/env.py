@@ -53,6 +53,7 @@ from apdispatch.sim.arrivals import Queries, plan_arrivals
 from apdispatch.sim.calibration import MANIFEST, Calibration
 from apdispatch.sim.engine import N_OUTCOMES, OK, OUTCOMES, Simulation
 from apdispatch.sim.model import SimModel
+from apdispatch.sim.profile import LatencyProfile
 from apdispatch.sim.results import PolicyResult, result_of
 
 DEFAULT_WINDOW_S = 5.0
@@ -102,17 +103,19 @@ class DispatchEnv:
         *,
         models: Path | str | None = "build/models",
         calibration: Calibration = MANIFEST,
+        latencies: LatencyProfile | None = None,
         duration_s: float | None = None,
         window_s: float = DEFAULT_WINDOW_S,
         actions: Sequence[str] = STATIC_POLICIES,
     ) -> DispatchEnv:
-        """An environment for a scenario file (``duration_s`` compresses it, as ``--duration``)."""
+        """An environment for a scenario file (``duration_s`` compresses it, as ``--duration``;
+        ``latencies``: the zoo's latency profile, default the reference)."""
         from apdispatch.sim.model import load_model
 
         scenario = load_scenario(path)
         if duration_s is not None:
             scenario = scenario.scaled(duration_s)
-        model = load_model(scenario, None if models is None else Path(models), calibration)
+        model = load_model(scenario, None if models is None else Path(models), calibration, latencies)
         return cls(model, window_s=window_s, actions=actions)
 
     @property

@@ -8,7 +8,10 @@ coincidences (there, the most accurate variant was always the farthest),
 which a spread of generated ones breaks.
 
 Every scenario uses the model zoo's variants (the manifest), so the
-simulator calibrates it as it does the repo's files. The draws:
+simulator calibrates it as it does the repo's files. Deadlines and load are
+drawn against the variants' latencies in a latency profile
+(``apdispatch.sim.profile``, the shipped reference by default), so that a
+seed gives the same scenario whichever machine built the zoo. The draws:
 
 - 1-4 edge clusters (a gateway-to-Jetson class device: 1-3 slots, linear
   interference, small variants), sometimes a MEC server that runs the
@@ -20,7 +23,7 @@ simulator calibrates it as it does the repo's files. The draws:
 - a load pattern (constant, steps up, down-and-up, bursts or a random
   walk) whose peak is 0.4x-1.8x of a rough capacity estimate (at most 600 queries/s).
 
-``generate(seed, manifest)`` gives the document (a dict in the scenario
+``generate(seed, manifest, latencies=...)`` gives the document (a dict in the scenario
 format of DESIGN.md), ``scenario_toml`` writes it out, and
 ``generated_scenario`` parses it into a ``Scenario``.
 """
@@ -37,7 +40,8 @@ from typing import Any
 import numpy as np
 
 from apdispatch.common.manifest import MANIFEST_NAME, Manifest, Variant, load_manifest
-from apdispatch.scenario import Scenario, parse_scenario
+from apdispatch.scenario import Scenario, ScenarioError, parse_scenario
+from apdispatch.sim.profile import LatencyProfile, parse_latencies, reference_profile
 
 DURATION_S = 300.0
 MAX_QPS = 600.0
@@ -83,8 +87,11 @@ def _device(
     }
 
 
-def generate(seed: int, manifest: Manifest, duration_s: float = DURATION_S) -> dict[str, Any]:
-    """A random scenario document for ``seed`` (the same seed, the same document)."""
+def generate(
+    seed: int, manifest: Manifest, duration_s: float = DURATION_S, latencies: LatencyProfile | None = None
+) -> dict[str, Any]:
+    """A random scenario document for ``seed`` (the same seed and profile, the same document)."""
+    manifest = (reference_profile() if latencies is None else latencies).apply(manifest)
     rng = np.random.default_rng(seed)
     tiers = _tiers(manifest)
     tasks = list(tiers)
@@ -223,8 +230,10 @@ def _schedule(
     ]
 
 
-def generated_scenario(seed: int, manifest: Manifest, duration_s: float = DURATION_S) -> Scenario:
-    return parse_scenario(generate(seed, manifest, duration_s))
+def generated_scenario(
+    seed: int, manifest: Manifest, duration_s: float = DURATION_S, latencies: LatencyProfile | None = None
+) -> Scenario:
+    return parse_scenario(generate(seed, manifest, duration_s, latencies))
 
 
 def _toml_value(value: Any) -> str:
@@ -271,11 +280,16 @@ def main(args: argparse.Namespace) -> int:
     if not (args.models / MANIFEST_NAME).is_file():
         print(f"apdispatch generate: no model manifest in {args.models} (make models)", file=sys.stderr)
         return 2
-    manifest = load_manifest(args.models)
+    try:
+        latencies = parse_latencies(getattr(args, "latencies", None))
+        manifest = latencies.apply(load_manifest(args.models))
+    except ScenarioError as exc:
+        print(f"apdispatch generate: {exc}", file=sys.stderr)
+        return 2
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     for seed in seeds:
         path = out / f"generated-{seed}.toml"
-        path.write_text(scenario_toml(generate(seed, manifest, args.duration)))
+        path.write_text(scenario_toml(generate(seed, manifest, args.duration, latencies)))
         print(path)
     return 0

@@ -11,7 +11,9 @@ The device model (see ``apdispatch.sim.engine`` for how it runs):
 - service time of variant v alone on device d: ``latency_ms(v) / d.speed``
   (plus the calibration's fixed overhead for manifest variants, see
   ``apdispatch.sim.calibration``); a batch of b: linear between the batch-1
-  and batch-8 figures;
+  and batch-8 figures. A zoo variant's ``latency_ms`` comes from a latency
+  profile (``apdispatch.sim.profile``: the shipped reference by default, not
+  the build's measurement);
 - up to ``slots`` executions run at once, and slow each other down linearly
   (ECSRL): with n running, each progresses at ``1 / (1 + interference*(n-1))``;
 - more wait in the worker's FIFO queue;
@@ -35,6 +37,7 @@ from apdispatch.common.manifest import MANIFEST_NAME, Manifest, TensorSpec, load
 from apdispatch.common.protocol import dispatcher_pb2 as pb
 from apdispatch.scenario import Device, Scenario, ScenarioError
 from apdispatch.sim.calibration import MANIFEST, MEASURED_BATCH, Calibration, batch_latency_ms
+from apdispatch.sim.profile import LatencyProfile, reference_profile
 
 EDGE = "edge"
 CLOUD = "cloud"
@@ -112,6 +115,7 @@ class SimModel:
     variants: dict[str, SimVariant]
     workers: tuple[SimWorker, ...]
     calibration: Calibration
+    latencies: str  # the latency profile the zoo's variants took their cost from
 
     @property
     def clusters(self) -> tuple[str, ...]:
@@ -183,9 +187,19 @@ def _kind(declared: str | None, variants: Sequence[SimVariant], device: Device) 
 
 
 def build_model(
-    scenario: Scenario, manifest: Manifest | None = None, calibration: Calibration = MANIFEST
+    scenario: Scenario,
+    manifest: Manifest | None = None,
+    calibration: Calibration = MANIFEST,
+    latencies: LatencyProfile | None = None,
 ) -> SimModel:
-    """Every worker of ``scenario``, with calibrated variants; errors name the scenario key."""
+    """Every worker of ``scenario``, with calibrated variants; errors name the scenario key.
+
+    The zoo's variants cost what ``latencies`` says (default: the reference
+    profile, ``apdispatch.sim.profile``), not what the build measured.
+    """
+    profile = reference_profile() if latencies is None else latencies
+    if manifest is not None:
+        manifest = profile.apply(manifest)
     variants: dict[str, SimVariant] = {}
     workers: list[SimWorker] = []
     seen: set[str] = set()
@@ -231,12 +245,23 @@ def build_model(
             raise ScenarioError(
                 f"apps[{i}].task: no worker serves task {app.task!r} (served: {', '.join(sorted(tasks))})"
             )
-    return SimModel(scenario=scenario, variants=variants, workers=tuple(workers), calibration=calibration)
+    return SimModel(
+        scenario=scenario,
+        variants=variants,
+        workers=tuple(workers),
+        calibration=calibration,
+        latencies=profile.name,
+    )
 
 
-def load_model(scenario: Scenario, models: Path | None, calibration: Calibration = MANIFEST) -> SimModel:
+def load_model(
+    scenario: Scenario,
+    models: Path | None,
+    calibration: Calibration = MANIFEST,
+    latencies: LatencyProfile | None = None,
+) -> SimModel:
     """The scenario's system; the manifest in ``models`` fills in variants (when it is there)."""
     manifest = None
     if models is not None and (models / MANIFEST_NAME).is_file():
         manifest = load_manifest(models)
-    return build_model(scenario, manifest, calibration)
+    return build_model(scenario, manifest, calibration, latencies)

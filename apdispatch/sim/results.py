@@ -7,7 +7,7 @@ draws, so differences between policies are the policies' doing.
 The JSON document::
 
     {"scenario": NAME, "seed": N, "duration_s": D, "window_s": W, "queries": Q,
-     "upper_bound": {"success_ratio": X} | null,
+     "latencies": PROFILE, "upper_bound": {"success_ratio": X} | null,
      "policies": {NAME: {"total", "ok", "late", "inaccurate", "rejected", "failed",
                          "success_ratio", "violation_ratio", "rejection_ratio", "energy_j",
                          "latency_ms": {"p50", "p99"}, "dispatched": {CLUSTER: n},
@@ -69,6 +69,7 @@ class SimReport:
     arrivals_per_window: np.ndarray  # (windows, apps), the same for every policy
     results: dict[str, PolicyResult] = field(default_factory=dict)
     upper_bound: float | None = None
+    latencies: str | None = None  # the latency profile of the zoo's variants (apdispatch.sim.profile)
 
     @property
     def queries(self) -> int:
@@ -143,6 +144,7 @@ def run_policies(
         app_names=tuple(a.name for a in scenario.apps),
         arrivals_per_window=per_window,
         upper_bound=upper_bound_hook(model, arrivals) if bound else None,
+        latencies=model.latencies,
     )
     for name in policies:
         policy = make(name, seed) if make is not None else make_policy(name, seed, background=False)
@@ -235,6 +237,7 @@ def to_json(report: SimReport) -> dict[str, Any]:
         "duration_s": report.duration_s,
         "window_s": report.window_s,
         "queries": report.queries,
+        "latencies": report.latencies,
         "upper_bound": None if report.upper_bound is None else {"success_ratio": report.upper_bound},
         "policies": policies,
     }

@@ -21,7 +21,7 @@ ratios and energy averaged over seeds) and adds ``seeds``, per-seed values
 and ``ci95`` half-widths, ``best_static`` and ``gaps`` (each learned policy
 minus the best static one, per seed)::
 
-    {"scenario": NAME, "seeds": [..], "duration_s": D, "queries": Q,
+    {"scenario": NAME, "seeds": [..], "duration_s": D, "queries": Q, "latencies": PROFILE,
      "upper_bound": {"success_ratio": X, "ci95": H, "per_seed": [..]},
      "best_static": NAME,
      "policies": {NAME: {..., "success_ratio": X, "success_ci95": H,
@@ -90,6 +90,7 @@ class RunSpec:
     policies: tuple[str, ...]
     window_s: float
     bound: bool
+    latencies: str | None = None  # --latencies (None: the reference profile)
 
 
 def run_seed(spec: RunSpec, seed: int) -> SimReport:
@@ -97,11 +98,14 @@ def run_seed(spec: RunSpec, seed: int) -> SimReport:
     from apdispatch.scenario import load_scenario
     from apdispatch.sim.calibration import parse_calibration
     from apdispatch.sim.model import load_model
+    from apdispatch.sim.profile import parse_latencies
 
     scenario = load_scenario(spec.scenario)
     if spec.duration_s is not None:
         scenario = scenario.scaled(spec.duration_s)
-    model = load_model(scenario, spec.models, parse_calibration(spec.calibration))
+    model = load_model(
+        scenario, spec.models, parse_calibration(spec.calibration), parse_latencies(spec.latencies)
+    )
     return run_policies(model, spec.policies, seed=seed, window_s=spec.window_s, bound=spec.bound)
 
 
@@ -244,6 +248,7 @@ def to_json(reports: Sequence[SimReport]) -> dict[str, Any]:
         "seeds": [r.seed for r in reports],
         "duration_s": first.duration_s,
         "queries": [r.queries for r in reports],
+        "latencies": first.latencies,
         "upper_bound": upper,
         "best_static": best_static(summaries),
         "policies": policies,

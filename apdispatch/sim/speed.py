@@ -32,6 +32,7 @@ from apdispatch.scenario import load_scenario
 from apdispatch.sim.arrivals import plan_arrivals
 from apdispatch.sim.engine import Simulation
 from apdispatch.sim.model import SimModel
+from apdispatch.sim.profile import REFERENCE, parse_latencies
 
 DEFAULT_SCENARIO = Path("scenarios/sim/mixed-fast.toml")
 DEFAULT_POLICY = "fastest"
@@ -62,6 +63,7 @@ def bench(model: SimModel, *, policy: str, repeats: int, seed: int | None = None
     return {
         "scenario": scenario.name,
         "policy": policy,
+        "latencies": model.latencies,
         "queries": len(arrivals),
         "repeats": repeats,
         "median_qps": float(np.median(cpu_rates)),
@@ -74,11 +76,18 @@ def bench(model: SimModel, *, policy: str, repeats: int, seed: int | None = None
 
 def run(model: SimModel, *, policy: str, repeats: int, seed: int | None, json_out: Path | None) -> int:
     cpu = pin_to_one_core()
+    # Other processes on the core lower even the CPU-time rate (caches, switches): the load
+    # average says how busy the machine was.
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result = bench(model, policy=policy, repeats=repeats, seed=seed)
     result["cpu"] = cpu
+    result["load_average_1min"] = load
+    where = f"cpu {cpu}" if cpu is not None else "one process"
+    if load is not None:
+        where += f" (load average {load:.2f} on {os.cpu_count()} CPUs)"
     print(
-        f"{result['scenario']}, policy {policy}: {result['queries']} queries x {repeats} runs "
-        f"on {'cpu ' + str(cpu) if cpu is not None else 'one process'}\n"
+        f"{result['scenario']}, policy {policy}, {model.latencies} latencies: "
+        f"{result['queries']} queries x {repeats} runs on {where}\n"
         f"simulated queries per CPU second: median {result['median_qps']:,.0f}, "
         f"p99 {result['p99_qps']:,.0f} (99% of runs at least this), best {result['max_qps']:,.0f}\n"
         f"per wall-clock second: median {result['wall_median_qps']:,.0f}, "
@@ -99,9 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--models", type=Path, default=Path("build/models"))
+    parser.add_argument(
+        "--latencies", default=REFERENCE, help="reference, measured or a profile file (apdispatch sim's)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    model = load_model(load_scenario(args.scenario), args.models)
+    model = load_model(load_scenario(args.scenario), args.models, latencies=parse_latencies(args.latencies))
     return run(model, policy=args.policy, repeats=args.repeats, seed=args.seed, json_out=args.json)
 
 

@@ -34,6 +34,7 @@ import torch
 
 from apdispatch.learned.features import Margins, candidate_features
 from apdispatch.routing.policy import Candidate, Feedback, Policy, RequestView
+from apdispatch.sim.profile import REFERENCE, LatencyProfile, parse_latencies
 
 if TYPE_CHECKING:
     from apdispatch.scenario import Scenario
@@ -138,6 +139,7 @@ def train(
     seed: int = 0,
     duration_s: float | None = None,
     models: Path | None = Path("build/models"),
+    latencies: LatencyProfile | None = None,
     command: str = "",
     log: Any = print,
 ) -> dict[str, Any]:
@@ -160,14 +162,14 @@ def train(
         scenario = load_scenario(path)
         if duration_s is not None:
             scenario = scenario.scaled(duration_s)
-        loaded.append((str(path), scenario, load_model(scenario, models)))
+        loaded.append((str(path), scenario, load_model(scenario, models, latencies=latencies)))
     if generated:
         if models is None:
             raise ValueError("generated scenarios need the model zoo's manifest (--models)")
         manifest = load_manifest(models)
         for g in generated:
-            scenario = generated_scenario(g, manifest, duration_s or DURATION_S)
-            loaded.append((f"generated:{g}", scenario, load_model(scenario, models)))
+            scenario = generated_scenario(g, manifest, duration_s or DURATION_S, latencies)
+            loaded.append((f"generated:{g}", scenario, load_model(scenario, models, latencies=latencies)))
     per_scenario = min(IMITATION_SAMPLES, IMITATION_TOTAL // max(1, len(loaded)))
 
     kind = "aset" if policy == "aset" else "actor-critic"
@@ -237,6 +239,7 @@ def train(
             "seed": seed,
             "teacher": teacher if kind == "actor-critic" else "fastest",
             "duration_s": duration_s,
+            "latencies": loaded[0][2].latencies if loaded else None,
             "imitation_samples": len(xs),
             "imitation_loss": imitation_loss,
             "history": [vars(h) for h in history],
@@ -285,8 +288,18 @@ def main(args: argparse.Namespace) -> int:
         parts += ["--duration", f"{args.duration:g}"]
     if args.energy_weight:
         parts += ["--energy-weight", f"{args.energy_weight:g}"]
+    latencies_arg: str | None = getattr(args, "latencies", None)
+    if latencies_arg not in (None, REFERENCE):
+        parts += ["--latencies", str(latencies_arg)]
     command = " ".join(shlex.quote(p) for p in parts)
+    from apdispatch.scenario import ScenarioError
     from apdispatch.sim.seeds import parse_seeds
+
+    try:
+        latencies = parse_latencies(latencies_arg)
+    except ScenarioError as exc:
+        print(f"apdispatch train: {exc}", file=sys.stderr)
+        return 2
 
     missing = [str(p) for p in args.scenarios if not Path(p).is_file()]
     if missing:
@@ -311,6 +324,7 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         duration_s=args.duration,
         models=args.models,
+        latencies=latencies,
         command=command,
     )
     return 0

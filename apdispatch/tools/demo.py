@@ -40,6 +40,7 @@ from apdispatch.common.outcomes import OUTCOMES
 from apdispatch.policies import STATIC_POLICIES, policy_names
 from apdispatch.scenario import Scenario, ScenarioError, load_scenario
 from apdispatch.sim.calibration import Calibration
+from apdispatch.sim.profile import LatencyProfile, parse_latencies
 from apdispatch.tools.processes import Child, ChildError, Children, free_port, wait_for_workers
 from apdispatch.tools.topology import WorkerSpec, build_topology
 
@@ -273,13 +274,16 @@ def main(args: argparse.Namespace) -> int:
             raise DemoError(f"no model zoo at {models} (build it: apdispatch models build --out {models})")
         specs = plan_workers(scenario, models)
         calibration_arg: str | None = getattr(args, "calibration", None)
-        # --calibration alone asks for the comparison it calibrates.
+        latencies_arg: str | None = getattr(args, "latencies", None)
+        # --calibration or --latencies alone asks for the comparison it configures.
         fidelity = bool(getattr(args, "fidelity", False)) or calibration_arg is not None
+        fidelity = fidelity or latencies_arg is not None
         calibration = None
         if calibration_arg is not None:
             from apdispatch.sim.calibration import parse_calibration
 
             calibration = parse_calibration(calibration_arg)
+        latencies = parse_latencies(latencies_arg)
     except (ScenarioError, DemoError, OSError) as exc:
         print(f"apdispatch demo: {exc}", file=sys.stderr)
         return 2
@@ -326,7 +330,7 @@ def main(args: argparse.Namespace) -> int:
     notes: list[str] = []
     if fidelity:
         try:
-            notes.append(_fidelity(doc, rows, scenario, specs, models, seed, calibration))
+            notes.append(_fidelity(doc, rows, scenario, specs, models, seed, calibration, latencies))
         except (ScenarioError, ValueError, KeyError, OSError) as exc:
             notes.append(f"sim fidelity failed: {exc}")
             rc = rc or 1
@@ -373,19 +377,22 @@ def _fidelity(
     models: Path,
     seed: int,
     calibration: Calibration | None,
+    latencies: LatencyProfile,
 ) -> str:
     """The simulator on what just ran live: columns into ``rows``, ``fidelity`` into ``doc``;
-    returns the summary lines."""
+    returns the summary lines. The fit and both simulator runs use ``latencies``."""
     # Imported here: the simulator (and, for learned policies, torch) only when asked for.
     from apdispatch.tools import fidelity as fid
     from apdispatch.tools.demo_plot import window_s
 
     live_pct = {r["policy"]: float(r["success_pct"]) for r in rows}
     reports = [r["report"] for r in doc["policies"].values()]
-    fit = fid.fit_live(reports, specs, load_manifest(models))
+    fit = fid.fit_live(reports, specs, latencies.apply(load_manifest(models)))
     print(f"simulating {len(live_pct)} policies for sim fidelity ...", flush=True)
     started = time.monotonic()
-    runs = fid.run_fidelity(scenario, models, live_pct, seed, calibration, fit, window_s(scenario.duration_s))
+    runs = fid.run_fidelity(
+        scenario, models, live_pct, seed, calibration, fit, window_s(scenario.duration_s), latencies
+    )
     for run in runs:
         add_fidelity(rows, run.label, run.sim_pct)
     doc["fidelity"] = fid.to_json(runs, fit)

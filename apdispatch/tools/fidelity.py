@@ -6,11 +6,15 @@ generator's, ``apdispatch.sim.arrivals``) and sets each policy's simulated
 success ratio beside the live one: ``live - sim`` in percentage points.
 
 It does so twice when it can. First with the calibration it was given
-(``--calibration``, by default the model manifest's tight-loop latencies).
-Then with one fitted to the live run itself: every served reply carries the
-``compute_ms`` its worker held a slot for, the load generator keeps their mean
-per target, and :func:`apdispatch.sim.calibration.fit_calibration` fits
-``compute = scale * manifest_latency / speed + overhead`` to them. The fit sees
+(``--calibration``, by default none: the zoo's tight-loop latencies as they
+are). Then with one fitted to the live run itself: every served reply carries
+the ``compute_ms`` its worker held a slot for, the load generator keeps their
+mean per target, and :func:`apdispatch.sim.calibration.fit_calibration` fits
+``compute = scale * latency / speed + overhead`` to them. Both runs, and the
+fit, take the variants' latencies from one latency profile (``--latencies``,
+``apdispatch.sim.profile``): the shipped reference by default, so that the
+fitted scale says how much slower this machine's live workers are than the
+reference; ``measured`` fits against what this machine's zoo build timed. The fit sees
 only what it can: the AP forwards no batch size, so every reply is set against
 the batch-1 figure (cloud batches then look a little slower per request than
 they are), and a reply the AP cut off at its deadline carries no timings, so
@@ -35,6 +39,7 @@ from apdispatch.scenario import Scenario
 from apdispatch.sim.calibration import MANIFEST, Calibration, fit_calibration
 from apdispatch.sim.engine import OK
 from apdispatch.sim.model import load_model
+from apdispatch.sim.profile import REFERENCE, LatencyProfile
 from apdispatch.sim.results import SimReport, ratios, run_policies
 from apdispatch.tools.topology import WorkerSpec
 
@@ -80,6 +85,11 @@ class Fidelity:
     report: SimReport
 
     @property
+    def latencies(self) -> str:
+        """The latency profile the simulator ran with."""
+        return self.report.latencies or REFERENCE
+
+    @property
     def mean_abs_gap(self) -> float:
         return sum(abs(g) for g in self.gap_pts.values()) / len(self.gap_pts) if self.gap_pts else 0.0
 
@@ -117,6 +127,8 @@ def fit_live(
     repeated once per reply, gives the same least-squares fit as the replies
     themselves (the manifest figure and the speed are the same for all of
     them). Targets of workers or variants the run did not plan are left out.
+    The fit is against ``manifest``'s latencies: pass it through the latency
+    profile the simulator will run with (``LatencyProfile.apply``).
     """
     by_id = {s.worker_id: s for s in specs}
     latency = {v.name: v.latency_ms_batch1 for v in manifest.variants}
@@ -160,9 +172,10 @@ def simulate(
     seed: int,
     calibration: Calibration,
     window_s: float,
+    latencies: LatencyProfile | None = None,
 ) -> SimReport:
     """The simulator on the live run's scenario, seed and policies (no upper bound: not compared)."""
-    model = load_model(scenario, models, calibration)
+    model = load_model(scenario, models, calibration, latencies)
     return run_policies(model, policies, seed=seed, window_s=window_s, bound=False)
 
 
@@ -186,16 +199,17 @@ def run_fidelity(
     calibration: Calibration | None,
     fit: FitResult | None,
     window_s: float,
+    latencies: LatencyProfile | None = None,
 ) -> list[Fidelity]:
-    """The simulator with the given calibration (None: the manifest's), then with the fitted one."""
+    """The simulator with the given calibration (None: none), then with the fitted one; ``fit``
+    must come from the same ``latencies`` (``fit_live`` on the manifest they were applied to)."""
     policies = list(live_pct)
     given = MANIFEST if calibration is None else calibration
     source = "manifest" if calibration is None else "--calibration"
-    runs = [
-        compare(DEFAULT, source, given, live_pct, simulate(scenario, models, policies, seed, given, window_s))
-    ]
+    report = simulate(scenario, models, policies, seed, given, window_s, latencies)
+    runs = [compare(DEFAULT, source, given, live_pct, report)]
     if fit is not None:
-        report = simulate(scenario, models, policies, seed, fit.calibration, window_s)
+        report = simulate(scenario, models, policies, seed, fit.calibration, window_s, latencies)
         runs.append(compare(FITTED, "fitted", fit.calibration, live_pct, report))
     return runs
 
@@ -224,6 +238,7 @@ def to_json(runs: Sequence[Fidelity], fit: FitResult | None) -> dict[str, Any]:
         worst = run.worst
         doc[run.label] = {
             "calibration": {**calibration_doc(run.calibration), "source": run.source},
+            "latencies": run.latencies,
             "mean_abs_gap_pts": round(run.mean_abs_gap, 3),
             "worst": None if worst is None else {"policy": worst[0], "gap_pts": round(worst[1], 3)},
             "policies": policies,
@@ -239,7 +254,7 @@ def format_summary(runs: Sequence[Fidelity], fit: FitResult | None) -> str:
     for run in runs:
         c = run.calibration
         how = {
-            "manifest": "the manifest's latencies",
+            "manifest": f"the {run.latencies} latencies as they are",
             "--calibration": "--calibration",
             "fitted": f"fitted to {fit.replies} live replies" if fit is not None else "fitted",
         }[run.source]
