@@ -12,6 +12,20 @@ from pathlib import Path
 
 DEFAULT_MODELS = Path("build/models")
 
+# --latencies (apdispatch.sim.profile): where the simulator takes the zoo's variant latencies from.
+LATENCIES_HELP = (
+    "the zoo's variant latencies: 'reference' (the profile shipped with apdispatch, "
+    "apdispatch/sim/reference_profile.toml: the same results on every machine), 'measured' "
+    "(what `apdispatch models build` timed on this machine, in the manifest), or a TOML "
+    "profile file of the same format (default: reference)"
+)
+
+
+def _latencies_option(parser: argparse.ArgumentParser, extra: str = "") -> None:
+    parser.add_argument(
+        "--latencies", default=None, metavar="reference|measured|FILE", help=LATENCIES_HELP + extra
+    )
+
 
 def _worker_parser(sub: argparse._SubParsersAction, kind: str) -> argparse.ArgumentParser:
     p = sub.add_parser(kind, help=f"run a {kind} worker (Open Inference Protocol server)")
@@ -106,9 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration",
         default=None,
         metavar="SCALE[,OVERHEAD_MS]",
-        help="the simulator's calibration for --fidelity (default: the manifest's latencies); "
+        help="the simulator's calibration for --fidelity (default: the latencies as they are); "
         "implies --fidelity",
     )
+    _latencies_option(demo, "; for --fidelity's simulator and fit, implies --fidelity")
 
     load = sub.add_parser("load", help="open-loop load from a scenario against a running AP")
     load.add_argument("scenario", type=Path)
@@ -161,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration",
         default=None,
         metavar="SCALE[,OVERHEAD_MS]",
-        help="manifest variants take SCALE * latency / speed + OVERHEAD_MS (default 1,0)",
+        help="zoo variants take SCALE * latency / speed + OVERHEAD_MS (default 1,0)",
     )
+    _latencies_option(sim)
     sim.add_argument("--no-bound", action="store_true", help="skip the upper bound")
     sim.add_argument(
         "--checkpoint",
@@ -197,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--no-plot", action="store_true", help="skip the PNG timelines")
     evaluate.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="model zoo folder")
+    _latencies_option(evaluate)
 
     generate = sub.add_parser(
         "generate", help="write random scenarios (topology, SLAs, load pattern) drawn from seeds"
@@ -205,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", type=Path, required=True, help="folder: writes generated-SEED.toml")
     generate.add_argument("--duration", type=float, default=300.0, help="scenario length, seconds")
     generate.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="model zoo (its manifest)")
+    _latencies_option(generate, "; deadlines and load are drawn against them")
 
     train = sub.add_parser("train", help="pre-train a learned policy in the simulator, write a checkpoint")
     train.add_argument("scenarios", type=Path, nargs="*", metavar="SCENARIO")
@@ -226,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--duration", type=float, default=None, help="compress each scenario into S seconds")
     train.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="model zoo folder")
+    _latencies_option(train)
 
     compose = sub.add_parser("compose", help="write docker-compose.yml for a scenario")
     compose.add_argument("scenario", type=Path)
