@@ -129,3 +129,25 @@ def test_checkpoint_is_one_seed_only(
     argv = ["sim", str(scenario), "--seeds", "2", "--checkpoint", str(tmp_path / "ck")]
     assert main([*argv, "--models", str(models_dir)]) == 2
     assert "--checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_standing_counts_ahead_level_and_behind() -> None:
+    from apdispatch.sim.evaluate import standing
+
+    def doc(per_seed: list[float], ci95: float | None) -> dict[str, object]:
+        mean = sum(per_seed) / len(per_seed)
+        return {"gaps": {"learned": {"mean": mean, "ci95": ci95, "per_seed": per_seed}}}
+
+    docs = [
+        doc([1.0, 2.0], 0.5),  # ahead
+        doc([0.0, 0.0], 0.0),  # level: equal on every seed
+        doc([-0.01, 0.0], 0.02),  # behind, within its interval
+        doc([-3.0, -2.0], 1.0),  # behind at the 95 % level
+        doc([1.0, -1.0], 2.0),  # even on average
+        {"gaps": {}},  # no learned policy run: not counted
+    ]
+    assert standing(docs) == (
+        "`learned` against the best static policy, of 5 scenarios: ahead on 1, level on 1 "
+        "(equal on every seed), behind on 2 (1 of them at the 95 % level), even on average on 1"
+    )

@@ -88,6 +88,31 @@ def markdown(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def standing(docs: Sequence[dict[str, Any]], policy: str = "learned") -> str:
+    """One line: on how many scenarios ``policy`` is ahead of the best static policy (mean paired
+    gap above 0), level (equal on every seed) or behind (mean below 0), and on how many of those
+    it is behind at the 95 % level (gap plus its interval below 0)."""
+    ahead = level = behind = even = significant = 0
+    for doc in docs:
+        gap = doc["gaps"].get(policy)
+        if gap is None:
+            continue
+        if all(g == 0 for g in gap["per_seed"]):
+            level += 1
+        elif gap["mean"] > 0:
+            ahead += 1
+        elif gap["mean"] < 0:
+            behind += 1
+            significant += gap["ci95"] is not None and gap["mean"] + gap["ci95"] < 0
+        else:
+            even += 1
+    n = ahead + level + behind + even
+    line = f"`{policy}` against the best static policy, of {n} scenarios: ahead on {ahead}, "
+    line += f"level on {level} (equal on every seed), behind on {behind}"
+    line += f" ({significant} of them at the 95 % level)"
+    return line + (f", even on average on {even}" if even else "")
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         scenarios = [(path, load_scenario(path)) for path in args.scenarios]
@@ -103,6 +128,7 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     trained = trained_on()
     rows = []
+    docs = []
     started = time.perf_counter()
     for path, scenario in scenarios:
         t0 = time.perf_counter()
@@ -125,6 +151,7 @@ def main(args: argparse.Namespace) -> int:
             + ("" if latencies == REFERENCE else f" --latencies {latencies}")
         )
         (out / f"{scenario.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+        docs.append(doc)
         if not args.no_plot:
             from apdispatch.sim.plot import plot_report
 
@@ -140,8 +167,9 @@ def main(args: argparse.Namespace) -> int:
         f"(`apdispatch evaluate`, {latencies} latencies).\n"
     )
     (out / "table.md").write_text(table + "\n" + note)
-    print(f"{table}\n{note}\n{len(scenarios)} scenarios in {time.perf_counter() - started:.0f} s")
+    print(f"{table}\n{note}\n{standing(docs)}")
+    print(f"{len(scenarios)} scenarios in {time.perf_counter() - started:.0f} s")
     return 0
 
 
-__all__ = ["load_pattern", "main", "markdown", "table_row", "trained_on"]
+__all__ = ["load_pattern", "main", "markdown", "standing", "table_row", "trained_on"]
