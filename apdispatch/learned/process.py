@@ -30,6 +30,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ POLL_S = 0.005
 MAX_DUTY = 0.3  # share of one core the learner process may use, at most
 START_TIMEOUT_S = 120.0
 SAVE_TIMEOUT_S = 60.0
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def _views(x: Any, z: Any, meta: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -106,7 +108,15 @@ class ProcessLearner:
             name=name,
             daemon=True,
         )
-        self._proc.start()
+        # Blocked from its very start (the mask passes through exec): a signal
+        # to the AP's group while it still imports torch must not kill it.
+        # The resource tracker first: its own start unblocks them.
+        resource_tracker.ensure_running()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self._proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         child.close()
         self._conn = parent
         self._send_lock = threading.Lock()
@@ -178,6 +188,11 @@ class ProcessLearner:
     def save(self, path: Path | str, config: dict[str, Any]) -> Path:
         """Ask the learner process to write the checkpoint; wait for it."""
         with self._save_lock:  # one save at a time: one answer to wait for
+            # Its start (torch's import) takes tens of seconds on a loaded
+            # machine: the save's own timeout starts once it is up.
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while not (self._ready.is_set() or self._stopped.is_set()) and time.monotonic() < deadline:
+                self._ready.wait(0.1)
             if self._stopped.is_set():
                 raise RuntimeError("the learner process has stopped")
             self._saved_event.clear()
@@ -213,16 +228,18 @@ def _serve(
     samples: int,
 ) -> None:
     """The learner process: read batches from the ring, update, send snapshots back."""
+    # The AP decides when this process ends (a stop message, or its own
+    # exit): a Ctrl-C or SIGTERM sent to the whole process group must not
+    # kill it before the AP has asked for its last checkpoint. Ignored, then
+    # unblocked (they were blocked since the start): one pending is dropped.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     import torch
 
     from apdispatch.learned.checkpoint import save_checkpoint
 
     torch.set_num_threads(1)
-    # The AP decides when this process ends (a stop message, or its own
-    # exit): a Ctrl-C or SIGTERM sent to the whole process group must not
-    # kill it before the AP has asked for its last checkpoint.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
     # Below the AP in the scheduler: on a machine of few cores, serving
     # comes first and learning takes what is left.
     with contextlib.suppress(OSError):
