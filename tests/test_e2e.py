@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -16,6 +18,10 @@ from apdispatch.client import StreamRequest
 from apdispatch.tools.processes import Children, free_port, wait_for_workers
 
 CLOUD_RTT_MS = 40.0
+# For tests about where a request goes or what comes back, not how fast:
+# a deadline no loaded machine misses.
+SLACK_MS = 10_000.0
+WAIT_S = 60.0  # for a log line written before the reply it belongs to
 
 
 @dataclass
@@ -139,7 +145,7 @@ def test_served_and_correct(topology: Topology, client: Client) -> None:
     x, y = topology.samples["digits"]
     correct = 0
     for i in range(40):
-        result = client.infer("digits", x[i : i + 1], deadline_ms=200, min_accuracy=0.0, app="t")
+        result = client.infer("digits", x[i : i + 1], deadline_ms=SLACK_MS, min_accuracy=0.0, app="t")
         assert result.outcome == "ok", result
         assert result.served_by is not None
         assert result.timings.total_ms > 0
@@ -150,7 +156,7 @@ def test_served_and_correct(topology: Topology, client: Client) -> None:
 def test_accuracy_above_every_edge_variant_goes_to_cloud(topology: Topology, client: Client) -> None:
     need = (topology.edge_accuracy + topology.cloud_accuracy) / 2
     for i in range(10):
-        result = client.infer("digits", _one(topology, i=i), deadline_ms=500, min_accuracy=need)
+        result = client.infer("digits", _one(topology, i=i), deadline_ms=SLACK_MS, min_accuracy=need)
         assert result.outcome == "ok"
         assert result.served_by is not None
         assert result.served_by.cluster == "cloud"
@@ -172,15 +178,36 @@ def test_deadline_below_cloud_rtt_never_goes_to_cloud(topology: Topology, client
     assert all(r.served_by.cluster != "cloud" for r in served if r.served_by is not None)
 
 
+def _ap_record(topology: Topology, request_id: str) -> dict[str, Any]:
+    """The AP's debug log record of how it answered ``request_id``."""
+    log = topology.children.get("ap").log
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("{") and request_id in line:
+                record: dict[str, Any] = json.loads(line)
+                if record.get("event") == "request" and record.get("request_id") == request_id:
+                    return record
+        assert time.monotonic() < deadline, f"no log record of {request_id}"
+        time.sleep(0.05)
+
+
 def test_impossible_sla_is_rejected_at_once(topology: Topology, client: Client) -> None:
     need = min(1.0, topology.cloud_accuracy + 0.001)
-    for deadline_ms, min_accuracy in [(1000.0, need), (CLOUD_RTT_MS / 2, topology.cloud_accuracy)]:
-        start = time.monotonic()
+    cases = [
+        ("reject-accuracy", 1000.0, need, "sla.min_accuracy"),
+        ("reject-deadline", CLOUD_RTT_MS / 2, topology.cloud_accuracy, "sla.deadline_ms"),
+    ]
+    for rid, deadline_ms, min_accuracy, field in cases:
         with pytest.raises(RejectedError) as info:
-            client.infer("digits", _one(topology), deadline_ms=deadline_ms, min_accuracy=min_accuracy)
-        elapsed_ms = (time.monotonic() - start) * 1000
-        assert elapsed_ms < min(deadline_ms / 2, 20.0), elapsed_ms
-        assert "sla." in str(info.value)
+            client.infer(
+                "digits", _one(topology), deadline_ms=deadline_ms, min_accuracy=min_accuracy, request_id=rid
+            )
+        assert info.value.request_id == rid and field in str(info.value), str(info.value)
+        # At once: answered at admission, with no target, so no worker was asked.
+        record = _ap_record(topology, rid)
+        assert (record["outcome"], record["target"]) == ("rejected", None), record
+        assert field in record["error"], record
 
 
 def test_outcomes_add_up_under_mixed_load(topology: Topology, client: Client) -> None:
@@ -232,7 +259,7 @@ def test_bad_tensor_is_invalid_argument(
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert field in str(info.value)
     # The daemon keeps serving.
-    assert client.infer("digits", _one(topology), deadline_ms=200).outcome == "ok"
+    assert client.infer("digits", _one(topology), deadline_ms=SLACK_MS).outcome == "ok"
 
 
 def test_bad_sla_and_unknown_names(topology: Topology, client: Client) -> None:
@@ -249,7 +276,7 @@ def test_bad_sla_and_unknown_names(topology: Topology, client: Client) -> None:
     ]:
         with pytest.raises(InvalidRequestError, match=field):
             _raw_infer(topology.ap, x, deadline, accuracy)
-    assert client.infer("digits", x, deadline_ms=200).outcome == "ok"
+    assert client.infer("digits", x, deadline_ms=SLACK_MS).outcome == "ok"
 
 
 def _raw_infer(ap: str, x: np.ndarray, deadline_ms: float, min_accuracy: float) -> None:
@@ -267,7 +294,7 @@ def _raw_infer(ap: str, x: np.ndarray, deadline_ms: float, min_accuracy: float) 
             sla=pb.SLA(deadline_ms=deadline_ms, min_accuracy=min_accuracy),
         )
         try:
-            stub.Infer(request, timeout=5)
+            stub.Infer(request, timeout=WAIT_S)
         except grpc.RpcError as exc:
             raise from_status(exc.code(), exc.details() or "") from None
 
@@ -275,11 +302,11 @@ def _raw_infer(ap: str, x: np.ndarray, deadline_ms: float, min_accuracy: float) 
 def test_stream_errors_do_not_end_the_stream(topology: Topology, client: Client) -> None:
     x = _one(topology)
     requests = [
-        StreamRequest(task="digits", inputs=x, deadline_ms=200),
-        StreamRequest(task="nope", inputs=x, deadline_ms=200),
-        StreamRequest(task="digits", inputs=x.astype(np.float64), deadline_ms=200),
-        StreamRequest(task="digits", inputs=x, deadline_ms=200, min_accuracy=0.9999),
-        StreamRequest(task="digits", inputs=x, deadline_ms=200),
+        StreamRequest(task="digits", inputs=x, deadline_ms=SLACK_MS),
+        StreamRequest(task="nope", inputs=x, deadline_ms=SLACK_MS),
+        StreamRequest(task="digits", inputs=x.astype(np.float64), deadline_ms=SLACK_MS),
+        StreamRequest(task="digits", inputs=x, deadline_ms=SLACK_MS, min_accuracy=0.9999),
+        StreamRequest(task="digits", inputs=x, deadline_ms=SLACK_MS),
     ]
     results = {r.request_id: r for r in client.stream(requests)}
     assert len(results) == 5
