@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 MODELS := build/models
-SCENARIO ?= scenarios/small-edge-cloud.toml
+SCENARIO ?= scenarios/demo.toml
 
 .PHONY: env models demo test lint generate bench eval eval-generated clean
 
@@ -21,10 +21,11 @@ $(MODELS)/manifest.json: $(BIN)/.installed
 
 models: $(MODELS)/manifest.json
 
-# Set-up in one command: environment, model zoo, then the demo scenario,
-# shortened, once per static policy.
+# Set-up in one command: environment, model zoo, then the demo scenario
+# (16 s; another SCENARIO is shortened to that), once per static policy and
+# once with the learned policy.
 demo: models
-	$(BIN)/apdispatch demo $(SCENARIO) --models $(MODELS) --policies static --duration 20
+	$(BIN)/apdispatch demo $(SCENARIO) --models $(MODELS) --policies static,learned --duration 16
 
 test: models
 	APDISPATCH_MODELS=$(MODELS) $(BIN)/pytest

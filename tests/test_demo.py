@@ -79,6 +79,17 @@ def _row(policy: str, ok: int, sent: int = 100) -> dict[str, object]:
     return demo.summary_row(policy, {**counts, "latency_ms": {"p50": 1.0, "p99": 2.0}})
 
 
+def test_learned_against_the_best_static_policy() -> None:
+    rows = [_row("fastest", 84), _row("learned", 95), _row("least-loaded", 86), _row("aset", 80)]
+    assert demo.against_best_static(rows) == [
+        "learned: 95.0 %, +9.0 points against the best static policy (least-loaded, 86.0 %)",
+        "aset: 80.0 %, -6.0 points against the best static policy (least-loaded, 86.0 %)",
+    ]
+    # Nothing to compare: only static policies, or none.
+    assert demo.against_best_static(rows[:1]) == []
+    assert demo.against_best_static([_row("learned", 95)]) == []
+
+
 def test_fidelity_columns() -> None:
     rows = [_row("fastest", 90), _row("learned", 97), _row("closest", 50)]
     demo.add_fidelity(rows, fidelity.DEFAULT, {"fastest": 100.0, "learned": 99.5})
@@ -193,6 +204,14 @@ def test_plot_file(tmp_path: Path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_legend_ranks_policies_best_first() -> None:
+    policies = {
+        name: {"summary": {"success_pct": pct}}
+        for name, pct in (("random", 70.0), ("fastest", 84.6), ("p2c", 70.0), ("learned", 94.8))
+    }
+    assert demo_plot.legend_order(policies) == ["learned", "fastest", "random", "p2c"]
+
+
 def _fit_topology(
     models: Path, edge_slowdown: float, cloud_slowdown: float
 ) -> tuple[Manifest, float, float, WorkerSpec, WorkerSpec]:
@@ -275,6 +294,52 @@ def test_edge_contention_needs_slack_spent(models_dir: Path) -> None:
     )
     pct = runs[0].sim_pct
     assert pct["fastest"] < 97.0 and pct["learned"] > pct["fastest"] + 2.0, pct
+
+
+def test_make_demo_runs_learned_beside_the_static_policies_on_the_demo_scenario(models_dir: Path) -> None:
+    """`make demo`'s default run: the demo scenario, every static policy and `learned`."""
+    makefile = (ROOT / "Makefile").read_text()
+    scenario_path = re.search(r"^SCENARIO \?= (\S+)$", makefile, re.MULTILINE)
+    recipe = re.search(r"^demo:.*\n\t(.+)$", makefile, re.MULTILINE)
+    assert scenario_path is not None and recipe is not None
+    assert scenario_path.group(1) == "scenarios/demo.toml"
+    policies = re.search(r"--policies (\S+)", recipe.group(1))
+    assert policies is not None
+    assert demo.resolve_policies(policies.group(1)) == [*STATIC_POLICIES, "learned"]
+    demo.plan_workers(load_scenario(ROOT / scenario_path.group(1)), models_dir)
+
+
+def test_demo_scenario_needs_slack_spent(models_dir: Path) -> None:
+    """The demo scenario: AR fits only at the edge, the slack apps fit in the cloud, and with the
+    edge about as slow as it is live (--calibration 20), `learned` beats every static policy."""
+    scenario = load_scenario(ROOT / "scenarios/demo.toml")
+    specs = demo.plan_workers(scenario, models_dir)
+    manifest = load_manifest(models_dir)
+    cloud_rtt = next(c.rtt_ms for c in scenario.clusters if c.name == "cloud")
+    ar = scenario.app("ar-overlay")
+    assert cloud_rtt >= ar.deadline_ms
+    edge = {v for s in specs if s.kind == "edge" for v in s.variants}
+    assert [
+        v
+        for v in sorted(edge)
+        if manifest.variant(v).task == "digits" and manifest.variant(v).accuracy >= ar.min_accuracy
+    ] == ["digits-small"]
+    cloud = {v for s in specs if s.kind == "cloud" for v in s.variants}
+    for app in scenario.apps:
+        if app.name != ar.name:
+            # A quarter of the deadline or more left after the round trip: the cloud has time for it.
+            assert app.deadline_ms - cloud_rtt >= app.deadline_ms / 4, app.name
+            assert any(
+                manifest.variant(v).task == app.task and manifest.variant(v).accuracy >= app.min_accuracy
+                for v in cloud
+            ), app.name
+    names = [*STATIC_POLICIES, "learned"]
+    runs = fidelity.run_fidelity(
+        scenario, models_dir, dict.fromkeys(names, 0.0), scenario.seed, Calibration(20.0), None, 1.0
+    )
+    pct = runs[0].sim_pct
+    best_static = max(pct[p] for p in STATIC_POLICIES)
+    assert pct["learned"] > best_static + 3.0, pct
 
 
 def _tiny_scenario(models: Path, path: Path) -> Path:

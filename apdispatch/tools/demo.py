@@ -15,7 +15,8 @@ After the live runs: ``report.json`` (written first, so that nothing later
 can lose it), with ``--fidelity`` the simulator on the same run
 (``apdispatch.tools.fidelity``: two more pairs of columns in the table), and the
 figure of success over time (``apdispatch.tools.demo_plot``), into the run folder
-and to ``--plot``.
+and to ``--plot``. Then the table, and for every policy that is not static (the
+learned ones) its gap to the best static policy of the run.
 """
 
 from __future__ import annotations
@@ -123,6 +124,21 @@ def summary_row(policy: str, report: dict[str, Any]) -> dict[str, Any]:
     row["p50_ms"] = latency.get("p50")
     row["p99_ms"] = latency.get("p99")
     return row
+
+
+def against_best_static(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per policy of the run that is not static: its success % against the best
+    static policy of the same run. None when the run lacks either kind."""
+    static = [r for r in rows if r["policy"] in STATIC_POLICIES]
+    if not static:
+        return []
+    best = max(static, key=lambda r: float(r["success_pct"]))
+    return [
+        f"{r['policy']}: {r['success_pct']:.1f} %, {r['success_pct'] - best['success_pct']:+.1f} points "
+        f"against the best static policy ({best['policy']}, {best['success_pct']:.1f} %)"
+        for r in rows
+        if r["policy"] not in STATIC_POLICIES
+    ]
 
 
 # Columns the table gains with --fidelity: (header, row key), shown when some row has the key.
@@ -352,6 +368,8 @@ def main(args: argparse.Namespace) -> int:
             rc = rc or 1
     print()
     print(format_table(rows))
+    for line in against_best_static(rows):
+        print(line)
     for note in notes:
         print(note)
     print(

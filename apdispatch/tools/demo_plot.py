@@ -5,7 +5,8 @@ so a finished run can be drawn again. Live lines come from each policy's load
 generator timeline (queries counted in the second they were sent, grouped
 into windows); with ``--fidelity`` the simulator's timeline for the same
 policy is drawn dashed in the same colour. Learned policies are drawn thick
-and on top: they are what the figure is for.
+and on top: they are what the figure is for. The legend ranks the policies by
+their success over the run, best first.
 
 Matplotlib (the ``all`` extra) is imported by :func:`plot_success` only, with
 the Agg backend: no display needed, and a demo without a plot never loads it.
@@ -76,6 +77,11 @@ def offered_series(timeline: Sequence[Mapping[str, int]], window: int) -> tuple[
     return (np.arange(n) + 0.5) * window, sent / widths
 
 
+def legend_order(policies: Mapping[str, Any]) -> list[str]:
+    """Policy names by success % over the run, best first (ties keep the run's order)."""
+    return sorted(policies, key=lambda name: -float(policies[name]["summary"]["success_pct"]))
+
+
 def sim_run_to_draw(doc: Mapping[str, Any]) -> tuple[str, Mapping[str, Any]] | None:
     """The simulator run drawn beside live: the fitted one when there is one (closest to live)."""
     fidelity = doc.get("fidelity") or {}
@@ -109,6 +115,7 @@ def plot_success(doc: Mapping[str, Any], path: Path | str) -> Path:
     static_colors = iter(f"C{i}" for i in (0, 1, 2, 4, 5, 6, 7, 8, 9, 0, 1, 2))
     others = iter(_LEARNED_OTHERS)
     lows = [100.0]
+    handles: dict[str, Any] = {}
     for name, result in policies.items():
         learned = name in LEARNED_POLICIES
         if name == "learned":
@@ -122,7 +129,7 @@ def plot_success(doc: Mapping[str, Any], path: Path | str) -> Path:
         sim_doc = None if sim is None else sim[1]["policies"].get(name)
         if sim_doc is not None:
             label += f" (sim {sim_doc['sim_pct']:.1f})"
-        ax.plot(
+        (handles[name],) = ax.plot(
             t,
             pct,
             color=color,
@@ -137,9 +144,10 @@ def plot_success(doc: Mapping[str, Any], path: Path | str) -> Path:
             st, spct = sim_series(sim_doc["timeline"])
             ax.plot(st, spct, color=color, linestyle="--", linewidth=1.0, alpha=0.6, zorder=1)
         lows.append(float(np.nanmin(pct)) if np.isfinite(pct).any() else 100.0)
+    legend = [handles[name] for name in legend_order(policies)]
     if sim is not None:
         cal = sim[1]["calibration"]
-        ax.plot(
+        (dashed,) = ax.plot(
             [],
             [],
             color="0.3",
@@ -147,11 +155,12 @@ def plot_success(doc: Mapping[str, Any], path: Path | str) -> Path:
             linewidth=1.0,
             label=f"dashed: simulator ({sim[0]}, scale {cal['scale']:.3g})",
         )
+        legend.append(dashed)
     ax.set_ylim(max(0.0, min(lows) - 5.0), 101.0)
     ax.set_ylabel("success % (ok / sent)")
     ax.set_xlabel(f"time (s), windows of {window} s, by send time")
     # Outside the axes: with eight policies a legend inside hides the low lines.
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+    ax.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     for a in (load_ax, ax):
         a.grid(alpha=0.3)
     fig.suptitle(
