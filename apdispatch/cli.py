@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("scenario", type=Path)
     demo.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     demo.add_argument(
-        "--policies", default="static", help="comma-separated names, or 'static' for every static policy"
+        "--policies",
+        default="static,learned",
+        help="comma-separated names, 'static' for every static policy (default: the static ones and learned)",
     )
     demo.add_argument("--duration", type=float, default=None, help="seconds per policy")
     demo.add_argument("--json", type=Path, default=None)
