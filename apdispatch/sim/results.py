@@ -243,6 +243,19 @@ def to_json(report: SimReport) -> dict[str, Any]:
     }
 
 
+def text_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
+    """A plain-text table: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+
+    def line(cells: Sequence[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
+        return " | ".join([first, *rest])
+
+    rule = "-+-".join("-" * w for w in widths)
+    return [line(header), rule, *(line(b) for b in body)]
+
+
 def format_table(report: SimReport) -> str:
     header = ["policy", "total", *OUTCOMES, "success %", "violations %", "rejected %", "energy kJ", "p50 ms"]
     body = []
@@ -261,15 +274,7 @@ def format_table(report: SimReport) -> str:
                 "-" if result.latency_p50_ms is None else f"{result.latency_p50_ms:.1f}",
             ]
         )
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
-
-    def line(cells: Sequence[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
-        return " | ".join([first, *rest])
-
-    rule = "-+-".join("-" * w for w in widths)
-    lines = [line(header), rule, *(line(b) for b in body)]
+    lines = text_table(header, body)
     if report.upper_bound is not None:
         lines.append(f"upper bound: success {100 * report.upper_bound:.1f} %")
     return "\n".join(lines)

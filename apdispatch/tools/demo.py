@@ -42,6 +42,7 @@ from apdispatch.policies import STATIC_POLICIES, policy_names
 from apdispatch.scenario import Scenario, ScenarioError, load_scenario
 from apdispatch.sim.calibration import Calibration
 from apdispatch.sim.profile import LatencyProfile, parse_latencies
+from apdispatch.sim.results import text_table
 from apdispatch.tools.processes import Child, ChildError, Children, free_port, wait_for_workers
 from apdispatch.tools.topology import WorkerSpec, build_topology
 
@@ -186,15 +187,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         ]
         for r in rows
     ]
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
-
-    def line(cells: Sequence[str]) -> str:
-        first = cells[0].ljust(widths[0])
-        rest = (c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))
-        return " | ".join([first, *rest])
-
-    rule = "-+-".join("-" * w for w in widths)
-    return "\n".join([line(header), rule, *(line(b) for b in body)])
+    return "\n".join(text_table(header, body))
 
 
 # --- the run -----------------------------------------------------------------------
