@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from apdispatch.learned.names import LEARNED_POLICIES
+from apdispatch.learned import LEARNED_POLICIES
 from apdispatch.routing.policy import Candidate, Feedback, Policy, RequestView
 from apdispatch.routing.static import STATIC_POLICIES, make_static_policy
 
@@ -44,8 +44,8 @@ def make_policy(
     """
     if name in LEARNED_POLICIES:
         # Learned policies import torch for their learner: built only when asked for.
-        from apdispatch.learned import make_learned_policy
         from apdispatch.learned.checkpoint import exists
+        from apdispatch.learned.factory import make_learned_policy
 
         if checkpoint is None and resume_from and exists(resume_from):
             checkpoint = resume_from

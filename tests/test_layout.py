@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -160,3 +162,17 @@ def test_no_import_cycle_between_modules() -> None:
 def test_the_checker_sees_a_cycle() -> None:
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_static_policies_do_not_load_torch() -> None:
+    # The AP and the simulator with a static policy never need torch: only
+    # building a learned policy may import it.
+    code = (
+        "import sys\n"
+        "from apdispatch.policies import make_policy\n"
+        "import apdispatch.ap.server, apdispatch.sim.results\n"
+        "make_policy('fastest')\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "False"

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from apdispatch.ap.config import ConfigError, load_config
-from apdispatch.learned import SHIPPED, CheckpointError, make_learned_policy
 from apdispatch.learned.actor_critic import (
     MASKED,
     Actor,
@@ -28,7 +27,8 @@ from apdispatch.learned.actor_critic import (
     pad,
 )
 from apdispatch.learned.aset import ACTIONS, AsetPolicy
-from apdispatch.learned.checkpoint import load_checkpoint, paths
+from apdispatch.learned.checkpoint import SHIPPED, CheckpointError, load_checkpoint, paths
+from apdispatch.learned.factory import make_learned_policy
 from apdispatch.learned.features import (
     FEATURES,
     HIGH,

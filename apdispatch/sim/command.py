@@ -51,7 +51,7 @@ def _checkpointed(checkpoint: Path | None) -> Callable[[str, int], Policy] | Non
     """With ``--checkpoint``: learned policies resume from it and write it when their run ends."""
     if checkpoint is None:
         return None
-    from apdispatch.learned import checkpoint_kind, uses_checkpoint
+    from apdispatch.learned.factory import checkpoint_kind, uses_checkpoint
 
     kind = checkpoint_kind(checkpoint)
 

@@ -144,9 +144,9 @@ def train(
     log: Any = print,
 ) -> dict[str, Any]:
     from apdispatch.common.manifest import load_manifest
-    from apdispatch.learned import make_learned_policy
     from apdispatch.learned.aset import ACTIONS, AsetPolicy
     from apdispatch.learned.checkpoint import paths
+    from apdispatch.learned.factory import make_learned_policy
     from apdispatch.learned.policy import ActorCriticPolicy
     from apdispatch.policies import make_policy
     from apdispatch.scenario import load_scenario
