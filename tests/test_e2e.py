@@ -271,6 +271,9 @@ def test_bad_sla_and_unknown_names(topology: Topology, client: Client) -> None:
     for deadline, accuracy, field in [
         (0.0, 0.5, "sla.deadline_ms"),
         (-5.0, 0.5, "sla.deadline_ms"),
+        # Beyond any timer the AP or a worker can hold: once hung the request
+        # and every other request flushed beside it.
+        (1e16, 0.5, "sla.deadline_ms"),
         (100.0, 1.5, "sla.min_accuracy"),
         (100.0, -0.1, "sla.min_accuracy"),
     ]:

@@ -25,6 +25,9 @@ class APConfig:
     forward_mode: str = "stream"
     # Bad-input limits: requests over them get INVALID_ARGUMENT naming the field.
     max_tensor_bytes: int = 4 * 1024 * 1024
+    # The longest deadline a request may ask for: the AP and its workers hold a
+    # timer per request, and an hour is far beyond any inference SLA.
+    max_deadline_ms: float = 3_600_000.0
     # Extra time, beyond the request's deadline, the AP waits for a worker's
     # reply so that a late reply is still delivered (and counted late).
     late_grace_ms: float = 0.0
@@ -46,6 +49,8 @@ class APConfig:
             raise ConfigError("forward_mode: must be 'stream' or 'unary'")
         if self.max_tensor_bytes <= 0:
             raise ConfigError("max_tensor_bytes: must be > 0")
+        if not self.max_deadline_ms > 0:
+            raise ConfigError("max_deadline_ms: must be > 0")
         if self.log_format not in ("json", "console"):
             raise ConfigError("log_format: must be 'json' or 'console'")
         if self.summary_interval_s <= 0:

@@ -104,7 +104,9 @@ class Dispatcher:
             self._fail(exc, request, request_id, arrival, None, reply)
 
     def _dispatch(self, request: pb.InferRequest, request_id: str, arrival: float, reply: Reply) -> None:
-        checked = check_request(request, self.registry, self.config.max_tensor_bytes)
+        checked = check_request(
+            request, self.registry, self.config.max_tensor_bytes, self.config.max_deadline_ms
+        )
         # The deadline counts from arrival at the AP; time spent here so far is gone.
         now = time.monotonic()
         left_ms = checked.deadline_ms - (now - arrival) * 1000.0

@@ -41,6 +41,8 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
 ]
 
+_INT64_MAX = 2**63 - 1
+
 
 class DeadlineReached(Exception):
     """The worker did not answer before the request's deadline."""
@@ -167,7 +169,8 @@ class WorkerLink:
             if self._reader is None:
                 self._open_stream()
             assert self._outbox is not None
-            request.parameters["timeout"].int64_param = max(1, int(timeout_s * 1e6))
+            # Within int64 whatever the deadline: a value out of range raised inside the flush.
+            request.parameters["timeout"].int64_param = min(max(1, int(timeout_s * 1e6)), _INT64_MAX)
             self._sent[request.id] = (batch, now)
             self._outbox.put_nowait(request)
         else:

@@ -23,7 +23,9 @@ class CheckedRequest:
     batch: int
 
 
-def check_request(req: pb.InferRequest, registry: Registry, max_tensor_bytes: int) -> CheckedRequest:
+def check_request(
+    req: pb.InferRequest, registry: Registry, max_tensor_bytes: int, max_deadline_ms: float
+) -> CheckedRequest:
     if not req.task:
         raise InvalidRequestError("task", "must not be empty")
     targets = registry.targets(req.task)
@@ -41,6 +43,10 @@ def check_request(req: pb.InferRequest, registry: Registry, max_tensor_bytes: in
     deadline_ms = req.sla.deadline_ms
     if not (deadline_ms > 0 and math.isfinite(deadline_ms)):
         raise InvalidRequestError("sla.deadline_ms", f"must be a finite number > 0, got {deadline_ms}")
+    if deadline_ms > max_deadline_ms:
+        raise InvalidRequestError(
+            "sla.deadline_ms", f"must be at most {max_deadline_ms:g} (max_deadline_ms), got {deadline_ms:g}"
+        )
     min_accuracy = req.sla.min_accuracy
     if not 0.0 <= min_accuracy <= 1.0:
         raise InvalidRequestError("sla.min_accuracy", f"must be in [0, 1], got {min_accuracy}")
