@@ -352,3 +352,49 @@ def test_calls_cancelled_by_their_clients_leave_the_others_answered(topology: To
                     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                 else:
                     assert call.result().outcome == pb.OK, f"call {i}"
+
+
+GARBAGE = b"\xff\xff\xff\xff not a protobuf message"
+
+
+def _encoded(topology: Topology, request_id: str) -> bytes:
+    from apdispatch.common.protocol import dispatcher_pb2 as pb
+    from apdispatch.common.tensors import to_tensor
+
+    request = pb.InferRequest(
+        task="digits",
+        inputs=[to_tensor("input", _one(topology))],
+        sla=pb.SLA(deadline_ms=SLACK_MS, min_accuracy=0.5),
+        request_id=request_id,
+    )
+    return request.SerializeToString()
+
+
+def test_undecodable_request_is_invalid_argument(topology: Topology, client: Client) -> None:
+    with grpc.insecure_channel(topology.ap) as channel:
+        infer = channel.unary_unary("/apdispatch.v1.Dispatcher/Infer")
+        with pytest.raises(grpc.RpcError) as caught:
+            infer(GARBAGE, timeout=WAIT_S)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request" in (caught.value.details() or "")
+    assert client.infer("digits", _one(topology), deadline_ms=SLACK_MS).outcome == "ok"
+
+
+def test_undecodable_stream_message_gets_a_reply_and_the_stream_goes_on(topology: Topology) -> None:
+    from apdispatch.common.protocol import dispatcher_pb2 as pb
+
+    messages = [_encoded(topology, "a"), GARBAGE, _encoded(topology, "b")]
+    with grpc.insecure_channel(topology.ap) as channel:
+        stream = channel.stream_stream(
+            "/apdispatch.v1.Dispatcher/InferStream", response_deserializer=pb.InferResponse.FromString
+        )
+        call = stream(iter(messages), timeout=WAIT_S)
+        replies = list(call)
+        assert call.code() == grpc.StatusCode.OK
+    assert len(replies) == 3
+    by_id = {r.request_id: r for r in replies}
+    assert by_id["a"].outcome == pb.OK and by_id["b"].outcome == pb.OK
+    bad = by_id[""]
+    assert bad.outcome == pb.FAILED
+    assert bad.status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "request" in bad.error

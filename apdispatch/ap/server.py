@@ -20,7 +20,7 @@ from apdispatch.ap.config import APConfig, ConfigError, load_config
 from apdispatch.ap.dispatcher import Dispatcher
 from apdispatch.ap.forwarder import Forwarder
 from apdispatch.ap.metrics import Stats
-from apdispatch.ap.servicers import DispatcherServicer, RegistryServicer
+from apdispatch.ap.servicers import DispatcherServicer, RegistryServicer, add_dispatcher_to_server
 from apdispatch.common.lifecycle import Lifecycle
 from apdispatch.common.logs import is_enabled, make_logger
 from apdispatch.common.protocol import dispatcher_pb2_grpc as pb_grpc
@@ -57,7 +57,7 @@ class AccessPoint:
             debug=is_enabled("debug", config.log_level),
         )
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
-        pb_grpc.add_DispatcherServicer_to_server(DispatcherServicer(self.dispatcher), self.server)
+        add_dispatcher_to_server(DispatcherServicer(self.dispatcher), self.server)
         pb_grpc.add_RegistryServicer_to_server(
             RegistryServicer(self.registry, self.estimator, self.forwarder, config.policy, self.log),
             self.server,

@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 import structlog
+from google.protobuf.message import DecodeError
 
 from apdispatch.ap.dispatcher import Dispatcher
 from apdispatch.ap.forwarder import Forwarder
-from apdispatch.common.errors import ApdispatchError
+from apdispatch.common.errors import ApdispatchError, InvalidRequestError
 from apdispatch.common.protocol import dispatcher_pb2 as pb
 from apdispatch.common.protocol import dispatcher_pb2_grpc as pb_grpc
 from apdispatch.routing.estimator import LatencyEstimator
@@ -29,20 +30,61 @@ def error_reply(exc: ApdispatchError) -> pb.InferResponse:
     )
 
 
+class Undecodable(InvalidRequestError):
+    """A request message that is not an ``apdispatch.v1.InferRequest``: bad input, not a crash."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__("request", f"not a valid apdispatch.v1.InferRequest ({why})")
+
+
+def decode_infer_request(data: bytes) -> pb.InferRequest | Undecodable:
+    # In place of the generated FromString: gRPC would turn its DecodeError into
+    # UNKNOWN for a call, and end a stream, whose later messages would go unanswered.
+    try:
+        return pb.InferRequest.FromString(data)
+    except DecodeError as exc:
+        return Undecodable(str(exc))
+
+
+def add_dispatcher_to_server(servicer: DispatcherServicer, server: grpc.aio.Server) -> None:
+    """``add_DispatcherServicer_to_server`` with requests decoded by ``decode_infer_request``."""
+    handlers = {
+        "Infer": grpc.unary_unary_rpc_method_handler(
+            servicer.Infer,
+            request_deserializer=decode_infer_request,
+            response_serializer=pb.InferResponse.SerializeToString,
+        ),
+        "InferStream": grpc.stream_stream_rpc_method_handler(
+            servicer.InferStream,
+            request_deserializer=decode_infer_request,
+            response_serializer=pb.InferResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("apdispatch.v1.Dispatcher", handlers),)
+    )
+
+
 class DispatcherServicer(pb_grpc.DispatcherServicer):
     def __init__(self, dispatcher: Dispatcher) -> None:
         self._dispatcher = dispatcher
 
-    async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResponse:
+    async def Infer(
+        self, request: pb.InferRequest | Undecodable, context: grpc.aio.ServicerContext
+    ) -> pb.InferResponse:
         arrival = time.monotonic()
         try:
+            if isinstance(request, Undecodable):
+                raise request
             return await self._dispatcher.infer(request, arrival)
         except ApdispatchError as exc:
             await context.abort(exc.code, exc.message)
             raise AssertionError("abort returned") from exc
 
     async def InferStream(
-        self, request_iterator: AsyncIterator[pb.InferRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[pb.InferRequest | Undecodable],
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.InferResponse]:
         loop = asyncio.get_running_loop()
         replies: asyncio.Queue[pb.InferResponse | None] = asyncio.Queue()
@@ -62,7 +104,10 @@ class DispatcherServicer(pb_grpc.DispatcherServicer):
             try:
                 async for request in request_iterator:
                     outstanding += 1
-                    submit(request, time.monotonic(), reply)
+                    if isinstance(request, Undecodable):
+                        reply(request)  # answered, and the stream goes on
+                    else:
+                        submit(request, time.monotonic(), reply)
             finally:
                 reading = False
                 if outstanding == 0:
