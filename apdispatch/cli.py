@@ -42,6 +42,13 @@ def _worker_parser(sub: argparse._SubParsersAction, kind: str) -> argparse.Argum
         help="emulation: multiply every compute time by F (a slower device)",
     )
     p.add_argument(
+        "--service-ms",
+        default="",
+        metavar="VARIANT=MS[:MS_BATCH8],...",
+        help="emulation: hold a slot for this long per execution of VARIANT, whatever this "
+        "machine's speed (replaces --slowdown for the variants named)",
+    )
+    p.add_argument(
         "--link-delay-ms",
         type=float,
         default=0.0,

@@ -12,6 +12,7 @@ from apdispatch.cli import build_parser
 from apdispatch.common.manifest import Manifest, TensorSpec, Variant, load_manifest
 from apdispatch.scenario import Scenario, load_scenario, parse_scenario
 from apdispatch.tools.topology import CLOUD, EDGE, TopologyError, build_topology
+from workers.runtime import parse_service_times
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "scenarios" / "small-edge-cloud.toml"
@@ -211,3 +212,30 @@ def test_cluster_names_must_be_host_names(manifest: Manifest) -> None:
     doc["clusters"][0]["name"] = "Edge A"
     with pytest.raises(TopologyError, match=r"clusters\[0\]\.name"):
         build_topology(_scenario(doc), manifest)
+
+
+def test_slow_devices_get_service_times_from_the_latency_profile(manifest: Manifest) -> None:
+    from apdispatch.sim.profile import MEASURED_PROFILE, reference_profile
+
+    scenario = load_scenario(ROOT / "scenarios" / "demo.toml")
+    reference = reference_profile().variants
+    assert reference is not None
+    parser = build_parser()
+    specs = build_topology(scenario, manifest)
+    for spec in specs:
+        speed = scenario.devices[spec.device].speed
+        if speed >= 1.0:
+            assert spec.service_ms == ()  # a fast device runs at this machine's speed
+            assert "--service-ms" not in spec.argv(listen="x:1", models="/m", ap=None)
+            continue
+        # Every variant the reference profile knows: its latency on this device, in ms.
+        expected = tuple((v, reference[v][0] / speed, reference[v][1] / speed) for v in spec.variants)
+        assert spec.service_ms == expected
+        # The worker gets them through its command line.
+        args = parser.parse_args(spec.argv(listen="x:1", models="/m", ap=None))
+        parsed = parse_service_times(args.service_ms)
+        assert sorted(parsed) == sorted(spec.variants)
+        for v, b1, b8 in expected:
+            assert (parsed[v].batch1_ms, parsed[v].batch8_ms) == pytest.approx((b1, b8), rel=1e-5)
+    # "measured": the zoo's own figures, emulated by slowdown alone.
+    assert all(s.service_ms == () for s in build_topology(scenario, manifest, MEASURED_PROFILE))

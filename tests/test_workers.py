@@ -34,6 +34,7 @@ from apdispatch.common.protocol import dispatcher_pb2_grpc as dpb_grpc
 from apdispatch.common.protocol import oip_pb2 as pb
 from apdispatch.common.protocol import oip_pb2_grpc as pb_grpc
 from workers.config import WorkerConfig
+from workers.runtime import ServiceTime, parse_service_times
 from workers.server import Worker, config_from_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -417,6 +418,53 @@ async def test_slots_serialize_and_slowdown_holds_them(
     assert all(param(r, "compute_ms") > 5 for r in replies)
 
 
+async def test_service_time_holds_the_slot_for_a_fixed_time(zoo: Zoo) -> None:
+    # Far longer than the model takes, so only the hold can account for it.
+    service = ServiceTime(batch1_ms=30.0, batch8_ms=65.0)
+    async with serving(zoo, "edge", [zoo.tiny, zoo.small], service_ms={zoo.small.name: service}) as (
+        worker,
+        stub,
+    ):
+        one = await stub.ModelInfer(request(zoo.small, zoo.x[:1], "one"))
+        eight = await stub.ModelInfer(request(zoo.small, zoo.x[:MAX_BATCH], "eight"))
+        other = await stub.ModelInfer(request(zoo.tiny, zoo.x[:1], "other"))
+        announced = {v.name: (v.latency_ms, v.latency_ms_batch8) for v in worker.register_request().variants}
+    # A lower bound holds on any machine, however loaded: waiting cannot be shorter.
+    assert param(one, "compute_ms") >= 30.0
+    assert param(eight, "compute_ms") >= 65.0
+    assert param(other, "compute_ms") < 30.0  # a variant without a service time runs as fast as it runs
+    assert logits(eight).shape == (MAX_BATCH, 10)
+    # The AP is told what the device costs, not what this machine measured.
+    assert announced[zoo.small.name] == (30.0, 65.0)
+    assert announced[zoo.tiny.name] == (zoo.tiny.latency_ms_batch1, zoo.tiny.latency_ms_batch8)
+
+
+async def test_service_time_for_a_variant_not_served_is_refused(zoo: Zoo) -> None:
+    config = WorkerConfig(
+        kind="edge",
+        listen="127.0.0.1:0",
+        models=zoo.root,
+        variants=(zoo.tiny.name,),
+        service_ms={"digits-typo": ServiceTime(10.0, 10.0)},
+    )
+    worker = Worker(config, make_logger("warning"))
+    with pytest.raises(ValueError, match="digits-typo"):
+        await worker.start()
+    await worker.close()
+
+
+def test_service_times_parse_and_name_bad_items() -> None:
+    table = parse_service_times("a=20:40, b=5")
+    assert table == {"a": ServiceTime(20.0, 40.0), "b": ServiceTime(5.0, 5.0)}
+    assert table["a"].seconds(1) == pytest.approx(0.020)
+    assert table["a"].seconds(8) == pytest.approx(0.040)
+    assert table["a"].seconds(4) == pytest.approx(0.020 + 3 * 20.0 / 7 / 1e3)
+    assert parse_service_times("") == {}
+    for bad in ("a", "a=", "=3", "a=x", "a=0", "a=1:2:3", "a=-1:2", "a=nan"):
+        with pytest.raises(ValueError, match="--service-ms"):
+            parse_service_times(bad)
+
+
 async def test_deadline_shorter_than_queue_wait(zoo: Zoo) -> None:
     x8 = zoo.x[:MAX_BATCH]
     async with serving(zoo, "edge", [zoo.small], slots=1) as (worker, stub):
@@ -536,9 +584,11 @@ def test_cli_flags_become_worker_config(tmp_path: Path) -> None:
     args = build_parser().parse_args(
         ["worker", "cloud", "--models", str(tmp_path), "--variants", "a, b",
          "--slots", "3", "--slowdown", "2.5", "--link-delay-ms", "30", "--ap", "127.0.0.1:1",
-         "--max-batch-size", "16", "--max-wait-ms", "4", "--device", "cpu"]
+         "--max-batch-size", "16", "--max-wait-ms", "4", "--device", "cpu",
+         "--service-ms", "a=20:30"]
     )  # fmt: skip
     config = config_from_args(args)
+    assert config.service_ms == {"a": ServiceTime(20.0, 30.0)}
     assert config.kind == "cloud" and config.variants == ("a", "b")
     assert (config.slots, config.slowdown, config.link_delay_ms) == (3, 2.5, 30.0)
     assert (config.max_batch_size, config.max_wait_ms, config.device) == (16, 4.0, "cpu")

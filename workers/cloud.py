@@ -30,7 +30,7 @@ import torch
 
 from apdispatch.common.errors import DeadlineExceededError
 from apdispatch.common.manifest import Variant
-from workers.runtime import InferResult, Runtime, Slots
+from workers.runtime import InferResult, Runtime, ServiceTime, Slots
 
 NetworkBuilder = Callable[[dict[str, Any]], torch.nn.Module]
 
@@ -128,11 +128,13 @@ class BatchingScheduler:
         *,
         max_batch_size: int = 8,
         max_wait_ms: float = 2.0,
+        service: ServiceTime | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.runtime = runtime
         self.slots = slots
+        self.service = service
         self.max_batch_size = max_batch_size
         self.max_wait_s = max(0.0, max_wait_ms) / 1e3
         self._queue: deque[_Pending] = deque()
@@ -246,7 +248,8 @@ class BatchingScheduler:
         rows = sum(p.rows for p in batch)
         try:
             work = partial(self._predict_batch, [p.inputs for p in batch])
-            outputs, held = await self.slots.execute(work)
+            hold_s = None if self.service is None else self.service.seconds(rows)
+            outputs, held = await self.slots.execute(work, hold_s=hold_s)
         except Exception as exc:
             for p in batch:
                 if not p.future.done():

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from workers.runtime import ServiceTime
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +23,9 @@ class WorkerConfig:
     # is a round trip added to every request (half before, half after).
     slowdown: float = 1.0
     link_delay_ms: float = 0.0
+    # Per variant, a fixed time each execution holds its slot (the device's
+    # speed independent of this machine's); replaces slowdown for those variants.
+    service_ms: Mapping[str, ServiceTime] = field(default_factory=dict)
     worker_id: str | None = None  # default: "<kind>-<cluster>-<port>"
     advertise: str | None = None  # address announced to the AP (default: the bound one)
     heartbeat_s: float = 1.0

@@ -6,7 +6,9 @@ event loop), ``unload()``. It knows nothing about gRPC.
 
 :class:`Slots` is the worker's capacity: at most ``count`` executions at once
 (an ``asyncio.Semaphore`` plus a thread pool of that size); more wait in FIFO
-order. It also carries the *emulated* slowdown (see :meth:`Slots.execute`).
+order. It also carries the emulation of a slower device (see :meth:`Slots.execute`):
+a slowdown factor on the real compute time, or a fixed :class:`ServiceTime`
+per variant, which does not depend on how fast or busy this machine is.
 
 A scheduler turns requests into executions: :class:`DirectScheduler` runs every
 request on its own (the edge worker); ``workers.cloud.BatchingScheduler`` groups
@@ -30,7 +32,7 @@ from typing import Any, ClassVar, Protocol, TypeVar
 import numpy as np
 
 from apdispatch.common.errors import DeadlineExceededError
-from apdispatch.common.manifest import Variant
+from apdispatch.common.manifest import Variant, batch_latency_ms
 from apdispatch.common.tensors import DATATYPE_TO_DTYPE, TensorSpec
 
 T = TypeVar("T")
@@ -49,6 +51,48 @@ class InferResult:
     queue_ms: float  # waiting for a slot (and, when batching, for the batch to form)
     compute_ms: float  # running the model, emulated slowdown included
     batch_size: int  # rows in the forward pass that served this request
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceTime:
+    """A fixed time one execution holds its slot: the emulated device's speed, whatever this machine's.
+
+    Milliseconds for a batch of 1 and of 8 rows; other sizes are interpolated
+    linearly, as the simulator does. An execution that really takes longer
+    holds its slot for as long as it takes (waiting cannot make a device faster).
+    """
+
+    batch1_ms: float
+    batch8_ms: float
+
+    def __post_init__(self) -> None:
+        if not (self.batch1_ms > 0 and self.batch8_ms > 0):
+            raise ValueError(f"service times must be > 0 ms, got {self.batch1_ms}:{self.batch8_ms}")
+
+    def seconds(self, rows: int) -> float:
+        return max(0.0, batch_latency_ms(self.batch1_ms, self.batch8_ms, max(1, rows))) / 1e3
+
+
+def parse_service_times(text: str) -> dict[str, ServiceTime]:
+    """``VARIANT=B1:B8,...`` (milliseconds at batch 1 and 8; ``VARIANT=B1`` for both) to a table."""
+    table: dict[str, ServiceTime] = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, times = item.partition("=")
+        parts = times.split(":")
+        try:
+            if not sep or not name.strip() or len(parts) > 2:
+                raise ValueError
+            b1 = float(parts[0])
+            b8 = float(parts[1]) if len(parts) == 2 else b1
+            table[name.strip()] = ServiceTime(b1, b8)
+        except ValueError:
+            raise ValueError(
+                f"--service-ms: {item!r} is not VARIANT=MS or VARIANT=MS_BATCH1:MS_BATCH8 with times > 0"
+            ) from None
+    return table
 
 
 class Runtime(ABC):
@@ -121,7 +165,9 @@ class Slots:
     slower than the machine it runs on: after an execution that really took c
     seconds, the slot stays busy for a further c*(F-1) seconds before it is
     released and the reply goes out. F <= 1 emulates nothing (a faster device
-    cannot be emulated by waiting).
+    cannot be emulated by waiting). An execution given a ``hold_s`` (from a
+    :class:`ServiceTime`) instead keeps its slot until ``hold_s`` has passed
+    since it started, so its speed does not follow this machine's load.
     """
 
     def __init__(self, count: int, *, slowdown: float = 1.0) -> None:
@@ -170,7 +216,9 @@ class Slots:
     def emulates(self) -> bool:
         return self.slowdown > 1.0
 
-    async def execute(self, fn: Callable[[], T], *, inline: bool = False) -> tuple[T, float]:
+    async def execute(
+        self, fn: Callable[[], T], *, inline: bool = False, hold_s: float | None = None
+    ) -> tuple[T, float]:
         """Run ``fn`` in an acquired slot, hold the slot for the emulated slowdown, release it.
 
         Returns ``fn``'s result and the seconds the slot was held (compute plus
@@ -180,13 +228,13 @@ class Slots:
         """
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        if inline and not self.emulates():
+        if inline and not self.emulates() and hold_s is None:
             try:
                 result = fn()
             finally:
                 self.release()
             return result, time.perf_counter() - t0
-        fut = loop.run_in_executor(self._pool, self._run_in_slot, fn)
+        fut = loop.run_in_executor(self._pool, self._run_in_slot, fn, t0, hold_s)
         try:
             result, extra = await asyncio.shield(fut)
         except asyncio.CancelledError:
@@ -206,16 +254,19 @@ class Slots:
             self.release()
         return result, time.perf_counter() - t0
 
-    def _run_in_slot(self, fn: Callable[[], T]) -> tuple[T, float]:
-        """In the slot's thread: run ``fn`` and emulate the slowdown on its real compute time.
+    def _run_in_slot(self, fn: Callable[[], T], started: float, hold_s: float | None) -> tuple[T, float]:
+        """In the slot's thread: run ``fn``, then work out how much longer the slot stays held.
 
+        With ``hold_s``, until ``hold_s`` after ``started`` (the hop into this
+        thread included); otherwise the slowdown on the real compute time.
         Short extra holds are slept right here; a longer one is returned for the
         event loop to hold (a thread blocked in sleep would be just as busy, but
         the loop's timer keeps the thread pool free for cancellation and shutdown).
         """
         t0 = time.perf_counter()
         result = fn()
-        extra = (time.perf_counter() - t0) * (self.slowdown - 1.0)
+        now = time.perf_counter()
+        extra = hold_s - (now - started) if hold_s is not None else (now - t0) * (self.slowdown - 1.0)
         if 0.0 < extra < THREAD_HOLD_BELOW_S:
             time.sleep(extra)
             extra = 0.0
@@ -250,10 +301,13 @@ class Scheduler(Protocol):
 class DirectScheduler:
     """Every request is one execution of its own."""
 
-    def __init__(self, runtime: Runtime, slots: Slots, *, inline: bool = False) -> None:
+    def __init__(
+        self, runtime: Runtime, slots: Slots, *, inline: bool = False, service: ServiceTime | None = None
+    ) -> None:
         self.runtime = runtime
         self.slots = slots
         self.inline = inline
+        self.service = service
 
     def start(self) -> None:
         pass
@@ -265,5 +319,8 @@ class DirectScheduler:
         t0 = time.perf_counter()
         await self.slots.acquire(deadline)
         queued = time.perf_counter() - t0
-        outputs, held = await self.slots.execute(partial(self.runtime.predict, inputs), inline=self.inline)
+        hold_s = None if self.service is None else self.service.seconds(rows)
+        outputs, held = await self.slots.execute(
+            partial(self.runtime.predict, inputs), inline=self.inline, hold_s=hold_s
+        )
         return InferResult(outputs, queued * 1e3, held * 1e3, rows)

@@ -12,7 +12,8 @@
 
 **Emulation**, so that one machine can host a heterogeneous topology:
 ``slowdown`` F holds each slot F times as long as the real compute took
-(:class:`workers.runtime.Slots`); ``link_delay_ms`` D adds a round trip to every
+(:class:`workers.runtime.Slots`), or ``service_ms`` holds it for a fixed time
+per variant, whatever the speed and load of this machine; ``link_delay_ms`` D adds a round trip to every
 request, D/2 before it enters the queue and D/2 after its reply is ready
 (holding no slot). Both ride on asyncio timers, which an idle loop fires up to
 a millisecond late; the ``queue_ms`` and ``compute_ms`` a reply carries are
@@ -42,7 +43,7 @@ from apdispatch.common.protocol import oip_pb2_grpc as pb_grpc
 from workers.codec import Model
 from workers.config import WorkerConfig
 from workers.registration import Registrar
-from workers.runtime import DirectScheduler, Runtime, Scheduler, Slots
+from workers.runtime import DirectScheduler, Runtime, Scheduler, Slots, parse_service_times
 from workers.servicer import InferenceServicer
 
 # ONNX variants whose measured execution at full batch takes less than this
@@ -114,6 +115,7 @@ class Worker:
             ms_1 = runtime.warmup(1)
             ms_max = runtime.warmup(runtime.max_batch_size)
             scheduler: Scheduler
+            service = config.service_ms.get(name)
             if config.kind == "cloud":
                 from workers.cloud import BatchingScheduler
 
@@ -122,12 +124,13 @@ class Worker:
                     slots,
                     max_batch_size=config.max_batch_size,
                     max_wait_ms=config.max_wait_ms,
+                    service=service,
                 )
                 mode = "batching"
             else:
                 inline = ms_max < self.inline_below_ms
-                scheduler = DirectScheduler(runtime, slots, inline=inline)
-                mode = "inline" if inline and not slots.emulates() else "thread"
+                scheduler = DirectScheduler(runtime, slots, inline=inline, service=service)
+                mode = "inline" if inline and not slots.emulates() and service is None else "thread"
             models[name] = Model(runtime, scheduler, max_batch_size=config.max_batch_size)
             self.log.info(
                 "model_loaded",
@@ -138,6 +141,7 @@ class Worker:
                 measured_ms_batch_max=round(ms_max, 4),
                 max_batch_size=config.max_batch_size,
                 manifest_ms_batch1=variant.latency_ms_batch1,
+                service_ms_batch1=None if service is None else service.batch1_ms,
             )
         return models
 
@@ -164,6 +168,9 @@ class Worker:
         config = self.config
         if not config.variants:
             raise ValueError("no variants to serve")
+        unserved = sorted(set(config.service_ms) - set(config.variants))
+        if unserved:
+            raise ValueError(f"--service-ms names variants this worker does not serve: {', '.join(unserved)}")
         host, _ = _split_listen(config.listen)
         slots = Slots(config.slots, slowdown=config.slowdown)
         self.slots = slots
@@ -215,9 +222,16 @@ class Worker:
             host = socket.gethostname()
         return f"{host}:{port}"
 
+    def _announced_ms(self, variant: Variant) -> tuple[float, float]:
+        """What one execution of ``variant`` costs here, at batch 1 and 8, as the AP is told."""
+        service = self.config.service_ms.get(variant.name)
+        if service is not None:
+            return service.batch1_ms, service.batch8_ms
+        factor = max(1.0, self.config.slowdown)
+        return variant.latency_ms_batch1 * factor, variant.latency_ms_batch8 * factor
+
     def register_request(self) -> dpb.RegisterRequest:
         config = self.config
-        factor = max(1.0, config.slowdown)
         return dpb.RegisterRequest(
             worker_id=self.worker_id,
             address=self.advertised_address(),
@@ -231,8 +245,8 @@ class Worker:
                     name=m.name,
                     task=m.variant.task,
                     accuracy=m.variant.accuracy,
-                    latency_ms=m.variant.latency_ms_batch1 * factor,
-                    latency_ms_batch8=m.variant.latency_ms_batch8 * factor,
+                    latency_ms=self._announced_ms(m.variant)[0],
+                    latency_ms_batch8=self._announced_ms(m.variant)[1],
                     inputs=[s.to_proto() for s in m.variant.inputs],
                     outputs=[s.to_proto() for s in m.variant.outputs],
                     max_batch_size=m.max_batch_size,
@@ -318,6 +332,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         slots=args.slots,
         slowdown=args.slowdown,
         link_delay_ms=args.link_delay_ms,
+        service_ms=parse_service_times(getattr(args, "service_ms", "") or ""),
         worker_id=args.worker_id or None,
         advertise=args.advertise or None,
         max_batch_size=getattr(args, "max_batch_size", defaults.max_batch_size),

@@ -24,9 +24,25 @@ from typing import Any
 
 from apdispatch.common.tensors import TensorSpec
 
-__all__ = ["MANIFEST_NAME", "Manifest", "TensorSpec", "Variant", "load_manifest", "write_manifest"]
+__all__ = [
+    "MANIFEST_NAME",
+    "MEASURED_BATCH",
+    "Manifest",
+    "TensorSpec",
+    "Variant",
+    "batch_latency_ms",
+    "load_manifest",
+    "write_manifest",
+]
 
 MANIFEST_NAME = "manifest.json"
+MEASURED_BATCH = 8  # the manifest's second latency figure is for this batch size
+
+
+def batch_latency_ms(latency_ms_batch1: float, latency_ms_batch8: float, batch: int) -> float:
+    """One execution of ``batch`` requests, linear between the batch-1 and batch-8 figures."""
+    slope = (latency_ms_batch8 - latency_ms_batch1) / (MEASURED_BATCH - 1)
+    return latency_ms_batch1 + slope * (batch - 1)
 
 
 @dataclass(frozen=True, slots=True)

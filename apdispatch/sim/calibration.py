@@ -11,25 +11,22 @@ Where a variant's cost comes from, in order:
    passed through a :class:`Calibration`.
 
 Either profile holds tight-loop timings of the bare model on a build
-machine (microseconds for the zoo's small networks). A live worker holds its
-slot for longer than that: ``Slots.execute`` multiplies the measured compute by
-the emulated slowdown and adds the hop into the slot's thread, which the
-slowdown does not multiply. Hence the calibrated service time of a manifest
-variant at batch ``b`` on a device of speed ``s``::
+machine (microseconds for the zoo's small networks). The live topology
+(``apdispatch.tools.topology``) makes a worker on a device of speed ``s`` < 1
+hold its slot for the profile's figure divided by ``s``, which is this
+module's service time at scale 1 with no overhead; where that is shorter than
+the real call (the hop into the slot's thread and the model), the real call
+sets it. Hence the calibrated service time of a manifest variant at batch
+``b`` on a device of speed ``s``::
 
     service_ms = scale * latency_ms(b) / s + overhead_ms
 
 ``scale`` absorbs a machine that runs the models slower (or faster) than the
-one the profile was timed on; ``overhead_ms`` is the fixed cost per
-execution. The default, :data:`MANIFEST`, takes the profile's figures as they
-are (scale 1, no overhead), which matches what ``apdispatch worker`` measures for the zoo's models at
-warm-up, on an idle machine, to within a few microseconds. Under load the
-live figure is much larger: ``apdispatch demo scenarios/small-edge-cloud.toml
---duration 20`` on a 2-core machine (AP, four workers and the load generator
-sharing it) is reproduced within 2 points of success ratio for six of the
-seven static policies (``p2c``: 3.7) by ``Calibration(scale=12)``
-(``--calibration 12``), and not by scale 1 (``closest``: 100 % instead of
-92 %). The live-vs-sim fidelity study fits both numbers from the
+one the profile was timed on, or a live topology emulated by slowdown alone
+(``--latencies measured``), where every call costs what it really took times
+``1 / s``; ``overhead_ms`` is the fixed cost per execution. The default,
+:data:`MANIFEST`, takes the profile's figures as they are (scale 1, no
+overhead). The live-vs-sim fidelity study fits both numbers from the
 ``compute_ms`` of live replies with :func:`fit_calibration`.
 
 Batch sizes in between are interpolated linearly between the batch-1 and the
@@ -43,9 +40,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from apdispatch.common.manifest import MEASURED_BATCH, batch_latency_ms
 from apdispatch.scenario import ScenarioError
 
-MEASURED_BATCH = 8  # the manifest's second latency figure is for this batch size
+__all__ = [
+    "MANIFEST",
+    "MEASURED_BATCH",
+    "Calibration",
+    "batch_latency_ms",
+    "fit_calibration",
+    "parse_calibration",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,12 +66,6 @@ class Calibration:
 
 
 MANIFEST = Calibration()
-
-
-def batch_latency_ms(latency_ms_batch1: float, latency_ms_batch8: float, batch: int) -> float:
-    """One execution of ``batch`` requests, linear between the batch-1 and batch-8 figures."""
-    slope = (latency_ms_batch8 - latency_ms_batch1) / (MEASURED_BATCH - 1)
-    return latency_ms_batch1 + slope * (batch - 1)
 
 
 def fit_calibration(samples: Iterable[tuple[float, float, float]]) -> Calibration:

@@ -193,10 +193,15 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 # --- the run -----------------------------------------------------------------------
 
 
-def plan_workers(scenario: Scenario, models: Path) -> tuple[WorkerSpec, ...]:
-    """The scenario's workers, checked against the zoo before anything starts."""
+def plan_workers(
+    scenario: Scenario, models: Path, latencies: LatencyProfile | None = None
+) -> tuple[WorkerSpec, ...]:
+    """The scenario's workers, checked against the zoo before anything starts.
+
+    ``latencies`` gives the emulated devices' service times (default: the reference profile).
+    """
     manifest = load_manifest(models)
-    specs = build_topology(scenario, manifest)
+    specs = build_topology(scenario, manifest, latencies)
     # A missing model file would only show as a worker crash; say it up front.
     built = {v.name for v in manifest.variants}
     for spec in specs:
@@ -281,9 +286,10 @@ def main(args: argparse.Namespace) -> int:
         models: Path = args.models
         if not (models / MANIFEST_NAME).is_file():
             raise DemoError(f"no model zoo at {models} (build it: apdispatch models build --out {models})")
-        specs = plan_workers(scenario, models)
         calibration_arg: str | None = getattr(args, "calibration", None)
         latencies_arg: str | None = getattr(args, "latencies", None)
+        latencies = parse_latencies(latencies_arg)
+        specs = plan_workers(scenario, models, latencies)
         # --calibration or --latencies alone asks for the comparison it configures.
         fidelity = bool(getattr(args, "fidelity", False)) or calibration_arg is not None
         fidelity = fidelity or latencies_arg is not None
@@ -292,7 +298,6 @@ def main(args: argparse.Namespace) -> int:
             from apdispatch.sim.calibration import parse_calibration
 
             calibration = parse_calibration(calibration_arg)
-        latencies = parse_latencies(latencies_arg)
     except (ScenarioError, DemoError, OSError) as exc:
         print(f"apdispatch demo: {exc}", file=sys.stderr)
         return 2

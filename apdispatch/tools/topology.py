@@ -5,14 +5,18 @@ per worker) both start their workers from these specs, so the two run the
 same topology: same worker ids, clusters, variants and emulation flags.
 
 A scenario describes devices of different speeds and clusters at different
-round trips; one machine (or one container host) emulates them: a worker on
-a device of ``speed`` s runs every model ``slowdown = 1 / s`` times slower,
-and a worker in a cluster with ``rtt_ms`` r adds r ms of round trip to every
-request (``--link-delay-ms``). Waiting can only make a device slower: a speed
-above 1 gives a slowdown below 1, which the worker runs at this machine's
-speed. What the live topology does not emulate, and the simulator does: the
-cluster's ``jitter_ms`` and the device's ``interference`` (live, requests
-sharing a worker interfere for real) and power draw.
+round trips; one machine (or one container host) emulates them. A worker on
+a device of ``speed`` s < 1 holds its slot for the variant's latency from the
+simulator's latency profile (the shipped reference by default) divided by s
+(``--service-ms``), the service time the simulator gives it, whatever the speed
+and load of the machine that runs it; a variant the profile does not know runs
+``slowdown = 1 / s`` times slower than it really took. A worker in a cluster
+with ``rtt_ms`` r adds r ms of round trip to every request
+(``--link-delay-ms``). Waiting can only make a device slower: a device of
+speed 1 or more runs at this machine's speed. What the live topology does not
+emulate, and the simulator does: the cluster's ``jitter_ms`` and the device's
+``interference`` (live, requests sharing a worker interfere for real) and
+power draw.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from dataclasses import dataclass
 
 from apdispatch.common.manifest import Manifest
 from apdispatch.scenario import Scenario, ScenarioError
+from apdispatch.sim.profile import LatencyProfile, reference_profile
 
 EDGE = "edge"
 CLOUD = "cloud"
@@ -55,6 +60,8 @@ class WorkerSpec:
     link_delay_ms: float  # the cluster's RTT, added to every request
     max_batch_size: int = 1  # cloud only
     max_wait_ms: float = 0.0  # cloud only
+    # (variant, ms at batch 1, ms at batch 8): fixed slot hold times on this device
+    service_ms: tuple[tuple[str, float, float], ...] = ()
 
     def argv(
         self,
@@ -90,6 +97,11 @@ class WorkerSpec:
             "--worker-id",
             self.worker_id,
         ]
+        if self.service_ms:
+            args += [
+                "--service-ms",
+                ",".join(f"{v}={format_number(b1)}:{format_number(b8)}" for v, b1, b8 in self.service_ms),
+            ]
         if advertise is not None:
             args += ["--advertise", advertise]
         if self.kind == CLOUD:
@@ -174,8 +186,25 @@ def _group_kind(
     return EDGE
 
 
-def build_topology(scenario: Scenario, manifest: Manifest | None = None) -> tuple[WorkerSpec, ...]:
+def service_times(
+    variants: Sequence[str], speed: float, profile: LatencyProfile | None
+) -> tuple[tuple[str, float, float], ...]:
+    """Slot hold times on a device of ``speed`` for the variants ``profile`` knows (none at speed >= 1)."""
+    if speed >= 1.0 or profile is None or profile.variants is None:
+        return ()
+    table = profile.variants
+    return tuple((v, table[v][0] / speed, table[v][1] / speed) for v in variants if v in table)
+
+
+def build_topology(
+    scenario: Scenario,
+    manifest: Manifest | None = None,
+    profile: LatencyProfile | None = None,
+) -> tuple[WorkerSpec, ...]:
     """One spec per worker process of ``scenario``, in file order.
+
+    ``profile`` gives the emulated devices' service times (default: the
+    reference profile; ``measured``: emulate by slowdown alone).
 
     With a manifest, every variant must be in it or in the scenario's
     ``[variants]``; without one (e.g. writing a compose file on a machine
@@ -184,6 +213,8 @@ def build_topology(scenario: Scenario, manifest: Manifest | None = None) -> tupl
     Worker ids are ``<cluster>-<n>``, n counting the cluster's workers from 1.
     """
     known = known_variants(scenario, manifest)
+    if profile is None:
+        profile = reference_profile()
     seen_clusters: set[str] = set()
     specs: list[WorkerSpec] = []
     for i, cluster in enumerate(scenario.clusters):
@@ -227,6 +258,7 @@ def build_topology(scenario: Scenario, manifest: Manifest | None = None) -> tupl
                         link_delay_ms=cluster.rtt_ms,
                         max_batch_size=device.max_batch_size if kind == CLOUD else 1,
                         max_wait_ms=device.max_wait_ms if kind == CLOUD else 0.0,
+                        service_ms=service_times(group.variants, device.speed, profile),
                     )
                 )
     if not specs:
