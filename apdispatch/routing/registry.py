@@ -8,13 +8,14 @@ ready list.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from apdispatch.common.errors import InvalidRequestError
 from apdispatch.common.protocol import dispatcher_pb2 as pb
-from apdispatch.common.tensors import TensorSpec
+from apdispatch.common.tensors import DATATYPE_TO_DTYPE, TensorSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +77,44 @@ def _validate_registration(req: pb.RegisterRequest) -> None:
             raise InvalidRequestError(f"variants[{i}]", "name and task must be set")
         if not 0.0 <= v.accuracy <= 1.0:
             raise InvalidRequestError(f"variants[{i}].accuracy", "must be in [0, 1]")
+        for key in ("latency_ms", "latency_ms_batch8"):
+            value = getattr(v, key)
+            if not (math.isfinite(value) and value >= 0.0):
+                raise InvalidRequestError(f"variants[{i}].{key}", f"must be finite and >= 0, got {value}")
+        if v.max_batch_size < 0:
+            raise InvalidRequestError(
+                f"variants[{i}].max_batch_size", f"must be >= 0, got {v.max_batch_size}"
+            )
         if not v.inputs:
             raise InvalidRequestError(f"variants[{i}].inputs", "at least one input is needed")
+        _validate_specs(f"variants[{i}].inputs", v.inputs)
+        _validate_specs(f"variants[{i}].outputs", v.outputs)
+
+
+# A declared spec is what the AP checks requests against and slices replies
+# by: a datatype it cannot map or a shape it cannot size would fail there.
+_MAX_RANK = 16
+
+
+def _validate_specs(where: str, specs: Sequence[pb.TensorSpec]) -> None:
+    names: set[str] = set()
+    for j, spec in enumerate(specs):
+        at = f"{where}[{j}]"
+        if not spec.name:
+            raise InvalidRequestError(f"{at}.name", "must not be empty")
+        if spec.name in names:
+            raise InvalidRequestError(f"{at}.name", f"{spec.name!r} is declared twice")
+        names.add(spec.name)
+        if spec.datatype not in DATATYPE_TO_DTYPE:
+            raise InvalidRequestError(
+                f"{at}.datatype",
+                f"unknown datatype {spec.datatype[:32]!r} (known: {', '.join(DATATYPE_TO_DTYPE)})",
+            )
+        if len(spec.shape) > _MAX_RANK:
+            raise InvalidRequestError(f"{at}.shape", f"at most {_MAX_RANK} dimensions, got {len(spec.shape)}")
+        bad = [d for d in spec.shape if d != -1 and d < 1]
+        if bad:
+            raise InvalidRequestError(f"{at}.shape", f"each dimension must be -1 (any) or >= 1, got {bad[0]}")
 
 
 class Registry:
