@@ -41,6 +41,8 @@ class _InFlight:
     arrival: float
     decision: Decision
     reply: Reply
+    finished: bool = False  # the worker's part is over: released, and nothing more is taken from it
+    answered: bool = False  # the outcome is counted and the reply handed over
 
 
 class Dispatcher:
@@ -102,6 +104,12 @@ class Dispatcher:
             self._dispatch(request, request_id, arrival, reply)
         except ApdispatchError as exc:
             self._fail(exc, request, request_id, arrival, None, reply)
+        except Exception as exc:
+            # A bug (in a policy, say) still ends in one outcome and a status
+            # the client can act on; the traceback goes to the log.
+            self._log.exception("dispatch failed", request_id=request_id)
+            failure = UnavailableError(f"the AP could not dispatch the request: {exc!r}")
+            self._fail(failure, request, request_id, arrival, None, reply)
 
     def _dispatch(self, request: pb.InferRequest, request_id: str, arrival: float, reply: Reply) -> None:
         checked = check_request(
@@ -112,10 +120,22 @@ class Dispatcher:
         left_ms = checked.deadline_ms - (now - arrival) * 1000.0
         view = RequestView(checked.task, request.app, left_ms, checked.min_accuracy, now)
         decision = self.router.decide(view, checked.targets)
-        target = decision.target
-        worker = target.worker
         flight = _InFlight(request, request_id, arrival, decision, reply)
-        deadline = arrival + request.sla.deadline_ms / 1000.0 + self._late_grace_s
+        try:
+            self._forward(flight)
+        except BaseException:
+            # Never sent: the worker holds nothing of it, and whatever the link
+            # may still report for it is ignored.
+            if not flight.finished:
+                flight.finished = True
+                self.router.release(decision)
+            raise
+
+    def _forward(self, flight: _InFlight) -> None:
+        request = flight.request
+        target = flight.decision.target
+        worker = target.worker
+        deadline = flight.arrival + request.sla.deadline_ms / 1000.0 + self._late_grace_s
         link = self.forwarder.link(worker.address, worker.streaming)
         link.submit(
             target.variant.name,
@@ -127,7 +147,27 @@ class Dispatcher:
         )
 
     def _complete(self, flight: _InFlight, result: WorkerReply | BaseException) -> None:
+        """The link's report on a forwarded request: called once, never raises."""
+        if flight.finished:
+            return
+        flight.finished = True
         self.router.release(flight.decision)
+        try:
+            self._conclude(flight, result)
+        except Exception as exc:
+            self._log.exception("completion failed", request_id=flight.request_id)
+            if not flight.answered:
+                error = UnavailableError(f"the AP could not complete the request: {exc!r}")
+                self._fail(
+                    error,
+                    flight.request,
+                    flight.request_id,
+                    flight.arrival,
+                    flight.decision.target,
+                    flight.reply,
+                )
+
+    def _conclude(self, flight: _InFlight, result: WorkerReply | BaseException) -> None:
         now = time.monotonic()
         total_ms = (now - flight.arrival) * 1000.0
         late = total_ms > flight.request.sla.deadline_ms
@@ -152,7 +192,15 @@ class Dispatcher:
             # outcome (the learned one refreshes its reservations there)
             # delays no reply; and also when it could not go (a call the
             # client cancelled): the policy learns from every decision.
-            self.router.observe(flight.decision, outcome, total_ms)
+            self._observe(flight.decision, outcome, total_ms)
+
+    def _observe(self, decision: Decision, outcome: Outcome, total_ms: float) -> None:
+        try:
+            self.router.observe(decision, outcome, total_ms)
+        except Exception:
+            # The reply has gone and is counted; a policy that fails to learn
+            # from it must not fail the requests beside it.
+            self._log.exception("policy observe failed", policy=self.router.policy.name)
 
     def _answer(
         self,
@@ -163,6 +211,7 @@ class Dispatcher:
         network_ms: float,
     ) -> None:
         target = flight.decision.target
+        flight.answered = True
         if outcome is Outcome.FAILED:
             error = (
                 result

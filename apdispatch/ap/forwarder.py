@@ -94,6 +94,16 @@ def _worker_error(address: str, code: grpc.StatusCode, details: str) -> Apdispat
     return UnavailableError(f"worker {address}: {code.name}: {details}")
 
 
+def _stream_error(address: str, reply: oip_pb2.ModelStreamInferResponse) -> BaseException:
+    """A worker's per-message error on a stream, by the status it names (a ``status`` parameter)."""
+    params = reply.infer_response.parameters
+    name = params["status"].string_param if "status" in params else ""
+    code = grpc.StatusCode.__members__.get(name, grpc.StatusCode.UNKNOWN)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineReached()
+    return _worker_error(address, code, reply.error_message)
+
+
 def _param(params: object, key: str) -> float:
     value = params.get(key)  # type: ignore[attr-defined]
     return float(value.double_param) if value is not None else 0.0
@@ -254,10 +264,7 @@ class WorkerLink:
                     continue
                 batch, sent_at = sent
                 if reply.error_message:
-                    failure: BaseException = UnavailableError(f"worker {self.address}: {reply.error_message}")
-                    if "deadline" in reply.error_message.lower():
-                        failure = DeadlineReached()
-                    self._fail(batch, failure)
+                    self._fail(batch, _stream_error(self.address, reply))
                 else:
                     self._deliver(batch, inner, sent_at)
         except grpc.aio.AioRpcError as exc:
