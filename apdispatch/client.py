@@ -74,6 +74,10 @@ _DEFAULT_CHANNEL_OPTIONS: Final = (
     ("grpc.max_receive_message_length", -1),
 )
 
+# The AP's default max_message_bytes: it refuses a bigger request with
+# RESOURCE_EXHAUSTED, so the client refuses it before sending, naming the input.
+MAX_REQUEST_BYTES: Final = 16 * 1024 * 1024
+
 Inputs = npt.ArrayLike | Mapping[str, npt.ArrayLike]
 
 
@@ -192,6 +196,7 @@ def encode_inputs(inputs: Inputs) -> list[pb.Tensor]:
     out = []
     for name, value in items:
         array = value if isinstance(value, np.ndarray) else np.asarray(value)
+        _check_size(f"inputs.{name}", array.nbytes, array.nbytes)
         try:
             out.append(tensors.to_tensor(name, array))
         except TypeError as exc:
@@ -199,6 +204,15 @@ def encode_inputs(inputs: Inputs) -> list[pb.Tensor]:
     if not out:
         raise InvalidRequestError("inputs", "at least one input is needed")
     return out
+
+
+def _check_size(field: str, nbytes: int, request_bytes: int) -> None:
+    if request_bytes > MAX_REQUEST_BYTES:
+        raise InvalidRequestError(
+            field,
+            f"{nbytes} bytes (a request of {request_bytes} bytes) is over the limit of "
+            f"{MAX_REQUEST_BYTES} bytes a request may have (the AP's max_message_bytes)",
+        )
 
 
 def _check_sla(deadline_ms: float, min_accuracy: float) -> None:
@@ -223,7 +237,7 @@ def build_request(
 ) -> pb.InferRequest:
     """The wire message for one request (validated as far as the client can)."""
     _check_sla(deadline_ms, min_accuracy)
-    return pb.InferRequest(
+    request = pb.InferRequest(
         task=task,
         inputs=encode_inputs(inputs),
         sla=pb.SLA(deadline_ms=deadline_ms, min_accuracy=min_accuracy),
@@ -231,6 +245,9 @@ def build_request(
         app=app,
         variant=variant or "",
     )
+    largest = max(request.inputs, key=lambda t: len(t.data))
+    _check_size(f"inputs.{largest.name}", len(largest.data), request.ByteSize())
+    return request
 
 
 def decode_outputs(response: pb.InferResponse) -> dict[str, np.ndarray]:

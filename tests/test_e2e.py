@@ -240,7 +240,7 @@ BAD_INPUTS = [
     ("wrong dtype", lambda x: x.astype(np.float64), "inputs[0].datatype"),
     ("wrong shape", lambda x: np.concatenate([x, x], axis=-1), "inputs[0].shape"),
     ("empty", lambda x: x[:0], "inputs[0].shape"),
-    ("oversized batch", lambda x: np.repeat(x, 100_000, axis=0), "inputs[0]"),
+    ("oversized batch", lambda x: np.repeat(x, 1_000, axis=0), "inputs[0].shape"),
     (
         "nan",
         lambda x: np.where(np.arange(x.size).reshape(x.shape) == 0, np.nan, x).astype(np.float32),

@@ -28,6 +28,10 @@ class APConfig:
     # The longest deadline a request may ask for: the AP and its workers hold a
     # timer per request, and an hour is far beyond any inference SLA.
     max_deadline_ms: float = 3_600_000.0
+    # The largest request message, well below gRPC's 64 MiB: a bigger one is refused with RESOURCE_EXHAUSTED.
+    max_message_bytes: int = 16 * 1024 * 1024
+    # Replies a stream may have pending (in progress or unsent) before the AP stops reading it.
+    stream_max_pending: int = 256
     # Extra time, beyond the request's deadline, the AP waits for a worker's
     # reply so that a late reply is still delivered (and counted late).
     late_grace_ms: float = 0.0
@@ -51,6 +55,10 @@ class APConfig:
             raise ConfigError("max_tensor_bytes: must be > 0")
         if not self.max_deadline_ms > 0:
             raise ConfigError("max_deadline_ms: must be > 0")
+        if not 0 < self.max_message_bytes <= 64 * 1024 * 1024:
+            raise ConfigError("max_message_bytes: must be > 0 and at most 64 MiB")
+        if self.stream_max_pending < 1:
+            raise ConfigError("stream_max_pending: must be >= 1")
         if self.log_format not in ("json", "console"):
             raise ConfigError("log_format: must be 'json' or 'console'")
         if self.summary_interval_s <= 0:

@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from apdispatch.ap.validate import valid_app
 from apdispatch.common.outcomes import OUTCOMES, Outcome
+
+# Apps counted by name; the rest, and names that are not valid app names, are
+# counted together under OTHER_APPS, so that clients cannot grow the table.
+MAX_APPS = 1000
+OTHER_APPS = "(other)"
 
 
 @dataclass(slots=True)
@@ -22,10 +28,14 @@ class Window:
 class Stats:
     """Totals since start plus the current summary window."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_apps: int = MAX_APPS) -> None:
         self._clock = clock
+        self._max_apps = max_apps
         self.totals: Counter[str] = Counter()
         self.by_app: dict[str, Counter[str]] = {}
+        # Replies read from streams and not yet handed to gRPC, over all streams.
+        self.stream_pending = 0
+        self.stream_pending_peak = 0
         self.by_target: Counter[str] = Counter()
         self._window = Window(started=clock())
 
@@ -33,12 +43,21 @@ class Stats:
         self.totals[outcome] += 1
         app_counts = self.by_app.get(app)
         if app_counts is None:
-            app_counts = self.by_app[app] = Counter()
+            if len(self.by_app) >= self._max_apps or not valid_app(app):
+                app = OTHER_APPS
+            app_counts = self.by_app.get(app)
+            if app_counts is None:
+                app_counts = self.by_app[app] = Counter()
         app_counts[outcome] += 1
         if target is not None:
             self.by_target[target] += 1
         self._window.outcomes[outcome] += 1
         self._window.latencies_ms.append(latency_ms)
+
+    def stream_pending_add(self, n: int) -> None:
+        self.stream_pending += n
+        if self.stream_pending > self.stream_pending_peak:
+            self.stream_pending_peak = self.stream_pending
 
     @property
     def total(self) -> int:

@@ -30,9 +30,13 @@ from apdispatch.routing.registry import Registry
 
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.so_reuseport", 0),
 ]
+
+
+def server_options(config: APConfig) -> list[tuple[str, int]]:
+    # gRPC refuses a bigger request with RESOURCE_EXHAUSTED before reading it in.
+    return [*SERVER_OPTIONS, ("grpc.max_receive_message_length", config.max_message_bytes)]
 
 
 class AccessPoint:
@@ -56,7 +60,7 @@ class AccessPoint:
             self.log,
             debug=is_enabled("debug", config.log_level),
         )
-        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.server = grpc.aio.server(options=server_options(config))
         add_dispatcher_to_server(DispatcherServicer(self.dispatcher), self.server)
         pb_grpc.add_RegistryServicer_to_server(
             RegistryServicer(self.registry, self.estimator, self.forwarder, config.policy, self.log),

@@ -87,8 +87,13 @@ class DispatcherServicer(pb_grpc.DispatcherServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.InferResponse]:
         loop = asyncio.get_running_loop()
+        stats = self._dispatcher.stats
+        max_pending = self._dispatcher.config.stream_max_pending
         replies: asyncio.Queue[pb.InferResponse | None] = asyncio.Queue()
-        outstanding = 0
+        outstanding = 0  # submitted, not answered yet
+        pending = 0  # read, and the reply not yet handed to gRPC
+        room = asyncio.Event()
+        room.set()
         reading = True
 
         def reply(result: pb.InferResponse | ApdispatchError) -> None:
@@ -99,15 +104,22 @@ class DispatcherServicer(pb_grpc.DispatcherServicer):
                 replies.put_nowait(None)
 
         async def read_all() -> None:
-            nonlocal outstanding, reading
+            nonlocal outstanding, pending, reading
             submit = self._dispatcher.submit
             try:
                 async for request in request_iterator:
                     outstanding += 1
+                    pending += 1
+                    stats.stream_pending_add(1)
                     if isinstance(request, Undecodable):
                         reply(request)  # answered, and the stream goes on
                     else:
                         submit(request, time.monotonic(), reply)
+                    # A client that does not read its replies stops being read:
+                    # gRPC's flow control then holds its requests back.
+                    if pending >= max_pending:
+                        room.clear()
+                        await room.wait()
             finally:
                 reading = False
                 if outstanding == 0:
@@ -116,9 +128,14 @@ class DispatcherServicer(pb_grpc.DispatcherServicer):
         reader = loop.create_task(read_all())
         try:
             while (response := await replies.get()) is not None:
-                yield response
+                yield response  # returns once gRPC has taken the reply
+                pending -= 1
+                stats.stream_pending_add(-1)
+                if pending < max_pending:
+                    room.set()
         finally:
             reader.cancel()
+            stats.stream_pending_add(-pending)
 
 
 class RegistryServicer(pb_grpc.RegistryServicer):

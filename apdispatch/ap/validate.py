@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,16 @@ from apdispatch.common.errors import InvalidRequestError, NotFoundError
 from apdispatch.common.protocol import dispatcher_pb2 as pb
 from apdispatch.common.tensors import DATATYPE_TO_DTYPE, FLOAT_DATATYPES, TensorSpec, all_finite
 from apdispatch.routing.registry import Registry, Target
+
+# App names key per-app tables (stats, the learned policy's demand): short
+# identifiers, so that a name cannot carry a payload into every table.
+MAX_APP_LEN = 128
+_APP_NAME = re.compile(r"[A-Za-z0-9._:/@+-]*")
+
+
+def valid_app(app: str) -> bool:
+    """Whether ``app`` is an acceptable app name (empty included: no app)."""
+    return len(app) <= MAX_APP_LEN and _APP_NAME.fullmatch(app) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +37,13 @@ class CheckedRequest:
 def check_request(
     req: pb.InferRequest, registry: Registry, max_tensor_bytes: int, max_deadline_ms: float
 ) -> CheckedRequest:
+    if not valid_app(req.app):
+        shown = req.app[:32] + ("..." if len(req.app) > 32 else "")
+        raise InvalidRequestError(
+            "app",
+            f"must be at most {MAX_APP_LEN} characters of A-Z a-z 0-9 . _ : / @ + -, "
+            f"got {len(req.app)} characters ({shown!r})",
+        )
     if not req.task:
         raise InvalidRequestError("task", "must not be empty")
     targets = registry.targets(req.task)
