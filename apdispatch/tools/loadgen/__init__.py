@@ -37,7 +37,7 @@ from apdispatch.common.errors import UnavailableError
 from apdispatch.common.lifecycle import Lifecycle
 from apdispatch.scenario import ScenarioError, load_scenario
 from apdispatch.scenario.plan import LoadPlan, QueryProcess, StreamPlan, plan_load, stream_starts
-from apdispatch.tools.loadgen.report import LoadReport
+from apdispatch.tools.loadgen.report import LoadReport, Observer
 from apdispatch.tools.loadgen.run import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_GRACE_S,
@@ -55,6 +55,7 @@ __all__ = [
     "NO_REPLY",
     "LoadPlan",
     "LoadReport",
+    "Observer",
     "QueryProcess",
     "Samples",
     "StreamPlan",

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, Protocol
 
 import numpy as np
 
@@ -91,6 +91,9 @@ class LoadReport:
     errors: dict[str, int]
     unmatched_replies: int
     wall_s: float
+    # Sent and never answered at all, after the deadline and grace (counted as
+    # ``failed`` too); a client-side error such as a broken stream is an answer.
+    lost: int = 0
     stopped_at_s: float | None = None  # when sending was stopped early (Ctrl-C), else None
     # What the workers reported holding a slot for, per target (n, mean, p50,
     # p90 over served replies): the live service times a simulator calibration
@@ -147,6 +150,7 @@ class LoadReport:
             "compute_ms": self.compute_ms,
             "errors": self.errors,
             "unmatched_replies": self.unmatched_replies,
+            "lost": self.lost,
             "grace_s": self.grace_s,
             "wall_s": round(self.wall_s, 3),
             "stopped_at_s": None if self.stopped_at_s is None else round(self.stopped_at_s, 3),
@@ -196,6 +200,8 @@ class LoadReport:
             lines.append(
                 f"stopped early: sending ended at {self.stopped_at_s:.1f} s of {self.duration_s:g} s"
             )
+        if self.lost:
+            lines.append(f"lost (no reply at all by deadline + grace): {self.lost}")
         if not self.counts_add_up:
             lines.append(f"ERROR: outcomes add up to {self.total}, not to {self.sent} sent")
         return "\n".join(lines)
@@ -208,10 +214,21 @@ class Pending(NamedTuple):
     label: int  # expected class, -1 when unknown
 
 
+class Observer(Protocol):
+    """Sees every query sent and its outcome as they happen (``apdispatch chaos`` bins them
+    by fault window); ``sent_at`` is the event loop's time of the send."""
+
+    def sent(self, sent_at: float) -> None: ...
+
+    def outcome(self, sent_at: float, outcome: str, lost: bool) -> None: ...
+
+
 class Tally:
     """Outcome counters, updated as replies come in."""
 
-    def __init__(self, n_apps: int, n_buckets: int) -> None:
+    def __init__(self, n_apps: int, n_buckets: int, observer: Observer | None = None) -> None:
+        self.observer = observer
+        self.lost = 0
         self.sent = 0
         self.sent_per_app = [0] * n_apps
         self.done = 0
@@ -233,11 +250,15 @@ class Tally:
         self.sent += 1
         self.sent_per_app[p.app] += 1
         self.buckets[p.bucket][0] += 1
+        if self.observer is not None:
+            self.observer.sent(p.sent_at)
 
-    def _count(self, p: Pending, outcome: int) -> None:
+    def _count(self, p: Pending, outcome: int, lost: bool = False) -> None:
         self.done += 1
         self.counts[p.app][outcome] += 1
         self.buckets[p.bucket][1 + outcome] += 1
+        if self.observer is not None:
+            self.observer.outcome(p.sent_at, OUTCOMES[outcome], lost)
 
     def on_result(self, p: Pending, result: Result, now: float) -> None:
         outcome = _OUTCOME_INDEX[result.outcome]
@@ -262,8 +283,10 @@ class Tally:
                 self.reject_latency.append(now - p.sent_at)
             self._error(f"{result.outcome}: {result.error or '(no message)'}")
 
-    def on_failed(self, p: Pending, error: str) -> None:
-        self._count(p, _FAILED)
+    def on_failed(self, p: Pending, error: str, lost: bool = False) -> None:
+        """``lost``: no reply came at all (as opposed to an error the client was told of)."""
+        self.lost += lost
+        self._count(p, _FAILED, lost)
         self._error(f"failed: {error}")
 
     def _error(self, message: str) -> None:
@@ -324,5 +347,6 @@ def build_report(
         errors=dict(tally.errors.most_common()),
         unmatched_replies=tally.unmatched,
         wall_s=wall_s,
+        lost=tally.lost,
         stopped_at_s=stopped_at_s,
     )

@@ -15,7 +15,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
@@ -28,7 +28,7 @@ from apdispatch.common.lifecycle import cut_short
 from apdispatch.common.protocol import dispatcher_pb2 as pb
 from apdispatch.scenario import Scenario
 from apdispatch.scenario.plan import LoadPlan, QueryProcess, StreamPlan, plan_load
-from apdispatch.tools.loadgen.report import LoadReport, Pending, Tally, build_report
+from apdispatch.tools.loadgen.report import LoadReport, Observer, Pending, Tally, build_report
 
 Samples = Mapping[str, tuple[np.ndarray, np.ndarray]]
 
@@ -88,8 +88,9 @@ class _Conn:
         so that it also runs to the end inside a cancelled task."""
         self.closed = True
         pending, self.pending = self.pending, {}
+        lost = error.startswith(NO_REPLY)
         for p in pending.values():
-            tally.on_failed(p, error)
+            tally.on_failed(p, error, lost)
 
 
 class _Runner:
@@ -100,6 +101,7 @@ class _Runner:
         client: AsyncClient,
         inputs: Mapping[str, _TaskInputs],
         grace_s: float,
+        observer: Observer | None = None,
     ) -> None:
         self.scenario = scenario
         self.plan = plan
@@ -108,7 +110,7 @@ class _Runner:
         self.grace_s = grace_s
         self.loop = asyncio.get_running_loop()
         self.n_buckets = max(1, math.ceil(plan.duration_s))
-        self.tally = Tally(len(scenario.apps), self.n_buckets)
+        self.tally = Tally(len(scenario.apps), self.n_buckets, observer)
         self.slas = [pb.SLA(deadline_ms=a.deadline_ms, min_accuracy=a.min_accuracy) for a in scenario.apps]
         self.t0 = 0.0
         self.tasks: list[asyncio.Task[None]] = []
@@ -301,6 +303,8 @@ async def run_load(
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
     stop: asyncio.Event | None = None,
     force: asyncio.Event | None = None,
+    observer: Observer | None = None,
+    channel_options: Iterable[tuple[str, Any]] | None = None,
 ) -> LoadReport:
     """Offer ``scenario``'s load to the AP at ``ap`` and report what came back.
 
@@ -311,6 +315,8 @@ async def run_load(
     outstanding replies are still awaited and the report covers what was sent.
     Setting ``force`` also ends that wait: replies still missing count as
     ``failed`` (``no reply``), and the report is made all the same.
+    ``observer`` sees every send and outcome as it happens; ``channel_options``
+    go to the gRPC channel (e.g. a short reconnect back-off when the AP restarts).
     Raises UnavailableError when the AP cannot be reached at the start; once
     running, failures are outcomes.
     """
@@ -325,9 +331,9 @@ async def run_load(
     inputs = {task: _task_inputs(task, *raw[task]) for task in tasks}
     plan = plan_load(scenario, seed=seed, query_process=query_process)
 
-    async with AsyncClient(ap) as client:
+    async with AsyncClient(ap, channel_options=channel_options) as client:
         await client.wait_ready(connect_timeout_s)
-        runner = _Runner(scenario, plan, client, inputs, grace_s)
+        runner = _Runner(scenario, plan, client, inputs, grace_s, observer)
         wall_start = time.perf_counter()
         runner.t0 = runner.loop.time()
         ticker = asyncio.create_task(_progress(runner, scenario.duration_s)) if progress else None
