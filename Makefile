@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 MODELS := build/models
 SCENARIO ?= scenarios/demo.toml
 
-.PHONY: env models demo test lint generate bench eval eval-generated clean
+.PHONY: env models demo test lint generate bench chaos eval eval-generated clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,15 @@ generate: env
 
 bench: models
 	$(BIN)/apdispatch bench --models $(MODELS) --json build/bench.json
+
+# The demo scenario live for CHAOS_S seconds while workers and the AP are
+# killed (-9), terminated, frozen and restarted at random (CHAOS_SEED); fails
+# when a request sent got no outcome. tests/test_chaos.py runs a short one.
+CHAOS_S ?= 120
+CHAOS_SEED ?= 1
+chaos: models
+	$(BIN)/apdispatch chaos $(SCENARIO) --models $(MODELS) --duration $(CHAOS_S) \
+		--fault-seed $(CHAOS_SEED) --json build/chaos.json
 
 # The evaluation table of docs/evaluation/: every policy, five seeds, on the
 # repo's scenarios and the held-out ones (about 24 minutes on 2 cores). The zoo's

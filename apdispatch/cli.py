@@ -148,6 +148,39 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--seed", type=int, default=None)
     load.add_argument("--no-progress", action="store_true")
 
+    chaos = sub.add_parser(
+        "chaos",
+        help="play a scenario live while workers and the AP are killed and restarted at random "
+        "(seeded); check that every request sent got an outcome",
+    )
+    chaos.add_argument("scenario", type=Path)
+    chaos.add_argument("--models", type=Path, default=DEFAULT_MODELS)
+    chaos.add_argument("--policy", default="fastest", help="the AP's routing policy (default: fastest)")
+    chaos.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="learned policies: the AP's checkpoint, which a restarted AP resumes from "
+        "(default: one in the run folder)",
+    )
+    chaos.add_argument(
+        "--duration", type=float, default=None, help="seconds of load (default: the scenario's)"
+    )
+    chaos.add_argument("--seed", type=int, default=None, help="arrivals (default: the scenario's)")
+    chaos.add_argument("--fault-seed", type=int, default=None, help="the fault schedule (default: --seed)")
+    chaos.add_argument(
+        "--faults",
+        default="all",
+        help="comma-separated fault kinds or 'all' (worker-kill, worker-term, worker-stop, ap-term, ap-kill)",
+    )
+    chaos.add_argument(
+        "--gap", type=float, default=4.0, help="mean seconds between one fault's recovery and the next"
+    )
+    chaos.add_argument(
+        "--first-at", type=float, default=None, help="first fault, s (default: 10%% of the run)"
+    )
+    chaos.add_argument("--json", type=Path, default=None, help="also write the report here")
+
     bench = sub.add_parser("bench", help="latency and throughput the AP adds")
     bench.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     bench.add_argument("--json", type=Path, default=None)
@@ -286,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         from apdispatch.tools.loadgen import main as load_main
 
         return load_main(args)
+    if args.command == "chaos":
+        from apdispatch.tools.chaos import main as chaos_main
+
+        return chaos_main(args)
     if args.command == "bench" and args.decisions:
         from apdispatch.tools.decision_bench import main as decisions_main
 
