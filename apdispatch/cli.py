@@ -187,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--requests", type=int, default=3000)
     bench.add_argument("--quick", action="store_true", help="fewer requests and rates")
     bench.add_argument(
+        "--overload",
+        action="store_true",
+        help="only the overload ladder: goodput and time to a rejection at 0.5x-3x the capacity",
+    )
+    bench.add_argument("--step-s", type=float, default=5.0, help="--overload: seconds per step")
+    bench.add_argument(
         "--decisions",
         action="store_true",
         help="measure one routing decision instead (in process): --policies on 4-16 candidates",
@@ -327,6 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         from apdispatch.tools.decision_bench import main as decisions_main
 
         return decisions_main(args)
+    if args.command == "bench" and args.overload:
+        from apdispatch.tools.overload import run as overload_run
+
+        overload_run(Path(args.models), args.step_s, args.json)
+        return 0
     if args.command == "bench":
         from apdispatch.tools.bench import main as bench_main
 

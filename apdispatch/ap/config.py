@@ -7,6 +7,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from apdispatch.ap.overload import OverloadConfig
+
 
 class ConfigError(ValueError):
     """A config file or flag with a bad value; the message names the key."""
@@ -35,6 +37,18 @@ class APConfig:
     # Extra time, beyond the request's deadline, the AP waits for a worker's
     # reply so that a late reply is still delivered (and counted late).
     late_grace_ms: float = 0.0
+    # Overload (apdispatch.ap.overload): at most max_in_flight requests admitted
+    # and unanswered; the limit falls (by decrease_factor per lag_interval_ms,
+    # not below min_in_flight) while the event loop's lag, sampled every
+    # lag_probe_ms, stays above lag_target_ms, and rises by increase_step while
+    # it is below. A request over the limit is rejected at once.
+    max_in_flight: int = 1024
+    min_in_flight: int = 16
+    lag_target_ms: float = 5.0
+    lag_interval_ms: float = 100.0
+    lag_probe_ms: float = 5.0
+    decrease_factor: float = 0.75
+    increase_step: int = 8
     log_level: str = "info"
     log_format: str = "json"
     summary_interval_s: float = 10.0
@@ -59,6 +73,10 @@ class APConfig:
             raise ConfigError("max_message_bytes: must be > 0 and at most 64 MiB")
         if self.stream_max_pending < 1:
             raise ConfigError("stream_max_pending: must be >= 1")
+        try:
+            self.overload().validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.log_format not in ("json", "console"):
             raise ConfigError("log_format: must be 'json' or 'console'")
         if self.summary_interval_s <= 0:
@@ -66,6 +84,17 @@ class APConfig:
         if self.checkpoint_interval_s <= 0:
             raise ConfigError("checkpoint_interval_s: must be > 0")
         return self
+
+    def overload(self) -> OverloadConfig:
+        return OverloadConfig(
+            max_in_flight=self.max_in_flight,
+            min_in_flight=self.min_in_flight,
+            lag_target_ms=self.lag_target_ms,
+            lag_interval_ms=self.lag_interval_ms,
+            lag_probe_ms=self.lag_probe_ms,
+            decrease_factor=self.decrease_factor,
+            increase_step=self.increase_step,
+        )
 
     def with_overrides(self, **overrides: Any) -> APConfig:
         """A copy with every override that is not None applied."""

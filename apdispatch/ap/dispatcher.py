@@ -20,6 +20,7 @@ import structlog
 from apdispatch.ap.config import APConfig
 from apdispatch.ap.forwarder import DeadlineReached, Forwarder, WorkerReply
 from apdispatch.ap.metrics import Stats
+from apdispatch.ap.overload import ConcurrencyLimit
 from apdispatch.ap.validate import check_request
 from apdispatch.common.errors import ApdispatchError, RejectedError, UnavailableError
 from apdispatch.common.outcomes import TO_PROTO, Outcome
@@ -45,6 +46,16 @@ class _InFlight:
     answered: bool = False  # the outcome is counted and the reply handed over
 
 
+def _releasing(limit: ConcurrencyLimit, reply: Reply) -> Reply:
+    """``reply``, which first gives back the request's place under the limit."""
+
+    def answer(result: pb.InferResponse | ApdispatchError) -> None:
+        limit.release()
+        reply(result)
+
+    return answer
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -56,6 +67,7 @@ class Dispatcher:
         stats: Stats,
         log: structlog.typing.FilteringBoundLogger,
         debug: bool = False,
+        limit: ConcurrencyLimit | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -68,6 +80,9 @@ class Dispatcher:
         self._debug = debug
         self._ids = itertools.count(1)
         self._late_grace_s = config.late_grace_ms / 1000.0
+        # Admission to the AP itself: the overload limit, and no new work while draining.
+        self.limit = limit
+        self.draining = False
 
     @property
     def policy(self) -> Policy:
@@ -100,6 +115,16 @@ class Dispatcher:
 
     def submit(self, request: pb.InferRequest, arrival: float, reply: Reply) -> None:
         request_id = request.request_id or f"ap-{next(self._ids)}"
+        if self.draining:
+            self._fail(UnavailableError("the AP is shutting down"), request, request_id, arrival, None, reply)
+            return
+        limit = self.limit
+        if limit is not None:
+            if not limit.try_acquire():
+                error = RejectedError(f"AP overloaded: {limit.in_flight} requests in flight, its limit now")
+                self._fail(error, request, request_id, arrival, None, reply)
+                return
+            reply = _releasing(limit, reply)
         try:
             self._dispatch(request, request_id, arrival, reply)
         except ApdispatchError as exc:

@@ -11,15 +11,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import time
 from pathlib import Path
 
 import grpc
 import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from apdispatch.ap.config import APConfig, ConfigError, load_config
 from apdispatch.ap.dispatcher import Dispatcher
 from apdispatch.ap.forwarder import Forwarder
 from apdispatch.ap.metrics import Stats
+from apdispatch.ap.overload import Overload
 from apdispatch.ap.servicers import DispatcherServicer, RegistryServicer, add_dispatcher_to_server
 from apdispatch.common.lifecycle import Lifecycle
 from apdispatch.common.logs import is_enabled, make_logger
@@ -27,6 +30,9 @@ from apdispatch.common.protocol import dispatcher_pb2_grpc as pb_grpc
 from apdispatch.policies import make_policy, policy_names
 from apdispatch.routing.estimator import LatencyEstimator
 from apdispatch.routing.registry import Registry
+
+# Health is reported for the AP as a whole ("") and for each of its services.
+HEALTH_SERVICES = ("", "apdispatch.v1.Dispatcher", "apdispatch.v1.Registry")
 
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -50,6 +56,7 @@ class AccessPoint:
         self.policy = make_policy(config.policy, seed=config.seed, resume_from=config.checkpoint or None)
         self.forwarder = Forwarder(config.forward_mode, self.log)
         self.stats = Stats()
+        self.overload = Overload(config.overload(), time.monotonic)
         self.dispatcher = Dispatcher(
             config,
             self.registry,
@@ -59,9 +66,13 @@ class AccessPoint:
             self.stats,
             self.log,
             debug=is_enabled("debug", config.log_level),
+            limit=self.overload.limit,
         )
         self.server = grpc.aio.server(options=server_options(config))
-        add_dispatcher_to_server(DispatcherServicer(self.dispatcher), self.server)
+        add_dispatcher_to_server(DispatcherServicer(self.dispatcher, self.overload), self.server)
+        # grpc.health.v1: "" (the AP as a whole) and each of its services.
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         pb_grpc.add_RegistryServicer_to_server(
             RegistryServicer(self.registry, self.estimator, self.forwarder, config.policy, self.log),
             self.server,
@@ -82,7 +93,9 @@ class AccessPoint:
         self._background = [
             loop.create_task(self._expire_leases()),
             loop.create_task(self._summaries()),
+            loop.create_task(self.overload.run()),
         ]
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self._checkpoint_path() is not None:
             self._background.append(loop.create_task(self._checkpoints()))
         self.log.info("serving", address=self.address, policy=self.config.policy)
@@ -93,9 +106,19 @@ class AccessPoint:
         await self.close()
 
     async def drain(self, grace_s: float) -> None:
-        """Stop taking calls; those in flight get ``grace_s`` seconds to finish."""
+        """Stop taking calls; those in flight get ``grace_s`` seconds to finish.
+
+        Health turns NOT_SERVING first, and a request arriving on a stream that is
+        still open is refused with UNAVAILABLE: no new work, only what was taken.
+        """
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.dispatcher.draining = True
         await self._cancel_background()
         await self.server.stop(grace_s)
+
+    async def _set_health(self, status: int) -> None:
+        for service in HEALTH_SERVICES:
+            await self.health.set(service, status)
 
     async def cut(self) -> None:
         """End a drain now: calls still in flight are cancelled."""
@@ -103,6 +126,7 @@ class AccessPoint:
 
     async def close(self) -> None:
         """The shut-down steps, whatever came before (a drain, a cut one, a failed start)."""
+        self.dispatcher.draining = True
         await self._cancel_background()
         await self.server.stop(None)  # a no-op once drained
         await self.forwarder.close()
@@ -160,7 +184,15 @@ class AccessPoint:
             await asyncio.sleep(self.config.summary_interval_s)
             summary = self.stats.roll()
             if summary["requests"]:
-                self.log.info("summary", workers=len(self.registry.workers()), **summary)
+                limit = self.overload.limit
+                self.log.info(
+                    "summary",
+                    workers=len(self.registry.workers()),
+                    loop_lag_ms=round(self.overload.lag.lag_s * 1000.0, 3),
+                    in_flight_limit=limit.limit,
+                    shed=limit.shed,
+                    **summary,
+                )
 
     async def __aenter__(self) -> AccessPoint:
         await self.start()

@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 
 from apdispatch.ap.dispatcher import Dispatcher
 from apdispatch.ap.forwarder import Forwarder
+from apdispatch.ap.overload import Overload
 from apdispatch.common.errors import ApdispatchError, InvalidRequestError
 from apdispatch.common.protocol import dispatcher_pb2 as pb
 from apdispatch.common.protocol import dispatcher_pb2_grpc as pb_grpc
@@ -28,6 +29,23 @@ def error_reply(exc: ApdispatchError) -> pb.InferResponse:
     return pb.InferResponse(
         request_id=exc.request_id, outcome=outcome, status_code=exc.code.value[0], error=exc.message
     )
+
+
+def _within_client_deadline(
+    request: pb.InferRequest, time_remaining_s: float | None, arrival: float, max_deadline_ms: float
+) -> None:
+    """Tighten a valid deadline to the client's gRPC deadline, when that comes first.
+
+    A reply after the client has given up reaches nobody, so admission must count it out.
+    """
+    if time_remaining_s is None or not time_remaining_s > 0:
+        return
+    deadline_ms = request.sla.deadline_ms
+    if not 0 < deadline_ms <= max_deadline_ms:
+        return  # validation names the field
+    client_ms = (time.monotonic() - arrival + time_remaining_s) * 1000.0
+    if client_ms < deadline_ms:
+        request.sla.deadline_ms = client_ms
 
 
 class Undecodable(InvalidRequestError):
@@ -66,16 +84,24 @@ def add_dispatcher_to_server(servicer: DispatcherServicer, server: grpc.aio.Serv
 
 
 class DispatcherServicer(pb_grpc.DispatcherServicer):
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: Dispatcher, overload: Overload | None = None) -> None:
         self._dispatcher = dispatcher
+        self._overload = overload
+
+    def _arrival(self) -> float:
+        """When the request being handled arrived: before now by what the AP's loop lags."""
+        now = time.monotonic()
+        return now if self._overload is None else self._overload.arrival(now)
 
     async def Infer(
         self, request: pb.InferRequest | Undecodable, context: grpc.aio.ServicerContext
     ) -> pb.InferResponse:
-        arrival = time.monotonic()
+        arrival = self._arrival()
         try:
             if isinstance(request, Undecodable):
                 raise request
+            max_deadline_ms = self._dispatcher.config.max_deadline_ms
+            _within_client_deadline(request, context.time_remaining(), arrival, max_deadline_ms)
             return await self._dispatcher.infer(request, arrival)
         except ApdispatchError as exc:
             await context.abort(exc.code, exc.message)
@@ -114,7 +140,7 @@ class DispatcherServicer(pb_grpc.DispatcherServicer):
                     if isinstance(request, Undecodable):
                         reply(request)  # answered, and the stream goes on
                     else:
-                        submit(request, time.monotonic(), reply)
+                        submit(request, self._arrival(), reply)
                     # A client that does not read its replies stops being read:
                     # gRPC's flow control then holds its requests back.
                     if pending >= max_pending:

@@ -1,0 +1,221 @@
+"""``apdispatch bench --overload``: goodput and time to a rejection past the topology's capacity.
+
+Two edge workers hold each request's slot for a fixed service time
+(``--service-ms``), so the topology's capacity is known whatever the host:
+``workers * slots / service time``. Stream clients in this process offer open
+loop load at multiples of it; every request carries a deadline. Per step,
+measured at the client:
+
+- goodput: ok replies that arrived within their deadline, per second;
+- the share of each outcome, and ok replies that arrived after their deadline;
+- p50 and p99 time to an ok reply and to a rejection;
+- requests with no reply at all (lost) once every deadline has passed;
+- the AP's resident memory after the step.
+
+The headline is goodput at the highest multiple over goodput at 1x.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from apdispatch.client import AsyncClient, AsyncStream, build_request
+from apdispatch.common.protocol import dispatcher_pb2 as pb
+from apdispatch.tools.processes import Child, Children, free_port, wait_for_workers
+
+TASK = "digits"
+VARIANT = "digits-tiny"
+WORKERS = 2
+SLOTS = 1
+SERVICE_MS = 4.0  # per request: capacity = WORKERS * SLOTS * 1000 / SERVICE_MS = 500/s
+DEADLINE_MS = 100.0
+STREAMS = 8
+MULTIPLES = (0.5, 1.0, 2.0, 3.0)
+SETTLE_S = 1.0  # after the last send: every deadline has passed, stragglers are in
+
+
+@dataclass
+class OverloadStep:
+    multiple: float
+    offered_qps: float
+    sent: int
+    ok: int  # within the deadline, at the client
+    ok_after_deadline: int  # said ok, arrived too late at the client
+    late: int
+    rejected: int
+    failed: int
+    lost: int  # no reply by the end
+    expired_in_client: int  # the AP pushed back (flow control) until its deadline passed: never sent
+    goodput_qps: float
+    ok_p50_ms: float
+    ok_p99_ms: float
+    reject_p50_ms: float
+    reject_p99_ms: float
+    ap_rss_mb: float
+
+
+def capacity_qps() -> float:
+    return WORKERS * SLOTS * 1000.0 / SERVICE_MS
+
+
+def _pct(samples: list[float], q: float) -> float:
+    return round(float(np.percentile(samples, q)), 3) if samples else float("nan")
+
+
+def rss_mb(child: Child) -> float:
+    """Resident memory of a child process (Linux), MiB."""
+    try:
+        for line in Path(f"/proc/{child.popen.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return float("nan")
+
+
+async def run_step(
+    ap: str, x: np.ndarray, multiple: float, duration_s: float, ap_child: Child
+) -> OverloadStep:
+    rate = multiple * capacity_qps()
+    sent_at: dict[str, float] = {}
+    ok_ms: list[float] = []
+    reject_ms: list[float] = []
+    counts = {"ok": 0, "ok_after_deadline": 0, "late": 0, "rejected": 0, "failed": 0, "expired_in_client": 0}
+    template = build_request(TASK, x, deadline_ms=DEADLINE_MS)
+    deadline_s = DEADLINE_MS / 1000.0
+    async with AsyncClient(ap) as client:
+        streams = [client.open_stream() for _ in range(STREAMS)]
+        outboxes: list[asyncio.Queue[pb.InferRequest | None]] = [asyncio.Queue() for _ in streams]
+
+        async def write(stream: AsyncStream, outbox: asyncio.Queue[pb.InferRequest | None]) -> None:
+            # Open loop: a stream the AP pushes back on queues here, and what waited
+            # past its deadline is dropped unsent, as a client with deadlines would.
+            while (request := await outbox.get()) is not None:
+                if time.perf_counter() - sent_at[request.request_id] > deadline_s:
+                    del sent_at[request.request_id]
+                    counts["expired_in_client"] += 1
+                    continue
+                await stream.send(request)
+
+        async def read(stream: AsyncStream) -> None:
+            async for result in stream:
+                t0 = sent_at.pop(result.request_id, None)
+                if t0 is None:
+                    continue
+                ms = (time.perf_counter() - t0) * 1000.0
+                if result.outcome == "ok":
+                    if ms <= DEADLINE_MS:
+                        counts["ok"] += 1
+                        ok_ms.append(ms)
+                    else:
+                        counts["ok_after_deadline"] += 1
+                elif result.outcome == "rejected":
+                    counts["rejected"] += 1
+                    reject_ms.append(ms)
+                elif result.outcome == "failed":
+                    counts["failed"] += 1
+                else:
+                    counts["late"] += 1
+
+        readers = [asyncio.create_task(read(s)) for s in streams]
+        writers = [asyncio.create_task(write(s, q)) for s, q in zip(streams, outboxes, strict=True)]
+        start = time.perf_counter()
+        total = int(rate * duration_s)
+        sent = 0
+        while sent < total:
+            due = min(total, int((time.perf_counter() - start) * rate) + 1)
+            while sent < due:
+                request = pb.InferRequest()
+                request.CopyFrom(template)
+                request.request_id = f"o{multiple}-{sent}"
+                sent_at[request.request_id] = time.perf_counter()
+                outboxes[sent % STREAMS].put_nowait(request)
+                sent += 1
+            await asyncio.sleep(0.001)
+        elapsed = time.perf_counter() - start
+        for outbox in outboxes:
+            outbox.put_nowait(None)
+        await asyncio.sleep(deadline_s + SETTLE_S)
+        lost = len(sent_at)
+        for stream in streams:
+            stream.cancel()
+        await asyncio.gather(*readers, *writers, return_exceptions=True)
+    return OverloadStep(
+        multiple=multiple,
+        offered_qps=round(rate, 1),
+        sent=sent,
+        lost=lost,
+        goodput_qps=round(counts["ok"] / elapsed, 1),
+        ok_p50_ms=_pct(ok_ms, 50),
+        ok_p99_ms=_pct(ok_ms, 99),
+        reject_p50_ms=_pct(reject_ms, 50),
+        reject_p99_ms=_pct(reject_ms, 99),
+        ap_rss_mb=rss_mb(ap_child),
+        **counts,
+    )
+
+
+def _worker_argv(models: Path, ap: str, i: int) -> list[str]:
+    return [
+        "worker", "edge", "--listen", "127.0.0.1:0", "--models", str(models), "--variants", VARIANT,
+        "--ap", ap, "--worker-id", f"overload-edge-{i}", "--cluster", "overload",
+        "--slots", str(SLOTS), "--service-ms", f"{VARIANT}={SERVICE_MS:g}",
+    ]  # fmt: skip
+
+
+def run(models: Path, duration_s: float, json_path: Path | None) -> dict[str, object]:
+    with np.load(models / "samples" / f"{TASK}.npz") as npz:
+        x = npz["x"][:1].astype(np.float32)
+    run_dir = Path("build/bench") / f"overload-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    children = Children(run_dir)
+    ap = f"127.0.0.1:{free_port()}"
+    steps: list[OverloadStep] = []
+    try:
+        ap_child = children.start("ap", ["serve", "--listen", ap, "--policy", "least-loaded"])
+        workers = {
+            f"overload-edge-{i}": children.start(f"overload-edge-{i}", _worker_argv(models, ap, i))
+            for i in range(WORKERS)
+        }
+        wait_for_workers(ap, ap_child, workers, timeout_s=60)
+        print(
+            f"overload: {WORKERS} workers x {SLOTS} slot x {SERVICE_MS:g} ms = capacity "
+            f"{capacity_qps():g}/s; deadline {DEADLINE_MS:g} ms; {STREAMS} streams; "
+            f"{duration_s:g} s per step",
+            flush=True,
+        )
+        for multiple in MULTIPLES:
+            step = asyncio.run(run_step(ap, x, multiple, duration_s, ap_child))
+            steps.append(step)
+            print(
+                f"  {multiple:3g}x offered {step.offered_qps:6.0f}/s  goodput {step.goodput_qps:6.1f}/s  "
+                f"ok {step.ok}/{step.sent} (+{step.ok_after_deadline} ok after deadline)  "
+                f"rejected {step.rejected}  late {step.late}  failed {step.failed}  lost {step.lost}  "
+                f"expired in client {step.expired_in_client}  "
+                f"ok p99 {step.ok_p99_ms:.1f} ms  reject p99 {step.reject_p99_ms:.2f} ms  "
+                f"AP RSS {step.ap_rss_mb:.0f} MiB",
+                flush=True,
+            )
+    finally:
+        children.close()
+    at_capacity = next((s.goodput_qps for s in steps if s.multiple == 1.0), float("nan"))
+    ratio = round(steps[-1].goodput_qps / at_capacity, 3) if steps and at_capacity > 0 else float("nan")
+    result: dict[str, object] = {
+        "capacity_qps": capacity_qps(),
+        "deadline_ms": DEADLINE_MS,
+        "service_ms": SERVICE_MS,
+        "goodput_ratio_at_max": ratio,
+        "steps": [asdict(s) for s in steps],
+        "logs": str(run_dir),
+    }
+    print(f"goodput at {MULTIPLES[-1]:g}x / goodput at 1x: {ratio}")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
