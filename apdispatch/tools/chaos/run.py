@@ -124,6 +124,26 @@ class Topology:
         self.frozen.clear()
 
 
+async def _registered(topo: Topology, ids: Sequence[str], timeout_s: float) -> None:
+    """Every worker of ``ids`` is listed by the AP; the AP and the workers must stay up.
+
+    ``wait_for_workers`` polls in short steps, each in a thread: an interrupt
+    never waits for more than one of them."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        assert topo.ap_child is not None
+        for child in [topo.ap_child, *(topo.workers[w] for w in ids)]:
+            if child.exited() is not None:
+                raise ChildError(f"{child.name} stopped:\n{child.describe()}")
+        listed = await asyncio.to_thread(registered_workers, topo.ap)
+        if listed is not None and set(ids) <= set(listed[0]):
+            return
+        if loop.time() > deadline:
+            raise ChildError(f"not all of {', '.join(ids)} registered with the AP within {timeout_s:.0f} s")
+        await asyncio.sleep(0.1)
+
+
 async def _worker_ready(topo: Topology, worker_id: str, timeout_s: float) -> None:
     """The restarted worker answers ServerReady on its address and the AP lists it."""
     loop = asyncio.get_running_loop()
@@ -137,12 +157,11 @@ async def _worker_ready(topo: Topology, worker_id: str, timeout_s: float) -> Non
             with contextlib.suppress(grpc.aio.AioRpcError):
                 reply = await stub.ServerReady(oip.ServerReadyRequest(), timeout=0.5)
                 if reply.ready:
-                    listed = await asyncio.to_thread(registered_workers, topo.ap)
-                    if listed is not None and worker_id in listed[0]:
-                        return
+                    break
             if loop.time() > deadline:
                 raise ChildError(f"{worker_id} not ready {timeout_s:.0f} s after its restart")
             await asyncio.sleep(0.1)
+    await _registered(topo, [worker_id], max(1.0, deadline - loop.time()))
 
 
 class FaultRunner:
@@ -195,9 +214,9 @@ class FaultRunner:
             record.exit_code = await self._stop(topo.ap_child, sig)
             record.down_s = self.now_s()
             await asyncio.sleep(fault.hold_s)
-            ap_child = await asyncio.to_thread(topo.start_ap)
+            await asyncio.to_thread(topo.start_ap)
             record.resumed_s = self.now_s()
-            await asyncio.to_thread(wait_for_workers, topo.ap, ap_child, topo.workers, REGISTER_TIMEOUT_S)
+            await _registered(topo, list(topo.workers), REGISTER_TIMEOUT_S)
         elif fault.kind == WORKER_STOP:
             child = topo.workers[fault.target]
             _signal(child, signal.SIGSTOP)
