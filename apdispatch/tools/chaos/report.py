@@ -182,6 +182,10 @@ def format_report(doc: dict[str, Any]) -> str:
             ]
         )
     lines += text_table(header, body)
+    errors = sorted(doc["load"].get("errors", {}).items(), key=lambda kv: -kv[1])
+    if errors:
+        lines.append("most frequent errors:")
+        lines += [f"  {n:>7}  {message}" for message, n in errors[:5]]
     lines.append("")
     for name, ok in doc["checks"].items():
         lines.append(f"{'PASS' if ok else 'FAIL'} {name.replace('_', ' ')}")
