@@ -65,6 +65,10 @@ def _worker_parser(sub: argparse._SubParsersAction, kind: str) -> argparse.Argum
     )
     p.add_argument("--log-level", default="info")
     p.add_argument("--log-format", default="json", choices=["json", "console"])
+    p.add_argument("--tls-cert", default=None, help="PEM certificate: serve OIP by TLS, show it to the AP")
+    p.add_argument("--tls-key", default=None, help="PEM key of --tls-cert")
+    p.add_argument("--tls-ca", default=None, help="PEM CA: mutual TLS with the AP, both ways")
+    p.add_argument("--ap-token", default=None, help="a worker token of the AP's tokens file")
     if kind == "cloud":
         p.add_argument("--max-batch-size", type=int, default=8)
         p.add_argument("--max-wait-ms", type=float, default=2.0)
@@ -89,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
         "and on shutdown (default: start from the shipped one, save nothing)",
     )
     serve.add_argument("--checkpoint-interval-s", type=float, default=None)
+    serve.add_argument("--tls-cert", default=None, help="PEM certificate: serve TLS")
+    serve.add_argument("--tls-key", default=None, help="PEM key of --tls-cert")
+    serve.add_argument("--tls-ca", default=None, help="PEM CA: every caller presents a certificate it signed")
+    serve.add_argument("--tokens-file", default=None, help="TOML bearer tokens: apps, workers, operators")
+
+    certs = sub.add_parser("certs", help="write a development CA and certificates (AP, worker, ...)")
+    certs.add_argument("--out", type=Path, required=True, help="folder for the PEM files")
+    certs.add_argument("--hosts", default="", help="comma-separated extra names/IPs for server certificates")
+    certs.add_argument("--days", type=int, default=365, help="validity")
 
     worker = sub.add_parser("worker", help="run a worker")
     wsub = worker.add_subparsers(dest="kind", required=True)
@@ -358,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
         from apdispatch.sim.train import main as train_main
 
         return train_main(args)
+    if args.command == "certs":
+        from apdispatch.tools.certs import main as certs_main
+
+        return certs_main(args)
     if args.command == "compose":
         from apdispatch.tools.compose import main as compose_main
 

@@ -44,6 +44,7 @@ from apdispatch.common.errors import (
 from apdispatch.common.outcomes import FROM_PROTO, OUTCOMES, SERVED, Outcome
 from apdispatch.common.protocol import dispatcher_pb2 as pb
 from apdispatch.common.protocol import dispatcher_pb2_grpc as pb_grpc
+from apdispatch.common.tls import TLSFiles, aio_channel, sync_channel
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -371,6 +372,17 @@ class _Client:
         return result
 
 
+def _tls(ca: str | None, cert: str | None, key: str | None) -> TLSFiles | None:
+    """TLS when any file is named: ``ca`` checks the AP (default: the system's roots);
+    ``cert`` + ``key`` are presented when the AP asks every caller for a certificate."""
+    if not (ca or cert or key):
+        return None
+    try:
+        return TLSFiles(ca=str(ca or ""), cert=str(cert or ""), key=str(key or ""))
+    except ValueError as exc:
+        raise ValueError(f"cert, key: {exc}") from None
+
+
 def _channel_options(extra: Iterable[tuple[str, Any]] | None) -> list[tuple[str, Any]]:
     options = dict(_DEFAULT_CHANNEL_OPTIONS)
     options.update(extra or ())
@@ -386,9 +398,15 @@ class Client(_Client):
         *,
         timeout_margin_ms: float = DEFAULT_TIMEOUT_MARGIN_MS,
         channel_options: Iterable[tuple[str, Any]] | None = None,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        token: str | None = None,
     ) -> None:
         super().__init__(address, timeout_margin_ms)
-        self._channel = grpc.insecure_channel(address, options=_channel_options(channel_options))
+        self._channel = sync_channel(
+            address, _tls(ca, cert, key), token, options=_channel_options(channel_options)
+        )
         stub = pb_grpc.DispatcherStub(self._channel)
         self._infer = stub.Infer
         self._infer_stream = stub.InferStream
@@ -581,9 +599,15 @@ class AsyncClient(_Client):
         *,
         timeout_margin_ms: float = DEFAULT_TIMEOUT_MARGIN_MS,
         channel_options: Iterable[tuple[str, Any]] | None = None,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+        token: str | None = None,
     ) -> None:
         super().__init__(address, timeout_margin_ms)
-        self._channel = grpc.aio.insecure_channel(address, options=_channel_options(channel_options))
+        self._channel = aio_channel(
+            address, _tls(ca, cert, key), token, options=_channel_options(channel_options)
+        )
         stub = pb_grpc.DispatcherStub(self._channel)
         self._infer = stub.Infer
         self._infer_stream = stub.InferStream

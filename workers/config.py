@@ -34,3 +34,10 @@ class WorkerConfig:
     max_wait_ms: float = 2.0
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
     shutdown_grace_s: float = 5.0
+    # Security, all empty for plaintext: tls_cert + tls_key serve OIP over TLS; tls_ca asks
+    # the AP for its certificate (mutual TLS) and checks the AP's; the same files are
+    # presented to the AP's Registry. ap_token: a worker token of the AP's tokens file.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    ap_token: str = ""

@@ -18,6 +18,7 @@ from structlog.typing import FilteringBoundLogger
 
 from apdispatch.common.protocol import dispatcher_pb2 as dpb
 from apdispatch.common.protocol import dispatcher_pb2_grpc as dpb_grpc
+from apdispatch.common.tls import TLSFiles, aio_channel
 
 
 class Registrar:
@@ -31,8 +32,12 @@ class Registrar:
         rpc_timeout_s: float = 2.0,
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 5.0,
+        tls: TLSFiles | None = None,
+        token: str | None = None,
     ) -> None:
         self.ap = ap
+        self._tls = tls  # TLS (mutual with a cert) to the AP; None: plaintext
+        self._token = token  # a worker token, sent on every call
         self.request = request
         self.heartbeat_s = heartbeat_s
         self.rpc_timeout_s = rpc_timeout_s
@@ -53,7 +58,7 @@ class Registrar:
     def start(self) -> None:
         if self._task is not None:
             return
-        self._channel = grpc.aio.insecure_channel(self.ap)
+        self._channel = aio_channel(self.ap, self._tls, self._token)
         self._stub = dpb_grpc.RegistryStub(self._channel)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="registrar")
 

@@ -40,6 +40,7 @@ from apdispatch.common.logs import make_logger
 from apdispatch.common.manifest import Variant, load_manifest
 from apdispatch.common.protocol import dispatcher_pb2 as dpb
 from apdispatch.common.protocol import oip_pb2_grpc as pb_grpc
+from apdispatch.common.tls import TLSFiles
 from workers.codec import Model
 from workers.config import WorkerConfig
 from workers.registration import Registrar
@@ -84,6 +85,7 @@ class Worker:
         if config.kind not in ("edge", "cloud"):
             raise ValueError(f"worker kind must be 'edge' or 'cloud', got {config.kind!r}")
         self.config = config
+        self.tls = TLSFiles()
         self.log = (log or make_logger()).bind(kind=config.kind, cluster=config.cluster)
         self.inline_below_ms = inline_below_ms
         self.models: dict[str, Model] = {}
@@ -168,6 +170,9 @@ class Worker:
         config = self.config
         if not config.variants:
             raise ValueError("no variants to serve")
+        self.tls = TLSFiles(ca=config.tls_ca, cert=config.tls_cert, key=config.tls_key)
+        if config.tls_ca and not config.tls_cert:
+            raise ValueError("--tls-ca needs --tls-cert and --tls-key: a worker serves mutual TLS")
         unserved = sorted(set(config.service_ms) - set(config.variants))
         if unserved:
             raise ValueError(f"--service-ms names variants this worker does not serve: {', '.join(unserved)}")
@@ -182,7 +187,11 @@ class Worker:
         server = grpc.aio.server(options=list(GRPC_OPTIONS))
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         try:
-            port = server.add_insecure_port(config.listen)
+            port = (
+                server.add_secure_port(config.listen, self.tls.server_credentials())
+                if config.tls_cert
+                else server.add_insecure_port(config.listen)
+            )
         except RuntimeError as err:
             raise OSError(f"cannot listen on {config.listen}: {err}") from None
         if port == 0:
@@ -209,6 +218,8 @@ class Worker:
                 self.register_request(),
                 self.log,
                 heartbeat_s=config.heartbeat_s,
+                tls=self.tls,
+                token=config.ap_token or None,
             )
             self.registrar.start()
         return self.address
@@ -338,6 +349,10 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_batch_size=getattr(args, "max_batch_size", defaults.max_batch_size),
         max_wait_ms=getattr(args, "max_wait_ms", defaults.max_wait_ms),
         device=getattr(args, "device", defaults.device),
+        tls_cert=getattr(args, "tls_cert", None) or "",
+        tls_key=getattr(args, "tls_key", None) or "",
+        tls_ca=getattr(args, "tls_ca", None) or "",
+        ap_token=getattr(args, "ap_token", None) or "",
         shutdown_grace_s=(
             defaults.shutdown_grace_s
             if getattr(args, "shutdown_grace_s", None) is None

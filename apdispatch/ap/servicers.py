@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import NoReturn
 
 import grpc
 import structlog
 from google.protobuf.message import DecodeError
 
+from apdispatch.ap.auth import Gate
 from apdispatch.ap.dispatcher import Dispatcher
 from apdispatch.ap.forwarder import Forwarder
 from apdispatch.ap.overload import Overload
@@ -165,6 +167,8 @@ class DispatcherServicer(pb_grpc.DispatcherServicer):
 
 
 class RegistryServicer(pb_grpc.RegistryServicer):
+    """Workers' membership; writes need a worker's credential, ListWorkers an operator's (``Gate``)."""
+
     def __init__(
         self,
         registry: Registry,
@@ -172,22 +176,30 @@ class RegistryServicer(pb_grpc.RegistryServicer):
         forwarder: Forwarder,
         policy_name: str,
         log: structlog.typing.FilteringBoundLogger,
+        gate: Gate | None = None,
     ) -> None:
         self._registry = registry
         self._estimator = estimator
         self._forwarder = forwarder
         self._policy_name = policy_name
         self._log = log
+        self._gate = gate or Gate(None, mtls=False)
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, exc: ApdispatchError, what: str) -> NoReturn:
+        if exc.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            self._log.warning("registry call refused", call=what, code=exc.code.name, error=exc.message)
+        await context.abort(exc.code, exc.message)
+        raise AssertionError("abort returned") from exc
 
     async def Register(
         self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisterResponse:
         old = self._registry.get(request.worker_id)
         try:
-            worker = self._registry.register(request)
+            owner = self._gate.worker(context, "Register")
+            worker = self._registry.register(request, owner)
         except ApdispatchError as exc:
-            await context.abort(exc.code, exc.message)
-            raise AssertionError("abort returned") from exc
+            await self._refuse(context, exc, "Register")
         if old is not None and old.address != worker.address:
             await self._forwarder.drop(old.address)
         self._log.info(
@@ -204,13 +216,19 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> pb.HeartbeatResponse:
-        known = self._registry.heartbeat(request.worker_id)
+        try:
+            known = self._registry.heartbeat(request.worker_id, self._gate.worker(context, "Heartbeat"))
+        except ApdispatchError as exc:
+            await self._refuse(context, exc, "Heartbeat")
         return pb.HeartbeatResponse(known=known, lease_s=self._registry.lease_s)
 
     async def Deregister(
         self, request: pb.DeregisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeregisterResponse:
-        worker = self._registry.deregister(request.worker_id)
+        try:
+            worker = self._registry.deregister(request.worker_id, self._gate.worker(context, "Deregister"))
+        except ApdispatchError as exc:
+            await self._refuse(context, exc, "Deregister")
         if worker is not None:
             self._estimator.forget(worker)
             await self._forwarder.drop(worker.address)
@@ -220,6 +238,10 @@ class RegistryServicer(pb_grpc.RegistryServicer):
     async def ListWorkers(
         self, request: pb.ListWorkersRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListWorkersResponse:
+        try:
+            self._gate.operator(context, "ListWorkers")
+        except ApdispatchError as exc:
+            await self._refuse(context, exc, "ListWorkers")
         return pb.ListWorkersResponse(
             workers=[
                 pb.WorkerStatus(

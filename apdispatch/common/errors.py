@@ -69,7 +69,21 @@ class DeadlineExceededError(ApdispatchError):
         super().__init__(message, request_id=request_id)
 
 
+class UnauthenticatedError(ApdispatchError):
+    """No credential, or one the AP does not know."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDeniedError(ApdispatchError):
+    """A known caller asking for what its credential does not allow."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 _BY_CODE: dict[grpc.StatusCode, type[ApdispatchError]] = {
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: RejectedError,
