@@ -8,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from apdispatch.ap.overload import OverloadConfig
+from apdispatch.routing.outlier import OutlierConfig
+
+_OUTLIER = OutlierConfig()
 
 
 class ConfigError(ValueError):
@@ -49,6 +52,19 @@ class APConfig:
     lag_probe_ms: float = 5.0
     decrease_factor: float = 0.75
     increase_step: int = 8
+    # Outlier detection (apdispatch.routing.outlier.OutlierConfig, whose fields these
+    # are, prefixed): a worker whose link breaks is ejected from routing at once,
+    # one with outlier_consecutive_errors error replies or outlier_consecutive_slow
+    # attributable deadline misses in a row too; it is probed back (OIP
+    # ServerReady, within outlier_probe_timeout_ms) after outlier_base_ejection_ms
+    # times its ejection count, at most outlier_max_ejection_ms; at most
+    # outlier_max_ejection_percent of a task's workers are out at once.
+    outlier_consecutive_errors: int = _OUTLIER.consecutive_errors
+    outlier_consecutive_slow: int = _OUTLIER.consecutive_slow
+    outlier_base_ejection_ms: float = _OUTLIER.base_ejection_ms
+    outlier_max_ejection_ms: float = _OUTLIER.max_ejection_ms
+    outlier_max_ejection_percent: float = _OUTLIER.max_ejection_percent
+    outlier_probe_timeout_ms: float = _OUTLIER.probe_timeout_ms
     log_level: str = "info"
     log_format: str = "json"
     summary_interval_s: float = 10.0
@@ -59,14 +75,6 @@ class APConfig:
     # that a restarted AP resumes where the last one stopped.
     checkpoint: str = ""
     checkpoint_interval_s: float = 60.0
-    # Security (README, "Security"); all empty: plaintext and open, for local development.
-    # PEM certificate and key: the AP serves TLS.
-    tls_cert: str = ""
-    tls_key: str = ""
-    # PEM CA: callers present a certificate it signed (its OU is their role); workers are reached by mTLS.
-    tls_ca: str = ""
-    # TOML file of bearer tokens (apdispatch.ap.auth): apps, their rate limits, workers, operators.
-    tokens_file: str = ""
 
     def validate(self) -> APConfig:
         if self.lease_s <= 0:
@@ -85,23 +93,16 @@ class APConfig:
             self.overload().validate()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        try:
+            self.outlier().validate()
+        except ValueError as exc:
+            raise ConfigError(f"outlier_{exc}") from None
         if self.log_format not in ("json", "console"):
             raise ConfigError("log_format: must be 'json' or 'console'")
         if self.summary_interval_s <= 0:
             raise ConfigError("summary_interval_s: must be > 0")
         if self.checkpoint_interval_s <= 0:
             raise ConfigError("checkpoint_interval_s: must be > 0")
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ConfigError("tls_cert, tls_key: give both or neither")
-        if self.tls_ca and not self.tls_cert:
-            raise ConfigError("tls_ca: needs tls_cert and tls_key (mutual TLS is TLS)")
-        if self.tokens_file:
-            from apdispatch.ap.auth import Tokens, TokensFileError
-
-            try:
-                Tokens.load(self.tokens_file)
-            except TokensFileError as exc:
-                raise ConfigError(str(exc)) from None
         return self
 
     def overload(self) -> OverloadConfig:
@@ -114,6 +115,9 @@ class APConfig:
             decrease_factor=self.decrease_factor,
             increase_step=self.increase_step,
         )
+
+    def outlier(self) -> OutlierConfig:
+        return OutlierConfig(**{f.name: getattr(self, f"outlier_{f.name}") for f in fields(OutlierConfig)})
 
     def with_overrides(self, **overrides: Any) -> APConfig:
         """A copy with every override that is not None applied."""

@@ -5,6 +5,11 @@ exactly one thing: a reply (ok, late, inaccurate) or an ApdispatchError
 (rejected, invalid, not found, failed), and the outcome has been counted
 exactly once by then. Rejections and bad input are answered before
 ``submit`` returns. ``Dispatcher.infer`` is the awaitable form.
+
+A request that fails on its worker (unreachable, or an error other than bad
+input) is sent once more, to another worker, when its deadline still allows;
+what became of each worker's requests goes to the outlier detector, which
+takes failing and stalling workers out of routing.
 """
 
 from __future__ import annotations
@@ -12,21 +17,23 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
 
 from apdispatch.ap.config import APConfig
-from apdispatch.ap.forwarder import DeadlineReached, Forwarder, WorkerReply
+from apdispatch.ap.forwarder import DeadlineReached, Forwarder, LinkFailed, WorkerReply
 from apdispatch.ap.metrics import Stats
 from apdispatch.ap.overload import ConcurrencyLimit
 from apdispatch.ap.validate import check_request
-from apdispatch.common.errors import ApdispatchError, RejectedError, UnavailableError
+from apdispatch.common.errors import ApdispatchError, InvalidRequestError, RejectedError, UnavailableError
 from apdispatch.common.outcomes import TO_PROTO, Outcome
 from apdispatch.common.protocol import dispatcher_pb2 as pb
 from apdispatch.policies import Policy, RequestView
 from apdispatch.routing.estimator import LatencyEstimator
+from apdispatch.routing.outlier import OutlierDetector
 from apdispatch.routing.registry import Registry, Target
 from apdispatch.routing.router import Decision, Router
 
@@ -44,6 +51,7 @@ class _InFlight:
     reply: Reply
     finished: bool = False  # the worker's part is over: released, and nothing more is taken from it
     answered: bool = False  # the outcome is counted and the reply handed over
+    retry: bool = False  # the request's second try, on another worker
 
 
 def _releasing(limit: ConcurrencyLimit, reply: Reply) -> Reply:
@@ -68,6 +76,7 @@ class Dispatcher:
         log: structlog.typing.FilteringBoundLogger,
         debug: bool = False,
         limit: ConcurrencyLimit | None = None,
+        outlier: OutlierDetector | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -80,6 +89,9 @@ class Dispatcher:
         self._debug = debug
         self._ids = itertools.count(1)
         self._late_grace_s = config.late_grace_ms / 1000.0
+        self.outlier = outlier
+        # Requests sent again elsewhere after failing on a worker, by that worker's id.
+        self.retried: Counter[str] = Counter()
         # Admission to the AP itself: the overload limit, and no new work while draining.
         self.limit = limit
         self.draining = False
@@ -196,6 +208,17 @@ class Dispatcher:
         now = time.monotonic()
         total_ms = (now - flight.arrival) * 1000.0
         late = total_ms > flight.request.sla.deadline_ms
+        if self.outlier is not None:
+            self._judge(self.outlier, flight.decision, result, late)
+        if (
+            isinstance(result, ApdispatchError)
+            and not isinstance(result, InvalidRequestError)
+            and not flight.retry
+            and not late
+            and self._retry(flight)
+        ):
+            self._observe(flight.decision, Outcome.FAILED, total_ms)
+            return
         network_ms = 0.0
         if isinstance(result, DeadlineReached) or (late and isinstance(result, UnavailableError)):
             outcome = Outcome.LATE  # not served by its deadline, whatever the worker said after
@@ -218,6 +241,56 @@ class Dispatcher:
             # delays no reply; and also when it could not go (a call the
             # client cancelled): the policy learns from every decision.
             self._observe(flight.decision, outcome, total_ms)
+
+    @staticmethod
+    def _judge(
+        outlier: OutlierDetector, decision: Decision, result: WorkerReply | BaseException, late: bool
+    ) -> None:
+        """Tell the outlier detector what became of a request on its worker."""
+        worker = decision.target.worker
+        # A miss is the worker's doing when it was predicted to make the deadline.
+        missed = late or isinstance(result, DeadlineReached)
+        slow = missed and decision.chosen.predicted_ms <= decision.view.deadline_ms
+        if isinstance(result, LinkFailed):
+            outlier.link_failed(worker)
+        elif isinstance(result, WorkerReply | DeadlineReached):
+            if slow:
+                outlier.slow(worker)
+            elif isinstance(result, WorkerReply):
+                outlier.success(worker)
+        elif not isinstance(result, InvalidRequestError):  # bad input is the client's doing
+            outlier.error(worker)
+
+    def _retry(self, flight: _InFlight) -> bool:
+        """Send a request that failed on its worker to another one; False when none can meet its deadline."""
+        request = flight.request
+        failed = flight.decision.target.worker
+        try:
+            checked = check_request(
+                request, self.registry, self.config.max_tensor_bytes, self.config.max_deadline_ms
+            )
+        except ApdispatchError:
+            return False  # its task is gone meanwhile: the failure stands
+        targets = [t for t in checked.targets if t.worker.worker_id != failed.worker_id]
+        if not targets:
+            return False
+        now = time.monotonic()
+        left_ms = checked.deadline_ms - (now - flight.arrival) * 1000.0
+        view = RequestView(checked.task, request.app, left_ms, checked.min_accuracy, now)
+        try:
+            decision = self.router.decide(view, targets)
+        except RejectedError:
+            return False
+        self.retried[failed.worker_id] += 1
+        retry = _InFlight(request, flight.request_id, flight.arrival, decision, flight.reply, retry=True)
+        try:
+            self._forward(retry)
+        except BaseException:
+            if not retry.finished:
+                retry.finished = True
+                self.router.release(decision)
+            raise
+        return True
 
     def _observe(self, decision: Decision, outcome: Outcome, total_ms: float) -> None:
         try:

@@ -48,6 +48,10 @@ class DeadlineReached(Exception):
     """The worker did not answer before the request's deadline."""
 
 
+class LinkFailed(UnavailableError):
+    """The link to the worker broke, or could not be opened: the worker is unreachable."""
+
+
 @dataclass(frozen=True, slots=True)
 class OutputTensor:
     name: str
@@ -112,23 +116,12 @@ def _param(params: object, key: str) -> float:
 class WorkerLink:
     """The AP's connection to one worker."""
 
-    def __init__(
-        self,
-        address: str,
-        streaming: bool,
-        log: structlog.typing.FilteringBoundLogger,
-        credentials: grpc.ChannelCredentials | None = None,
-    ) -> None:
+    def __init__(self, address: str, streaming: bool, log: structlog.typing.FilteringBoundLogger) -> None:
         self.address = address
         self.streaming = streaming
         self._log = log.bind(worker_address=address)
         self._loop = asyncio.get_running_loop()
-        # Credentials: mutual TLS to the worker; None: plaintext (local development).
-        self._channel = (
-            grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
-            if credentials is not None
-            else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        )
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = oip_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._ids = itertools.count()
         self._open: dict[tuple[object, ...], _Batch] = {}
@@ -137,6 +130,7 @@ class WorkerLink:
         self._outbox: asyncio.Queue[oip_pb2.ModelInferRequest | None] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._unary_calls: set[asyncio.Task[None]] = set()
+        self._sending = True  # False once draining: nothing new goes out
 
     def submit(
         self,
@@ -176,6 +170,9 @@ class WorkerLink:
         if not live:
             return
         batch.entries = live
+        if not self._sending:
+            self._fail(batch, LinkFailed(f"worker {self.address}: draining"))
+            return
         request = oip_pb2.ModelInferRequest(model_name=batch.variant, id=str(next(self._ids)))
         first = live[0]
         rows = sum(e.rows for e in live)
@@ -207,6 +204,8 @@ class WorkerLink:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                 self._fail(batch, DeadlineReached())
+            elif exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self._fail(batch, LinkFailed(f"worker {self.address}: UNAVAILABLE: {exc.details() or ''}"))
             else:
                 self._fail(batch, _worker_error(self.address, exc.code(), exc.details() or ""))
             return
@@ -266,7 +265,8 @@ class WorkerLink:
         call: grpc.aio.StreamStreamCall,
         outbox: asyncio.Queue[oip_pb2.ModelInferRequest | None],
     ) -> None:
-        error: BaseException = UnavailableError(f"worker {self.address}: stream closed")
+        # The stream ended with replies still owed: the worker is gone or going.
+        error: BaseException = LinkFailed(f"worker {self.address}: stream closed")
         try:
             async for reply in call:
                 inner = reply.infer_response
@@ -279,7 +279,8 @@ class WorkerLink:
                 else:
                     self._deliver(batch, inner, sent_at)
         except grpc.aio.AioRpcError as exc:
-            error = _worker_error(self.address, exc.code(), exc.details() or "")
+            details = exc.details() or ""
+            error = LinkFailed(f"worker {self.address}: stream broke: {exc.code().name}: {details}")
             self._log.warning("worker stream broke", code=exc.code().name, details=exc.details())
         except asyncio.CancelledError:
             pass
@@ -293,6 +294,34 @@ class WorkerLink:
             sent_batches, self._sent = self._sent, {}
             for batch, _ in sent_batches.values():
                 self._fail(batch, error)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Send what is queued, then nothing more; wait (at most ``timeout_s``) for the replies owed; close.
+
+        On a stream, this half-closes it: the worker answers what it has,
+        then ends the stream, and no request in flight fails.
+        """
+        self._flush()
+        self._sending = False
+        if self._outbox is not None:
+            self._outbox.put_nowait(None)
+        waiting = [t for t in (self._reader, *self._unary_calls) if t is not None]
+        if waiting:
+            await asyncio.wait(waiting, timeout=timeout_s)
+        await self.close()
+
+    def owed_s(self) -> float:
+        """Seconds until the last deadline of the requests sent and not answered (0 when none)."""
+        deadlines = [e.deadline for batch, _ in self._sent.values() for e in batch.entries if not e.finished]
+        return max(0.0, max(deadlines, default=0.0) - time.monotonic())
+
+    async def probe(self, timeout_s: float) -> bool:
+        """Whether the worker answers OIP ServerReady with ready, within ``timeout_s``."""
+        try:
+            reply = await self._stub.ServerReady(oip_pb2.ServerReadyRequest(), timeout=timeout_s)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.ready)
 
     async def close(self) -> None:
         self._flush()
@@ -308,21 +337,16 @@ class WorkerLink:
 class Forwarder:
     """Keeps one WorkerLink per worker address."""
 
-    def __init__(
-        self,
-        mode: str,
-        log: structlog.typing.FilteringBoundLogger,
-        credentials: grpc.ChannelCredentials | None = None,
-    ) -> None:
+    def __init__(self, mode: str, log: structlog.typing.FilteringBoundLogger) -> None:
         self._mode = mode
         self._log = log
-        self._credentials = credentials
         self._links: dict[str, WorkerLink] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
 
     def link(self, address: str, streaming: bool) -> WorkerLink:
         link = self._links.get(address)
         if link is None:
-            link = WorkerLink(address, streaming and self._mode == "stream", self._log, self._credentials)
+            link = WorkerLink(address, streaming and self._mode == "stream", self._log)
             self._links[address] = link
         return link
 
@@ -331,6 +355,27 @@ class Forwarder:
         if link is not None:
             await link.close()
 
+    def retire(self, address: str, slack_s: float = 1.0) -> None:
+        """Stop sending to a worker that leaves, and close its link once it has answered what it owes.
+
+        In the background: the replies owed may take until their deadlines
+        (plus ``slack_s``). A request routed to the address later gets a new link.
+        """
+        link = self._links.pop(address, None)
+        if link is None:
+            return
+        task = asyncio.get_running_loop().create_task(link.drain(link.owed_s() + slack_s))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def probe(self, address: str, streaming: bool, timeout_s: float) -> bool:
+        """Whether the worker at ``address`` is ready (OIP ServerReady), over its link."""
+        return await self.link(address, streaming).probe(timeout_s)
+
     async def close(self) -> None:
         links, self._links = self._links, {}
-        await asyncio.gather(*(link.close() for link in links.values()), return_exceptions=True)
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(
+            *(link.close() for link in links.values()), *self._retiring, return_exceptions=True
+        )

@@ -18,7 +18,6 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from apdispatch.ap.auth import DispatcherAuth, Gate, Tokens
 from apdispatch.ap.config import APConfig, ConfigError, load_config
 from apdispatch.ap.dispatcher import Dispatcher
 from apdispatch.ap.forwarder import Forwarder
@@ -28,10 +27,10 @@ from apdispatch.ap.servicers import DispatcherServicer, RegistryServicer, add_di
 from apdispatch.common.lifecycle import Lifecycle
 from apdispatch.common.logs import is_enabled, make_logger
 from apdispatch.common.protocol import dispatcher_pb2_grpc as pb_grpc
-from apdispatch.common.tls import TLSFiles
 from apdispatch.policies import make_policy, policy_names
 from apdispatch.routing.estimator import LatencyEstimator
-from apdispatch.routing.registry import Registry
+from apdispatch.routing.outlier import OutlierDetector
+from apdispatch.routing.registry import Registry, Worker
 
 # Health is reported for the AP as a whole ("") and for each of its services.
 HEALTH_SERVICES = ("", "apdispatch.v1.Dispatcher", "apdispatch.v1.Registry")
@@ -56,14 +55,10 @@ class AccessPoint:
         # A deployment's checkpoint is resumed from when it is there; the first
         # run starts from the shipped one and creates it.
         self.policy = make_policy(config.policy, seed=config.seed, resume_from=config.checkpoint or None)
-        self.tls = TLSFiles(ca=config.tls_ca, cert=config.tls_cert, key=config.tls_key)
-        # With a CA the AP presents its own certificate to workers, and checks theirs.
-        worker_credentials = self.tls.channel_credentials() if config.tls_ca else None
-        self.forwarder = Forwarder(config.forward_mode, self.log, worker_credentials)
+        self.forwarder = Forwarder(config.forward_mode, self.log)
         self.stats = Stats()
-        tokens = Tokens.load(config.tokens_file) if config.tokens_file else None
-        self.gate = Gate(tokens, mtls=bool(config.tls_ca), stats=self.stats)
         self.overload = Overload(config.overload(), time.monotonic)
+        self.outlier = OutlierDetector(self.registry, config.outlier(), on_change=self._outlier_changed)
         self.dispatcher = Dispatcher(
             config,
             self.registry,
@@ -74,19 +69,15 @@ class AccessPoint:
             self.log,
             debug=is_enabled("debug", config.log_level),
             limit=self.overload.limit,
+            outlier=self.outlier,
         )
-        self.server = grpc.aio.server(
-            options=server_options(config),
-            interceptors=[DispatcherAuth(self.gate)] if tokens is not None else None,
-        )
+        self.server = grpc.aio.server(options=server_options(config))
         add_dispatcher_to_server(DispatcherServicer(self.dispatcher, self.overload), self.server)
         # grpc.health.v1: "" (the AP as a whole) and each of its services.
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         pb_grpc.add_RegistryServicer_to_server(
-            RegistryServicer(
-                self.registry, self.estimator, self.forwarder, config.policy, self.log, gate=self.gate
-            ),
+            RegistryServicer(self.registry, self.estimator, self.forwarder, config.policy, self.log),
             self.server,
         )
         self.address = ""
@@ -95,10 +86,7 @@ class AccessPoint:
 
     async def start(self) -> str:
         host = self.config.listen.rsplit(":", 1)[0]
-        if self.tls.cert:
-            port = self.server.add_secure_port(self.config.listen, self.tls.server_credentials())
-        else:
-            port = self.server.add_insecure_port(self.config.listen)
+        port = self.server.add_insecure_port(self.config.listen)
         if port == 0:
             raise OSError(f"listen: cannot bind {self.config.listen}")
         self.address = f"{host}:{port}"
@@ -108,14 +96,13 @@ class AccessPoint:
         self._background = [
             loop.create_task(self._expire_leases()),
             loop.create_task(self._summaries()),
+            loop.create_task(self._probe_ejected()),
             loop.create_task(self.overload.run()),
         ]
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self._checkpoint_path() is not None:
             self._background.append(loop.create_task(self._checkpoints()))
         self.log.info("serving", address=self.address, policy=self.config.policy)
-        if self.gate.open and self.tls.cert:
-            self.log.warning("TLS without tokens_file or tls_ca: anyone may register workers")
         return self.address
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -196,6 +183,35 @@ class AccessPoint:
                 await self.forwarder.drop(worker.address)
                 self.log.warning("worker lease expired", worker=worker.worker_id)
 
+    def _outlier_changed(self, worker: Worker, what: str, length_s: float) -> None:
+        # "kept": an outlier left in routing, as too many of its task's workers are out.
+        level = {"ejected": self.log.warning, "readmitted": self.log.info}.get(what, self.log.debug)
+        level(f"worker {what}", worker=worker.worker_id, ejection_s=round(length_s, 3) or None)
+
+    async def _probe_ejected(self) -> None:
+        """Probe each ejected worker when its ejection ends (OIP ServerReady): readmitted if ready."""
+        timeout_s = self.config.outlier_probe_timeout_ms / 1000.0
+        probes: set[asyncio.Task[None]] = set()
+
+        async def probe(worker: Worker) -> None:
+            ready = await self.forwarder.probe(worker.address, worker.streaming, timeout_s)
+            self.outlier.probed(worker, ready)
+
+        try:
+            while True:
+                for worker in self.outlier.due():
+                    task = asyncio.get_running_loop().create_task(probe(worker))
+                    probes.add(task)
+                    task.add_done_callback(probes.discard)
+                # A new ejection lasts at least the base time: checking a few
+                # times within it is soon enough.
+                wait = self.outlier.next_due()
+                step_s = self.config.outlier_base_ejection_ms / 4000.0
+                await asyncio.sleep(min(wait if wait is not None else step_s, step_s))
+        finally:
+            for task in list(probes):
+                task.cancel()
+
     async def _summaries(self) -> None:
         while True:
             await asyncio.sleep(self.config.summary_interval_s)
@@ -248,10 +264,6 @@ def main(args: argparse.Namespace) -> int:
             log_format=args.log_format,
             checkpoint=getattr(args, "checkpoint", None),
             checkpoint_interval_s=getattr(args, "checkpoint_interval_s", None),
-            tls_cert=getattr(args, "tls_cert", None),
-            tls_key=getattr(args, "tls_key", None),
-            tls_ca=getattr(args, "tls_ca", None),
-            tokens_file=getattr(args, "tokens_file", None),
         )
         if config.policy not in policy_names():
             raise KeyError(f"unknown policy {config.policy!r} (known: {', '.join(policy_names())})")
