@@ -75,6 +75,14 @@ class APConfig:
     # that a restarted AP resumes where the last one stopped.
     checkpoint: str = ""
     checkpoint_interval_s: float = 60.0
+    # Security (README, "Security"); all empty: plaintext and open, for local development.
+    # PEM certificate and key: the AP serves TLS.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # PEM CA: callers present a certificate it signed (its OU is their role); workers are reached by mTLS.
+    tls_ca: str = ""
+    # TOML file of bearer tokens (apdispatch.ap.auth): apps, their rate limits, workers, operators.
+    tokens_file: str = ""
 
     def validate(self) -> APConfig:
         if self.lease_s <= 0:
@@ -103,6 +111,17 @@ class APConfig:
             raise ConfigError("summary_interval_s: must be > 0")
         if self.checkpoint_interval_s <= 0:
             raise ConfigError("checkpoint_interval_s: must be > 0")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert, tls_key: give both or neither")
+        if self.tls_ca and not self.tls_cert:
+            raise ConfigError("tls_ca: needs tls_cert and tls_key (mutual TLS is TLS)")
+        if self.tokens_file:
+            from apdispatch.ap.auth import Tokens, TokensFileError
+
+            try:
+                Tokens.load(self.tokens_file)
+            except TokensFileError as exc:
+                raise ConfigError(str(exc)) from None
         return self
 
     def overload(self) -> OverloadConfig:

@@ -116,12 +116,23 @@ def _param(params: object, key: str) -> float:
 class WorkerLink:
     """The AP's connection to one worker."""
 
-    def __init__(self, address: str, streaming: bool, log: structlog.typing.FilteringBoundLogger) -> None:
+    def __init__(
+        self,
+        address: str,
+        streaming: bool,
+        log: structlog.typing.FilteringBoundLogger,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.address = address
         self.streaming = streaming
         self._log = log.bind(worker_address=address)
         self._loop = asyncio.get_running_loop()
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        # Credentials: mutual TLS to the worker; None: plaintext (local development).
+        self._channel = (
+            grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+            if credentials is not None
+            else grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        )
         self._stub = oip_pb2_grpc.GRPCInferenceServiceStub(self._channel)
         self._ids = itertools.count()
         self._open: dict[tuple[object, ...], _Batch] = {}
@@ -337,16 +348,22 @@ class WorkerLink:
 class Forwarder:
     """Keeps one WorkerLink per worker address."""
 
-    def __init__(self, mode: str, log: structlog.typing.FilteringBoundLogger) -> None:
+    def __init__(
+        self,
+        mode: str,
+        log: structlog.typing.FilteringBoundLogger,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self._mode = mode
         self._log = log
+        self._credentials = credentials
         self._links: dict[str, WorkerLink] = {}
         self._retiring: set[asyncio.Task[None]] = set()
 
     def link(self, address: str, streaming: bool) -> WorkerLink:
         link = self._links.get(address)
         if link is None:
-            link = WorkerLink(address, streaming and self._mode == "stream", self._log)
+            link = WorkerLink(address, streaming and self._mode == "stream", self._log, self._credentials)
             self._links[address] = link
         return link
 

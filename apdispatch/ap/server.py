@@ -18,6 +18,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from apdispatch.ap.auth import DispatcherAuth, Gate, Tokens
 from apdispatch.ap.config import APConfig, ConfigError, load_config
 from apdispatch.ap.dispatcher import Dispatcher
 from apdispatch.ap.forwarder import Forwarder
@@ -27,6 +28,7 @@ from apdispatch.ap.servicers import DispatcherServicer, RegistryServicer, add_di
 from apdispatch.common.lifecycle import Lifecycle
 from apdispatch.common.logs import is_enabled, make_logger
 from apdispatch.common.protocol import dispatcher_pb2_grpc as pb_grpc
+from apdispatch.common.tls import TLSFiles
 from apdispatch.policies import make_policy, policy_names
 from apdispatch.routing.estimator import LatencyEstimator
 from apdispatch.routing.outlier import OutlierDetector
@@ -55,8 +57,13 @@ class AccessPoint:
         # A deployment's checkpoint is resumed from when it is there; the first
         # run starts from the shipped one and creates it.
         self.policy = make_policy(config.policy, seed=config.seed, resume_from=config.checkpoint or None)
-        self.forwarder = Forwarder(config.forward_mode, self.log)
+        self.tls = TLSFiles(ca=config.tls_ca, cert=config.tls_cert, key=config.tls_key)
+        # With a CA the AP presents its own certificate to workers, and checks theirs.
+        worker_credentials = self.tls.channel_credentials() if config.tls_ca else None
+        self.forwarder = Forwarder(config.forward_mode, self.log, worker_credentials)
         self.stats = Stats()
+        tokens = Tokens.load(config.tokens_file) if config.tokens_file else None
+        self.gate = Gate(tokens, mtls=bool(config.tls_ca), stats=self.stats)
         self.overload = Overload(config.overload(), time.monotonic)
         self.outlier = OutlierDetector(self.registry, config.outlier(), on_change=self._outlier_changed)
         self.dispatcher = Dispatcher(
@@ -71,13 +78,18 @@ class AccessPoint:
             limit=self.overload.limit,
             outlier=self.outlier,
         )
-        self.server = grpc.aio.server(options=server_options(config))
+        self.server = grpc.aio.server(
+            options=server_options(config),
+            interceptors=[DispatcherAuth(self.gate)] if tokens is not None else None,
+        )
         add_dispatcher_to_server(DispatcherServicer(self.dispatcher, self.overload), self.server)
         # grpc.health.v1: "" (the AP as a whole) and each of its services.
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         pb_grpc.add_RegistryServicer_to_server(
-            RegistryServicer(self.registry, self.estimator, self.forwarder, config.policy, self.log),
+            RegistryServicer(
+                self.registry, self.estimator, self.forwarder, config.policy, self.log, gate=self.gate
+            ),
             self.server,
         )
         self.address = ""
@@ -86,7 +98,10 @@ class AccessPoint:
 
     async def start(self) -> str:
         host = self.config.listen.rsplit(":", 1)[0]
-        port = self.server.add_insecure_port(self.config.listen)
+        if self.tls.cert:
+            port = self.server.add_secure_port(self.config.listen, self.tls.server_credentials())
+        else:
+            port = self.server.add_insecure_port(self.config.listen)
         if port == 0:
             raise OSError(f"listen: cannot bind {self.config.listen}")
         self.address = f"{host}:{port}"
@@ -103,6 +118,8 @@ class AccessPoint:
         if self._checkpoint_path() is not None:
             self._background.append(loop.create_task(self._checkpoints()))
         self.log.info("serving", address=self.address, policy=self.config.policy)
+        if self.gate.open and self.tls.cert:
+            self.log.warning("TLS without tokens_file or tls_ca: anyone may register workers")
         return self.address
 
     async def stop(self, grace_s: float | None = None) -> None:
@@ -264,6 +281,10 @@ def main(args: argparse.Namespace) -> int:
             log_format=args.log_format,
             checkpoint=getattr(args, "checkpoint", None),
             checkpoint_interval_s=getattr(args, "checkpoint_interval_s", None),
+            tls_cert=getattr(args, "tls_cert", None),
+            tls_key=getattr(args, "tls_key", None),
+            tls_ca=getattr(args, "tls_ca", None),
+            tokens_file=getattr(args, "tokens_file", None),
         )
         if config.policy not in policy_names():
             raise KeyError(f"unknown policy {config.policy!r} (known: {', '.join(policy_names())})")

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from apdispatch.common.errors import InvalidRequestError
+from apdispatch.common.errors import InvalidRequestError, PermissionDeniedError
 from apdispatch.common.protocol import dispatcher_pb2 as pb
 from apdispatch.common.tensors import DATATYPE_TO_DTYPE, TensorSpec
 
@@ -45,6 +45,8 @@ class Worker:
     in_flight: int = 0  # requests sent and not yet answered
     # Out of routing for now: it failed or stalled (apdispatch.routing.outlier).
     ejected: bool = False
+    # The identity (certificate subject or token) that registered it; "" on an open AP.
+    owner: str = ""
 
 
 @dataclass(slots=True, eq=False)
@@ -131,8 +133,21 @@ class Registry:
 
     # -- membership -------------------------------------------------------
 
-    def register(self, req: pb.RegisterRequest) -> Worker:
+    def _owned(self, worker_id: str, owner: str) -> Worker | None:
+        """The live worker of that id; PermissionDeniedError when another identity owns it."""
+        worker = self._workers.get(worker_id)
+        if worker is None or worker.expires_at <= self._clock():
+            return None  # a lapsed lease frees the id, whether or not expire() ran yet
+        if worker.owner != owner:
+            raise PermissionDeniedError(
+                f"worker_id: {worker_id[:64]!r} is registered by another identity; "
+                "it is free again once that one deregisters or its lease runs out"
+            )
+        return worker
+
+    def register(self, req: pb.RegisterRequest, owner: str = "") -> Worker:
         _validate_registration(req)
+        live = self._owned(req.worker_id, owner)
         variants = {
             v.name: VariantInfo(
                 name=v.name,
@@ -167,19 +182,23 @@ class Registry:
             registration=req,
             # Requests already sent to it are still in flight after a re-register.
             in_flight=old.in_flight if old is not None else 0,
+            owner=owner if live is None else live.owner,
         )
         self._workers[req.worker_id] = worker
         self._rebuild()
         return worker
 
-    def heartbeat(self, worker_id: str) -> bool:
+    def heartbeat(self, worker_id: str, owner: str = "") -> bool:
         worker = self._workers.get(worker_id)
         if worker is None:
             return False
+        if worker.owner != owner and self._owned(worker_id, owner) is None:
+            return False  # another identity's lapsed lease: not this caller's to renew
         worker.expires_at = self._clock() + self.lease_s
         return True
 
-    def deregister(self, worker_id: str) -> Worker | None:
+    def deregister(self, worker_id: str, owner: str = "") -> Worker | None:
+        self._owned(worker_id, owner)  # refused while another identity's lease runs
         worker = self._workers.pop(worker_id, None)
         if worker is not None:
             self._rebuild()
