@@ -310,6 +310,30 @@ async def test_a_frozen_worker_is_ejected_after_its_misses_and_readmitted_when_i
         assert replies["c"].served_by.worker == "edge-a"
 
 
+async def test_a_worker_stopped_under_load_finishes_what_it_has_and_gets_no_more(
+    models_dir: Path, x: np.ndarray, tmp_path: Path
+) -> None:
+    async with (
+        access_point(lease_s=60.0) as ap,
+        processes(ap, models_dir, tmp_path, {"edge-a": service(300), "edge-b": service(1000)}) as workers,
+    ):
+        first = [request(x, rid=f"a{i}") for i in range(3)]
+        sending = asyncio.ensure_future(send_all(ap, first))
+        edge_a = ap.registry.get("edge-a")
+        assert edge_a is not None
+        await wait_until(lambda: edge_a.in_flight == 3, "3 requests in flight to edge-a")
+        os.kill(workers["edge-a"].popen.pid, signal.SIGTERM)
+        # It leaves routing at once (it deregisters) ...
+        await wait_until(lambda: ap.registry.get("edge-a") is None, "edge-a deregistered")
+        later = await send_all(ap, [request(x, rid=f"b{i}") for i in range(5)])
+        assert {(r.outcome, r.served_by.worker) for r in later.values()} == {(pb.OK, "edge-b")}
+        # ... and serves what it had: nothing in flight fails, nothing is sent twice.
+        replies = await sending
+        assert {(r.outcome, r.served_by.worker) for r in replies.values()} == {(pb.OK, "edge-a")}
+        assert not ap.dispatcher.retried
+        assert await asyncio.to_thread(workers["edge-a"].popen.wait, WAIT_S) == 0
+
+
 # The outlier detector alone, on a registry and a clock of the test's ---------------
 
 

@@ -231,7 +231,9 @@ class RegistryServicer(pb_grpc.RegistryServicer):
             await self._refuse(context, exc, "Deregister")
         if worker is not None:
             self._estimator.forget(worker)
-            await self._forwarder.drop(worker.address)
+            # It is leaving, not gone: the replies it owes still come back on
+            # its link, which then closes (a stream is half-closed, not cut).
+            self._forwarder.retire(worker.address)
             self._log.info("worker deregistered", worker=worker.worker_id)
         return pb.DeregisterResponse()
 
