@@ -635,6 +635,19 @@ async def test_registration_retries_heartbeats_and_deregisters(zoo: Zoo) -> None
             assert registry.deregistered == [first.worker_id]
 
 
+def test_registration_retries_at_least_once_a_heartbeat() -> None:
+    """A restarted AP finds its workers within a heartbeat: no retry, and no gRPC
+    reconnection, waits longer than that (the default back-off grew to 5 s)."""
+    from workers.registration import Registrar
+
+    registrar = Registrar(
+        "127.0.0.1:1", dpb.RegisterRequest(worker_id="w"), make_logger("warning"), heartbeat_s=0.5
+    )
+    assert registrar.backoff_max_s == 0.5
+    assert dict(registrar.channel_options)["grpc.max_reconnect_backoff_ms"] == 500
+    assert dict(registrar.channel_options)["grpc.initial_reconnect_backoff_ms"] <= 500
+
+
 async def test_graceful_stop_finishes_in_flight_requests(
     zoo: Zoo, hold_factor: Callable[[float], float]
 ) -> None:

@@ -31,7 +31,7 @@ class Registrar:
         heartbeat_s: float = 1.0,
         rpc_timeout_s: float = 2.0,
         backoff_initial_s: float = 0.1,
-        backoff_max_s: float = 5.0,
+        backoff_max_s: float | None = None,
         tls: TLSFiles | None = None,
         token: str | None = None,
     ) -> None:
@@ -42,7 +42,15 @@ class Registrar:
         self.heartbeat_s = heartbeat_s
         self.rpc_timeout_s = rpc_timeout_s
         self.backoff_initial_s = backoff_initial_s
-        self.backoff_max_s = backoff_max_s
+        # A restarted AP must find its workers again within a heartbeat: neither
+        # the retries nor gRPC's reconnection may wait longer than that.
+        self.backoff_max_s = heartbeat_s if backoff_max_s is None else backoff_max_s
+        reconnect_ms = max(100, int(self.backoff_max_s * 1000))
+        self.channel_options: list[tuple[str, int]] = [
+            ("grpc.initial_reconnect_backoff_ms", min(100, reconnect_ms)),
+            ("grpc.min_reconnect_backoff_ms", min(100, reconnect_ms)),
+            ("grpc.max_reconnect_backoff_ms", reconnect_ms),
+        ]
         self._log = log.bind(ap=ap)
         self._channel: grpc.aio.Channel | None = None
         self._stub: dpb_grpc.RegistryStub | None = None
@@ -58,7 +66,7 @@ class Registrar:
     def start(self) -> None:
         if self._task is not None:
             return
-        self._channel = aio_channel(self.ap, self._tls, self._token)
+        self._channel = aio_channel(self.ap, self._tls, self._token, options=self.channel_options)
         self._stub = dpb_grpc.RegistryStub(self._channel)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="registrar")
 
