@@ -30,6 +30,15 @@ demo: models
 test: models
 	APDISPATCH_MODELS=$(MODELS) $(BIN)/pytest
 
+# Generated hostile requests through both APIs of a live AP (tests/test_fuzz.py):
+# FUZZ_EXAMPLES per API: one request per Infer example, one to eight per stream
+# example. `make test` runs a short derandomized pass; FUZZ_SEED=N explores others.
+FUZZ_EXAMPLES ?= 2500
+fuzz: models
+	APDISPATCH_MODELS=$(MODELS) APDISPATCH_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+		$(if $(FUZZ_SEED),APDISPATCH_FUZZ_SEED=$(FUZZ_SEED)) \
+		$(BIN)/pytest tests/test_fuzz.py -s -p no:cacheprovider --timeout 3600
+
 lint: env
 	$(BIN)/ruff check apdispatch workers tests
 	$(BIN)/mypy apdispatch workers

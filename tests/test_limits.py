@@ -198,3 +198,24 @@ def test_unread_stream_is_flow_controlled(
     assert sorted(ids) == sorted(f"r{i}" for i in range(n))
     assert ap.ap.stats.stream_pending_peak <= MAX_PENDING
     assert ap.ap.stats.stream_pending == 0
+
+
+@pytest.mark.unit
+def test_learned_reservations_forget_quiet_apps_beyond_the_cap() -> None:
+    from apdispatch.learned.reserve import MAX_APPS, REFRESH_S, Reservations
+    from apdispatch.routing.policy import Candidate, RequestView
+
+    r = Reservations()
+    cands = [Candidate("mec/mec/large", "mec", "mec", "large", 0.95, 7.0, 0, 1, 18.0)]
+    for i in range(3 * MAX_APPS):
+        now = i * 0.01
+        # One steady app, and a new name with every other request.
+        for app in ("steady", f"once-{i}"):
+            view = RequestView("digits", app, 25.0, 0.9, now)
+            r.arrive(view)
+            r.defer(view, cands)
+            r.outcome(app, True)
+        r.catch_up(now)
+        # Quiet ones are forgotten with the pressures' refresh, every REFRESH_S (20 new names here).
+        assert r.apps() <= MAX_APPS + 1 + REFRESH_S / 0.01
+    assert r.rate("steady", 3 * MAX_APPS * 0.01) > 50.0

@@ -78,6 +78,9 @@ TYPICAL_ALPHA = 0.2
 # of one outcome in the app's average (about its last 300).
 MISSES = 0.01
 MISS_ALPHA = 0.003
+# Past this many apps, those gone quiet (under one request per tau_s) are
+# forgotten: app names come from clients, who could otherwise grow every table.
+MAX_APPS = 1000
 INF = float("inf")
 
 
@@ -258,6 +261,8 @@ class Reservations:
         if last is not None and 0.0 <= now_s - last < every_s:
             return
         self._pressed_at = now_s
+        if len(self._refreshed) > MAX_APPS or len(self._arrivals) > MAX_APPS:
+            self._forget_quiet(now_s)
         pressures = {
             app: (feasible, self.pressure(app, now_s))
             for app, (feasible, _) in self._feasible.items()
@@ -274,6 +279,27 @@ class Reservations:
             for app in self._arrivals
             if self.rate(app, now_s) * self._tau >= 1.0
         )
+
+    def _forget_quiet(self, now_s: float) -> None:
+        tables = (
+            self._arrivals,
+            self._typical,
+            self._feasible,
+            self._service,
+            self._refreshed,
+            self._deferred,
+            self._misses,
+        )
+        apps: set[str] = set()
+        apps.update(*tables)
+        for app in apps:
+            if self.rate(app, now_s) * self._tau < 1.0:
+                for table in tables:
+                    table.pop(app, None)
+
+    def apps(self) -> int:
+        """How many apps the reservations hold state for."""
+        return len(set(self._arrivals) | set(self._refreshed) | set(self._misses))
 
     def calm(self, now_s: float) -> bool:
         """Whether no app that sends requests needs room: each meets its SLA or presses below ``load``.
