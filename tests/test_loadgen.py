@@ -574,3 +574,12 @@ async def test_cli_ctrl_c_reports_what_was_sent(fake_ap: tuple[str, FakeAP], tmp
     doc = json.loads(args.json.read_text())
     assert doc["stopped_at_s"] is not None and doc["sent"] > 0
     assert doc["total"] == doc["sent"] == doc["ok"]
+
+
+def test_error_kinds_do_not_count_numbers_apart() -> None:
+    from apdispatch.tools.loadgen.report import Tally
+
+    tally = Tally(n_apps=1, n_buckets=1)
+    for ms in range(100):
+        tally._error(f"rejected: fastest {ms}.5 ms, {ms / 7:.2f} ms left")
+    assert dict(tally.errors) == {"rejected: fastest N ms, N ms left": 100}

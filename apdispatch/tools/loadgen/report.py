@@ -8,6 +8,7 @@ turns a finished run's tally into a :class:`LoadReport`, whose ``to_dict()`` is
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ _FAILED: Final = _OUTCOME_INDEX["failed"]
 _REJECTED: Final = _OUTCOME_INDEX["rejected"]
 # Distinct error messages kept in the report; the rest are counted as "other".
 _MAX_ERROR_KINDS: Final = 50
+_NUMBER: Final = re.compile(r"\d+(?:\.\d+)?")
 
 
 def _percentiles(values_s: list[float]) -> dict[str, float | None]:
@@ -290,7 +292,8 @@ class Tally:
         self._error(f"failed: {error}")
 
     def _error(self, message: str) -> None:
-        message = message[:200]
+        # Numbers (times, counts) out of the key: one kind per reason, not per request.
+        message = _NUMBER.sub("N", message[:200])
         if message in self.errors or len(self.errors) < _MAX_ERROR_KINDS:
             self.errors[message] += 1
         else:
