@@ -648,6 +648,29 @@ def test_registration_retries_at_least_once_a_heartbeat() -> None:
     assert dict(registrar.channel_options)["grpc.initial_reconnect_backoff_ms"] <= 500
 
 
+async def test_an_idle_stream_survives_the_clients_keepalive_pings(zoo: Zoo) -> None:
+    """The AP pings its workers to keep links alive; a worker must not answer an idle
+    stream's pings with GOAWAY ("too many pings"), which broke the link and, with outlier
+    detection, took a healthy worker out of routing."""
+    async with serving(zoo, "edge", [zoo.tiny]) as (worker, _):
+        options = [("grpc.keepalive_time_ms", 1000)]
+        async with grpc.aio.insecure_channel(worker.address, options=options) as channel:
+            outbox: asyncio.Queue[pb.ModelInferRequest | None] = asyncio.Queue()
+
+            async def requests() -> AsyncIterator[pb.ModelInferRequest]:
+                while (item := await outbox.get()) is not None:
+                    yield item
+
+            call = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests())
+            outbox.put_nowait(request(zoo.tiny, zoo.x[:1], "before"))
+            assert (await asyncio.wait_for(call.read(), WAIT_S)).infer_response.id == "before"
+            await asyncio.sleep(6.0)  # idle: several pings, more than the default strikes allow
+            outbox.put_nowait(request(zoo.tiny, zoo.x[:1], "after"))
+            reply = await asyncio.wait_for(call.read(), WAIT_S)
+            assert reply.infer_response.id == "after" and not reply.error_message
+            outbox.put_nowait(None)
+
+
 async def test_graceful_stop_finishes_in_flight_requests(
     zoo: Zoo, hold_factor: Callable[[float], float]
 ) -> None:

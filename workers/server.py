@@ -58,6 +58,11 @@ GRPC_OPTIONS = (
     ("grpc.max_receive_message_length", -1),
     # An explicit port must fail when taken, not be silently shared.
     ("grpc.so_reuseport", 0),
+    # The AP pings its links every 10 s, also while they are idle; by default gRPC
+    # answers such pings with GOAWAY ("too many pings") and the link breaks.
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.max_ping_strikes", 0),
 )
 
 
