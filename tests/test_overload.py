@@ -22,7 +22,7 @@ from apdispatch.ap.config import APConfig, ConfigError, load_config
 from apdispatch.ap.overload import ConcurrencyLimit, LoopLag, Overload, OverloadConfig
 from apdispatch.ap.server import AccessPoint
 from apdispatch.client import AsyncClient, build_request
-from apdispatch.common.errors import RejectedError
+from apdispatch.common.errors import RejectedError, UnavailableError
 from apdispatch.common.logs import make_logger
 from apdispatch.common.manifest import load_manifest
 from apdispatch.common.outcomes import Outcome
@@ -183,7 +183,7 @@ async def test_a_client_deadline_shorter_than_the_sla_is_the_budget(models_dir: 
         assert ap.stats.totals[Outcome.REJECTED] == 1 and ap.stats.totals[Outcome.OK] == 1
 
 
-async def test_drain_reports_not_serving_refuses_new_work_and_finishes_what_it_took(
+async def test_drain_reports_not_serving_answers_what_it_took_and_ends_open_streams(
     models_dir: Path,
 ) -> None:
     async with (
@@ -195,27 +195,32 @@ async def test_drain_reports_not_serving_refuses_new_work_and_finishes_what_it_t
         assert check.status == health_pb2.HealthCheckResponse.SERVING
         stub = pb_grpc.DispatcherStub(channel)
         stream = stub.InferStream()
-        taken = build_request("digits", x, deadline_ms=20_000, request_id="taken")
-        await stream.write(taken)
+        await stream.write(build_request("digits", x, deadline_ms=20_000, request_id="taken"))
         async with asyncio.timeout(WAIT_S):
             while ap.overload.limit.in_flight < 1:
                 await asyncio.sleep(0.01)
-        drain = asyncio.ensure_future(ap.drain(grace_s=WAIT_S))
+        # A grace far longer than the test waits: the drain ends because the stream does.
+        drain = asyncio.ensure_future(ap.drain(grace_s=600.0))
         async with asyncio.timeout(WAIT_S):
             while not ap.dispatcher.draining:
                 await asyncio.sleep(0.01)
         # Health turned before anything was refused (a new call would be refused now).
         status = await ap.health.Check(health_pb2.HealthCheckRequest(service=""), None)
         assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
-        # A request on the stream that is still open: refused, and the stream goes on.
-        await stream.write(build_request("digits", x, deadline_ms=20_000, request_id="new"))
-        replies = {}
-        for _ in range(2):
-            reply = await asyncio.wait_for(stream.read(), WAIT_S)
-            replies[reply.request_id] = reply
-        await stream.done_writing()
+        taken = await asyncio.wait_for(stream.read(), WAIT_S)
+        assert taken.request_id == "taken" and taken.outcome == pb.OK
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await asyncio.wait_for(stream.read(), WAIT_S)
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "shutting down" in (ended.value.details() or "")
         await asyncio.wait_for(drain, WAIT_S)
-    assert replies["taken"].outcome == pb.OK
-    assert replies["new"].outcome == pb.FAILED
-    assert replies["new"].status_code == grpc.StatusCode.UNAVAILABLE.value[0]
-    assert "shutting down" in replies["new"].error
+    assert ap.stats.totals[Outcome.OK] == 1 and ap.stats.total == 1
+
+
+async def test_a_request_that_reaches_a_draining_ap_is_refused_unavailable(models_dir: Path) -> None:
+    async with ap_and_worker(models_dir, 10.0) as (ap, x):
+        ap.dispatcher.draining = True  # as the drain sets it, before gRPC stops taking calls
+        async with AsyncClient(ap.address) as client:
+            with pytest.raises(UnavailableError, match="shutting down"):
+                await client.infer("digits", x, deadline_ms=5_000)
+        ap.dispatcher.draining = False

@@ -82,7 +82,8 @@ class AccessPoint:
             options=server_options(config),
             interceptors=[DispatcherAuth(self.gate)] if tokens is not None else None,
         )
-        add_dispatcher_to_server(DispatcherServicer(self.dispatcher, self.overload), self.server)
+        self.dispatcher_servicer = DispatcherServicer(self.dispatcher, self.overload)
+        add_dispatcher_to_server(self.dispatcher_servicer, self.server)
         # grpc.health.v1: "" (the AP as a whole) and each of its services.
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -129,11 +130,12 @@ class AccessPoint:
     async def drain(self, grace_s: float) -> None:
         """Stop taking calls; those in flight get ``grace_s`` seconds to finish.
 
-        Health turns NOT_SERVING first, and a request arriving on a stream that is
-        still open is refused with UNAVAILABLE: no new work, only what was taken.
+        Health turns NOT_SERVING first; open streams stop being read, answer what
+        they took and end with UNAVAILABLE: no new work, only what was taken.
         """
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.dispatcher.draining = True
+        self.dispatcher_servicer.drain()
         await self._cancel_background()
         await self.server.stop(grace_s)
 

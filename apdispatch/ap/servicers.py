@@ -89,6 +89,15 @@ class DispatcherServicer(pb_grpc.DispatcherServicer):
     def __init__(self, dispatcher: Dispatcher, overload: Overload | None = None) -> None:
         self._dispatcher = dispatcher
         self._overload = overload
+        self._draining = asyncio.Event()
+
+    def drain(self) -> None:
+        """Open streams stop being read, answer what they took, and end with UNAVAILABLE.
+
+        A long-lived client stream would otherwise hold the AP for the whole grace
+        period; ended, its client can reconnect (to this AP restarted, or another).
+        """
+        self._draining.set()
 
     def _arrival(self) -> float:
         """When the request being handled arrived: before now by what the AP's loop lags."""
@@ -154,6 +163,16 @@ class DispatcherServicer(pb_grpc.DispatcherServicer):
                     replies.put_nowait(None)
 
         reader = loop.create_task(read_all())
+        cut_by_drain = False
+
+        async def stop_reading_when_draining() -> None:
+            nonlocal cut_by_drain
+            await self._draining.wait()
+            if not reader.done():
+                cut_by_drain = True
+                reader.cancel()  # what was read is answered; the rest was never taken
+
+        drainer = loop.create_task(stop_reading_when_draining())
         try:
             while (response := await replies.get()) is not None:
                 yield response  # returns once gRPC has taken the reply
@@ -161,8 +180,11 @@ class DispatcherServicer(pb_grpc.DispatcherServicer):
                 stats.stream_pending_add(-1)
                 if pending < max_pending:
                     room.set()
+            if cut_by_drain:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "the AP is shutting down")
         finally:
             reader.cancel()
+            drainer.cancel()
             stats.stream_pending_add(-pending)
 
 
