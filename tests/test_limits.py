@@ -137,6 +137,23 @@ def test_bad_app_name_is_invalid_argument(
     assert all(len(name) <= MAX_APP_LEN for name in ap.ap.stats.by_app)
 
 
+@pytest.mark.parametrize("field", ["task", "request_id", "variant"])
+def test_huge_names_are_invalid_argument_and_not_echoed(
+    stub: pb_grpc.DispatcherStub, models_dir: Path, field: str
+) -> None:
+    request = _request(models_dir)
+    setattr(request, field, "y" * (1024 * 1024))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Infer(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = info.value.details() or ""
+    assert details.startswith(f"{field}:") and len(details) < 500
+    # On a stream the reply carries the request's id: not a megabyte of it.
+    replies = list(stub.InferStream(iter([request]), timeout=30))
+    assert len(replies) == 1 and replies[0].outcome == pb.FAILED
+    assert len(replies[0].request_id) <= MAX_APP_LEN and len(replies[0].error) < 500
+
+
 def test_distinct_huge_app_names_add_nothing_per_name(
     ap: APThread, stub: pb_grpc.DispatcherStub, models_dir: Path
 ) -> None:

@@ -27,7 +27,7 @@ from apdispatch.ap.config import APConfig
 from apdispatch.ap.forwarder import DeadlineReached, Forwarder, LinkFailed, WorkerReply
 from apdispatch.ap.metrics import Stats
 from apdispatch.ap.overload import ConcurrencyLimit
-from apdispatch.ap.validate import check_request
+from apdispatch.ap.validate import MAX_APP_LEN, check_request
 from apdispatch.common.errors import ApdispatchError, InvalidRequestError, RejectedError, UnavailableError
 from apdispatch.common.outcomes import TO_PROTO, Outcome
 from apdispatch.common.protocol import dispatcher_pb2 as pb
@@ -126,7 +126,8 @@ class Dispatcher:
         return result
 
     def submit(self, request: pb.InferRequest, arrival: float, reply: Reply) -> None:
-        request_id = request.request_id or f"ap-{next(self._ids)}"
+        # An id too long to be valid (validation says so) is not echoed whole.
+        request_id = request.request_id[:MAX_APP_LEN] or f"ap-{next(self._ids)}"
         if self.draining:
             self._fail(UnavailableError("the AP is shutting down"), request, request_id, arrival, None, reply)
             return
@@ -360,8 +361,8 @@ class Dispatcher:
             self._log.debug(
                 "request",
                 request_id=request_id,
-                app=request.app,
-                task=request.task,
+                app=request.app[:MAX_APP_LEN],
+                task=request.task[:MAX_APP_LEN],
                 outcome=outcome,
                 target=target.key if target else None,
                 total_ms=round(total_ms, 3),

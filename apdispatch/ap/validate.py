@@ -19,6 +19,18 @@ MAX_APP_LEN = 128
 _APP_NAME = re.compile(r"[A-Za-z0-9._:/@+-]*")
 
 
+def _shown(text: str) -> str:
+    """A client's string in an error message: never more than a few dozen characters of it."""
+    return repr(text[:32] + ("..." if len(text) > 32 else ""))
+
+
+def _check_name(field: str, value: str) -> None:
+    if len(value) > MAX_APP_LEN:
+        raise InvalidRequestError(
+            field, f"must be at most {MAX_APP_LEN} characters, got {len(value)} ({_shown(value)})"
+        )
+
+
 def valid_app(app: str) -> bool:
     """Whether ``app`` is an acceptable app name (empty included: no app)."""
     return len(app) <= MAX_APP_LEN and _APP_NAME.fullmatch(app) is not None
@@ -38,12 +50,14 @@ def check_request(
     req: pb.InferRequest, registry: Registry, max_tensor_bytes: int, max_deadline_ms: float
 ) -> CheckedRequest:
     if not valid_app(req.app):
-        shown = req.app[:32] + ("..." if len(req.app) > 32 else "")
         raise InvalidRequestError(
             "app",
             f"must be at most {MAX_APP_LEN} characters of A-Z a-z 0-9 . _ : / @ + -, "
-            f"got {len(req.app)} characters ({shown!r})",
+            f"got {len(req.app)} characters ({_shown(req.app)})",
         )
+    # Names the AP echoes in replies and logs: bounded like app names.
+    for field in ("task", "request_id", "variant"):
+        _check_name(field, getattr(req, field))
     if not req.task:
         raise InvalidRequestError("task", "must not be empty")
     targets = registry.targets(req.task)
