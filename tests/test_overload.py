@@ -224,3 +224,20 @@ async def test_a_request_that_reaches_a_draining_ap_is_refused_unavailable(model
             with pytest.raises(UnavailableError, match="shutting down"):
                 await client.infer("digits", x, deadline_ms=5_000)
         ap.dispatcher.draining = False
+
+
+async def test_the_reply_margin_is_kept_out_of_the_budget(models_dir: Path) -> None:
+    # The worker takes 10 ms; a 40 ms deadline leaves room for it, unless 50 ms of it
+    # are kept for the reply's way back.
+    for margin_ms, admitted in ((50.0, False), (0.0, True)):
+        async with (
+            ap_and_worker(models_dir, 10.0, reply_margin_ms=margin_ms) as (ap, x),
+            AsyncClient(ap.address) as client,
+        ):
+            assert (await client.infer("digits", x, deadline_ms=2_000)).outcome == "ok"
+            if admitted:
+                # Served (in time or not, as this machine allows): not rejected.
+                await client.infer("digits", x, deadline_ms=40)
+            else:
+                with pytest.raises(RejectedError):
+                    await client.infer("digits", x, deadline_ms=40)

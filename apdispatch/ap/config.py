@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -40,6 +41,10 @@ class APConfig:
     # Extra time, beyond the request's deadline, the AP waits for a worker's
     # reply so that a late reply is still delivered (and counted late).
     late_grace_ms: float = 0.0
+    # Time a reply needs to reach its client, kept out of each request's budget:
+    # admission plans to finish this much before the deadline, and a reply ready
+    # later than that counts late, so that an ok reaches the client in time.
+    reply_margin_ms: float = 2.0
     # Overload (apdispatch.ap.overload): at most max_in_flight requests admitted
     # and unanswered; the limit falls (by decrease_factor per lag_interval_ms,
     # not below min_in_flight) while the event loop's lag, sampled every
@@ -91,6 +96,8 @@ class APConfig:
             raise ConfigError("forward_mode: must be 'stream' or 'unary'")
         if self.max_tensor_bytes <= 0:
             raise ConfigError("max_tensor_bytes: must be > 0")
+        if not (math.isfinite(self.reply_margin_ms) and self.reply_margin_ms >= 0):
+            raise ConfigError("reply_margin_ms: must be a finite number >= 0")
         if not self.max_deadline_ms > 0:
             raise ConfigError("max_deadline_ms: must be > 0")
         if not 0 < self.max_message_bytes <= 64 * 1024 * 1024:

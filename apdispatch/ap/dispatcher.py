@@ -89,6 +89,7 @@ class Dispatcher:
         self._debug = debug
         self._ids = itertools.count(1)
         self._late_grace_s = config.late_grace_ms / 1000.0
+        self._margin_ms = config.reply_margin_ms
         self.outlier = outlier
         # Requests sent again elsewhere after failing on a worker, by that worker's id.
         self.retried: Counter[str] = Counter()
@@ -155,7 +156,7 @@ class Dispatcher:
         )
         # The deadline counts from arrival at the AP; time spent here so far is gone.
         now = time.monotonic()
-        left_ms = checked.deadline_ms - (now - arrival) * 1000.0
+        left_ms = checked.deadline_ms - (now - arrival) * 1000.0 - self._margin_ms
         view = RequestView(checked.task, request.app, left_ms, checked.min_accuracy, now)
         decision = self.router.decide(view, checked.targets)
         flight = _InFlight(request, request_id, arrival, decision, reply)
@@ -208,7 +209,7 @@ class Dispatcher:
     def _conclude(self, flight: _InFlight, result: WorkerReply | BaseException) -> None:
         now = time.monotonic()
         total_ms = (now - flight.arrival) * 1000.0
-        late = total_ms > flight.request.sla.deadline_ms
+        late = total_ms + self._margin_ms > flight.request.sla.deadline_ms
         if self.outlier is not None:
             self._judge(self.outlier, flight.decision, result, late)
         if (
@@ -276,7 +277,7 @@ class Dispatcher:
         if not targets:
             return False
         now = time.monotonic()
-        left_ms = checked.deadline_ms - (now - flight.arrival) * 1000.0
+        left_ms = checked.deadline_ms - (now - flight.arrival) * 1000.0 - self._margin_ms
         view = RequestView(checked.task, request.app, left_ms, checked.min_accuracy, now)
         try:
             decision = self.router.decide(view, targets)
