@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 MODELS := build/models
 SCENARIO ?= scenarios/demo.toml
 
-.PHONY: env models demo test lint generate bench chaos eval eval-generated clean
+.PHONY: env models demo test lint generate bench k6 chaos eval eval-generated clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ generate: env
 
 bench: models
 	$(BIN)/apdispatch bench --models $(MODELS) --json build/bench.json
+
+# SCENARIO's load from k6 (unary calls, the scenario's SLAs and rates) and from
+# `apdispatch load`, each against a fresh AP on the same workers, side by side.
+k6: models
+	$(BIN)/apdispatch k6 $(SCENARIO) --models $(MODELS) --json build/k6.json
 
 # The demo scenario live for CHAOS_S seconds while workers and the AP are
 # killed (-9), terminated, frozen and restarted at random (CHAOS_SEED); fails

@@ -194,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     chaos.add_argument("--json", type=Path, default=None, help="also write the report here")
 
+    k6 = sub.add_parser("k6", help="a scenario's load from k6, beside apdispatch load on the same topology")
+    k6.add_argument("scenario", type=Path)
+    k6.add_argument("--models", type=Path, default=DEFAULT_MODELS)
+    k6.add_argument("--policy", default="fastest", help="the AP's policy (both runs)")
+    k6.add_argument("--duration", type=float, default=None, help="seconds of load (default: the scenario's)")
+    k6.add_argument("--seed", type=int, default=None, help="arrivals (default: the scenario's)")
+    k6.add_argument("--ap", default=None, help="k6 alone against this running AP (no comparison)")
+    k6.add_argument("--plan-only", type=Path, default=None, help="write k6's plan file here and stop")
+    k6.add_argument("--json", type=Path, default=None, help="also write the report here")
+
     bench = sub.add_parser("bench", help="latency and throughput the AP adds")
     bench.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     bench.add_argument("--json", type=Path, default=None)
@@ -348,6 +358,10 @@ def main(argv: list[str] | None = None) -> int:
         from apdispatch.tools.chaos import main as chaos_main
 
         return chaos_main(args)
+    if args.command == "k6":
+        from apdispatch.tools.k6load import main as k6_main
+
+        return k6_main(args)
     if args.command == "bench" and args.decisions:
         from apdispatch.tools.decision_bench import main as decisions_main
 
