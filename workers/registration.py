@@ -12,13 +12,62 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 from structlog.typing import FilteringBoundLogger
 
+from apdispatch.common.manifest import Variant
 from apdispatch.common.protocol import dispatcher_pb2 as dpb
 from apdispatch.common.protocol import dispatcher_pb2_grpc as dpb_grpc
 from apdispatch.common.tls import TLSFiles, aio_channel
+
+
+@dataclass(frozen=True)
+class Announced:
+    """One variant as a worker announces it: what one execution costs there, at batch 1 and 8."""
+
+    variant: Variant
+    latency_ms: float
+    latency_ms_batch8: float
+    max_batch_size: int
+
+
+def register_request(
+    *,
+    worker_id: str,
+    address: str,
+    cluster: str,
+    kind: str,
+    slots: int,
+    variants: Sequence[Announced],
+    link_delay_ms: float = 0.0,
+    streaming: bool = True,
+) -> dpb.RegisterRequest:
+    """The ``Register`` call for a worker: ours, or any OIP server registered on its behalf."""
+    return dpb.RegisterRequest(
+        worker_id=worker_id,
+        address=address,
+        cluster=cluster,
+        kind=kind,
+        slots=slots,
+        link_delay_ms=link_delay_ms,
+        streaming=streaming,
+        variants=[
+            dpb.VariantInfo(
+                name=a.variant.name,
+                task=a.variant.task,
+                accuracy=a.variant.accuracy,
+                latency_ms=a.latency_ms,
+                latency_ms_batch8=a.latency_ms_batch8,
+                inputs=[s.to_proto() for s in a.variant.inputs],
+                outputs=[s.to_proto() for s in a.variant.outputs],
+                max_batch_size=a.max_batch_size,
+            )
+            for a in variants
+        ],
+    )
 
 
 class Registrar:

@@ -33,6 +33,7 @@ import socket
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from structlog.typing import FilteringBoundLogger
 
 from apdispatch.common.lifecycle import Lifecycle
@@ -43,7 +44,7 @@ from apdispatch.common.protocol import oip_pb2_grpc as pb_grpc
 from apdispatch.common.tls import TLSFiles
 from workers.codec import Model
 from workers.config import WorkerConfig
-from workers.registration import Registrar
+from workers.registration import Announced, Registrar, register_request
 from workers.runtime import DirectScheduler, Runtime, Scheduler, Slots, parse_service_times
 from workers.servicer import InferenceServicer
 
@@ -64,6 +65,12 @@ GRPC_OPTIONS = (
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
     ("grpc.http2.max_ping_strikes", 0),
 )
+
+
+# grpc.health.v1: the worker as a whole ("") and its one service. NOT_SERVING
+# while the models load (the port is open by then) and from the first step of
+# a drain; SERVING in between.
+HEALTH_SERVICES = ("", "inference.GRPCInferenceService")
 
 
 def _split_listen(listen: str) -> tuple[str, int]:
@@ -100,6 +107,7 @@ class Worker:
         self.registrar: Registrar | None = None
         self._server: grpc.aio.Server | None = None
         self._servicer: InferenceServicer | None = None
+        self.health = health.aio.HealthServicer()
         self._stopping = False
         self._closing = False
         self._cut = False  # a second signal ended the drain early
@@ -171,7 +179,11 @@ class Worker:
         raise ValueError(f"variant '{variant.name}' has unknown runtime {variant.runtime!r}")
 
     async def start(self) -> str:
-        """Load, bind, serve, register; returns the bound ``host:port``."""
+        """Bind, load, serve, register; returns the bound ``host:port``.
+
+        The port opens first: while the variants load (seconds for a torch
+        one), health answers NOT_SERVING and the OIP API knows no model.
+        """
         config = self.config
         if not config.variants:
             raise ValueError("no variants to serve")
@@ -184,13 +196,13 @@ class Worker:
         host, _ = _split_listen(config.listen)
         slots = Slots(config.slots, slowdown=config.slowdown)
         self.slots = slots
-        self.models = self._load_models(slots)
-        for model in self.models.values():
-            model.scheduler.start()
 
+        # The servicer holds self.models, filled in place once loaded.
         servicer = InferenceServicer(self.models, self.log, link_delay_ms=config.link_delay_ms)
         server = grpc.aio.server(options=list(GRPC_OPTIONS))
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
             port = (
                 server.add_secure_port(config.listen, self.tls.server_credentials())
@@ -207,7 +219,12 @@ class Worker:
         self.worker_id = config.worker_id or f"{config.kind}-{config.cluster}-{port}"
         self.log = self.log.bind(worker_id=self.worker_id)
         servicer.log = self.log
+        # In a thread, so that the event loop answers health checks meanwhile.
+        self.models.update(await asyncio.to_thread(self._load_models, slots))
+        for model in self.models.values():
+            model.scheduler.start()
         servicer.ready = True
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         # One line a parent process can wait for; the logger flushes each line.
         self.log.info(
             "serving",
@@ -248,7 +265,7 @@ class Worker:
 
     def register_request(self) -> dpb.RegisterRequest:
         config = self.config
-        return dpb.RegisterRequest(
+        return register_request(
             worker_id=self.worker_id,
             address=self.advertised_address(),
             cluster=config.cluster,
@@ -257,16 +274,7 @@ class Worker:
             link_delay_ms=config.link_delay_ms,
             streaming=True,
             variants=[
-                dpb.VariantInfo(
-                    name=m.name,
-                    task=m.variant.task,
-                    accuracy=m.variant.accuracy,
-                    latency_ms=self._announced_ms(m.variant)[0],
-                    latency_ms_batch8=self._announced_ms(m.variant)[1],
-                    inputs=[s.to_proto() for s in m.variant.inputs],
-                    outputs=[s.to_proto() for s in m.variant.outputs],
-                    max_batch_size=m.max_batch_size,
-                )
+                Announced(m.variant, *self._announced_ms(m.variant), max_batch_size=m.max_batch_size)
                 for m in self.models.values()
             ],
         )
@@ -295,12 +303,17 @@ class Worker:
             running=slots.busy if slots else 0,
             queued=slots.waiting if slots else 0,
         )
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._servicer is not None:
             self._servicer.ready = False
         if self.registrar is not None:
             await self.registrar.stop()
         if self._server is not None:
             await self._server.stop(grace_s)
+
+    async def _set_health(self, status: int) -> None:
+        for service in HEALTH_SERVICES:
+            await self.health.set(service, status)
 
     async def cut(self) -> None:
         """End a drain now: requests still in flight are cancelled."""
@@ -315,6 +328,7 @@ class Worker:
             await self._stopped.wait()
             return
         self._closing = True
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._servicer is not None:
             self._servicer.ready = False
         # Both are no-ops after a drain.

@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from apdispatch.ap.auth import DispatcherAuth, Gate, Tokens
 from apdispatch.ap.config import APConfig, ConfigError, load_config
@@ -34,8 +35,20 @@ from apdispatch.routing.estimator import LatencyEstimator
 from apdispatch.routing.outlier import OutlierDetector
 from apdispatch.routing.registry import Registry, Worker
 
-# Health is reported for the AP as a whole ("") and for each of its services.
+# Health is reported for the AP as a whole ("") and for each of its services;
+# server reflection lists the same services (a service the AP adds goes here).
+# NOT_SERVING from before the port opens until start() completes, and again
+# from the first step of a drain. Readiness does not wait for a worker: the
+# workers register through the AP's address (a Kubernetes Service only routes
+# to ready pods), and an AP without workers answers, with rejections.
 HEALTH_SERVICES = ("", "apdispatch.v1.Dispatcher", "apdispatch.v1.Registry")
+
+
+def reflected_services() -> list[str]:
+    """The services server reflection lists: the AP's own, health, reflection itself."""
+    own = [name for name in HEALTH_SERVICES if name]
+    return [*own, health.SERVICE_NAME, reflection.SERVICE_NAME]
+
 
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -87,6 +100,8 @@ class AccessPoint:
         # grpc.health.v1: "" (the AP as a whole) and each of its services.
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        # Reflection: grpcurl and other generic clients discover the API without the protos.
+        reflection.enable_server_reflection(reflected_services(), self.server)
         pb_grpc.add_RegistryServicer_to_server(
             RegistryServicer(
                 self.registry, self.estimator, self.forwarder, config.policy, self.log, gate=self.gate
@@ -98,6 +113,8 @@ class AccessPoint:
         self._started = False
 
     async def start(self) -> str:
+        # The servicer starts out with "" SERVING: not before start() completes.
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         host = self.config.listen.rsplit(":", 1)[0]
         if self.tls.cert:
             port = self.server.add_secure_port(self.config.listen, self.tls.server_credentials())
@@ -115,9 +132,9 @@ class AccessPoint:
             loop.create_task(self._probe_ejected()),
             loop.create_task(self.overload.run()),
         ]
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self._checkpoint_path() is not None:
             self._background.append(loop.create_task(self._checkpoints()))
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self.log.info("serving", address=self.address, policy=self.config.policy)
         if self.gate.open and self.tls.cert:
             self.log.warning("TLS without tokens_file or tls_ca: anyone may register workers")
