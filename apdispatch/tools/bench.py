@@ -3,24 +3,35 @@
 One run on one machine, baseline and AP measured side by side:
 
 1. Latency at one request in flight: the same request sent directly to an
-   edge worker (OIP ModelInfer) and through the AP (``Client.infer``), in
-   alternating rounds so that drift in the machine hits both alike; then the
-   same over open streams (ModelStreamInfer direct, InferStream via the AP).
+   edge worker (OIP ModelInfer), through nginx's ``grpc_pass`` in front of the
+   same worker (the same ModelInfer: what a plain L7 proxy adds), and through
+   the AP (``Client.infer``), in alternating rounds so that drift in the
+   machine hits all alike; then the same over open streams (ModelStreamInfer
+   direct and through nginx, InferStream via the AP). nginx (Debian's package)
+   runs as a child of the bench on loopback, with a config generated into the
+   run folder: upstream connections kept alive, and (unary only) nginx's
+   default of a new upstream connection per call. Without an nginx binary its
+   paths are skipped.
 2. Throughput: an open-loop ladder of offered rates through the AP (client
    streams) and, as the baseline, straight to the same workers
    (ModelStreamInfer); the highest rate with at least 99% of requests ok.
 
-Everything runs on loopback: an AP and two edge workers as subprocesses,
-this process as the client. Figures are medians and p99 over all samples.
+Everything runs on loopback: an AP, two edge workers and nginx as
+subprocesses, this process as the client. Figures are medians and p99 over all samples.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
+import shutil
+import signal
+import subprocess
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -37,6 +48,46 @@ from apdispatch.tools.processes import Children, free_port, wait_for_workers
 TASK = "digits"
 DEADLINE_MS = 50.0
 OK_TARGET = 0.99
+NGINX_START_TIMEOUT_S = 10.0
+
+# nginx as a gRPC proxy to one worker, the way it is run in front of gRPC
+# services: HTTP/2 on both sides, kept-alive upstream connections, no access
+# log. The second server is the same without `keepalive`, nginx's default: a
+# new upstream connection for every call.
+NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+pid {run}/nginx.pid;
+error_log {run}/nginx-error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {run}/nginx-tmp/body;
+    proxy_temp_path {run}/nginx-tmp/proxy;
+    fastcgi_temp_path {run}/nginx-tmp/fastcgi;
+    uwsgi_temp_path {run}/nginx-tmp/uwsgi;
+    scgi_temp_path {run}/nginx-tmp/scgi;
+    upstream worker {{
+        server {worker};
+        keepalive 16;
+    }}
+    upstream worker_fresh {{
+        server {worker};
+    }}
+    server {{
+        listen {listen} http2;
+        location / {{
+            grpc_pass grpc://worker;
+        }}
+    }}
+    server {{
+        listen {listen_fresh} http2;
+        location / {{
+            grpc_pass grpc://worker_fresh;
+        }}
+    }}
+}}
+"""
 
 
 @dataclass
@@ -56,6 +107,64 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
     return round(float(p50), 3), round(float(p99), 3)
 
 
+def nginx_binary() -> str | None:
+    """Debian's nginx lives in /usr/sbin, off the PATH of most users."""
+    return shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).is_file()), None
+    )
+
+
+def nginx_version(binary: str) -> str:
+    """``nginx/1.22.1``: what ``nginx -v`` prints (on stderr)."""
+    run = subprocess.run([binary, "-v"], capture_output=True, text=True)
+    return (run.stderr or run.stdout).strip().removeprefix("nginx version: ")
+
+
+@contextlib.contextmanager
+def nginx_proxy(binary: str, worker: str, run_dir: Path) -> Iterator[tuple[str, str]]:
+    """nginx on two free loopback ports, ``grpc_pass`` to ``worker``; yields their
+    addresses: upstream connections kept alive, and one per call.
+
+    A child in its own session with its log in the run folder, stopped (and
+    killed if it lingers) on the way out.
+    """
+    run = run_dir.resolve()
+    (run / "nginx-tmp").mkdir(parents=True, exist_ok=True)
+    listen, listen_fresh = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    conf = run / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(run=run, worker=worker, listen=listen, listen_fresh=listen_fresh))
+    with (run / "nginx.log").open("ab") as log:
+        # -e: the error log from the start, before the config names one.
+        popen = subprocess.Popen(
+            [binary, "-c", str(conf), "-p", str(run), "-e", str(run / "nginx-error.log")],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + NGINX_START_TIMEOUT_S
+        with grpc.insecure_channel(listen) as channel:
+            while True:
+                if popen.poll() is not None:
+                    raise RuntimeError(f"nginx exited with {popen.returncode}; see {run}/nginx-error.log")
+                try:
+                    grpc.channel_ready_future(channel).result(timeout=0.2)
+                    break
+                except grpc.FutureTimeoutError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"nginx did not listen on {listen}; see {run}") from None
+        yield listen, listen_fresh
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(popen.pid, signal.SIGTERM)
+        try:
+            popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+
+
 def _oip_request(variant: str, x: np.ndarray) -> oip_pb2.ModelInferRequest:
     request = oip_pb2.ModelInferRequest(model_name=variant)
     request.inputs.add(name="input", datatype="FP32", shape=list(x.shape))
@@ -63,23 +172,56 @@ def _oip_request(variant: str, x: np.ndarray) -> oip_pb2.ModelInferRequest:
     return request
 
 
+def _added(prefix: str, path: list[float], d50: float, d99: float) -> dict[str, float]:
+    p50, p99 = percentiles(path)
+    return {
+        f"{prefix}_p50_ms": p50,
+        f"{prefix}_p99_ms": p99,
+        f"{prefix}_added_p50_ms": round(p50 - d50, 3),
+        f"{prefix}_added_p99_ms": round(p99 - d99, 3),
+    }
+
+
 def one_in_flight(
-    ap: str, worker: str, variant: str, x: np.ndarray, rounds: int, per_round: int
+    ap: str,
+    worker: str,
+    variant: str,
+    x: np.ndarray,
+    rounds: int,
+    per_round: int,
+    proxies: Mapping[str, str] | None = None,
 ) -> dict[str, float]:
-    """Sequential calls, direct and through the AP, in alternating rounds."""
+    """Sequential calls, direct, through each proxy (name: address, the same ModelInfer)
+    and through the AP, in alternating rounds."""
     direct: list[float] = []
+    via: dict[str, list[float]] = {name: [] for name in proxies or {}}
     via_ap: list[float] = []
     request = _oip_request(variant, x)
-    with grpc.insecure_channel(worker) as channel, Client(ap) as client:
+    with contextlib.ExitStack() as stack:
+        channel = stack.enter_context(grpc.insecure_channel(worker))
+        client = stack.enter_context(Client(ap))
         model_infer = oip_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
-        for _ in range(200):  # warm up both paths and the AP's estimator
+        proxied = {
+            name: oip_pb2_grpc.GRPCInferenceServiceStub(
+                stack.enter_context(grpc.insecure_channel(address))
+            ).ModelInfer
+            for name, address in (proxies or {}).items()
+        }
+        for _ in range(200):  # warm up every path and the AP's estimator
             model_infer(request, timeout=1.0)
+            for call in proxied.values():
+                call(request, timeout=1.0)
             client.infer(TASK, x, deadline_ms=1000, variant=variant)
         for _ in range(rounds):
             for _ in range(per_round):
                 t0 = time.perf_counter()
                 model_infer(request, timeout=1.0)
                 direct.append((time.perf_counter() - t0) * 1000)
+            for name, call in proxied.items():
+                for _ in range(per_round):
+                    t0 = time.perf_counter()
+                    call(request, timeout=1.0)
+                    via[name].append((time.perf_counter() - t0) * 1000)
             for _ in range(per_round):
                 t0 = time.perf_counter()
                 result = client.infer(TASK, x, deadline_ms=1000, variant=variant)
@@ -87,7 +229,7 @@ def one_in_flight(
                 assert result.outcome == "ok", result
     d50, d99 = percentiles(direct)
     a50, a99 = percentiles(via_ap)
-    return {
+    out: dict[str, float] = {
         "direct_p50_ms": d50,
         "direct_p99_ms": d99,
         "ap_p50_ms": a50,
@@ -96,32 +238,49 @@ def one_in_flight(
         "added_p99_ms": round(a99 - d99, 3),
         "samples_per_path": len(direct),
     }
+    for name, samples in via.items():
+        out.update(_added(name, samples, d50, d99))
+    return out
 
 
 async def one_in_flight_streams(
-    ap: str, worker: str, variant: str, x: np.ndarray, rounds: int, per_round: int
+    ap: str, worker: str, variant: str, x: np.ndarray, rounds: int, per_round: int, nginx: str | None = None
 ) -> dict[str, float]:
-    """As ``one_in_flight``, over open streams: ModelStreamInfer direct, InferStream via the AP."""
+    """As ``one_in_flight``, over open streams: ModelStreamInfer direct and through nginx,
+    InferStream via the AP."""
     direct: list[float] = []
+    via_nginx: list[float] = []
     via_ap: list[float] = []
     template = _oip_request(variant, x)
-    outbox: asyncio.Queue[oip_pb2.ModelInferRequest | None] = asyncio.Queue()
 
-    async def requests():  # type: ignore[no-untyped-def]
-        while (item := await outbox.get()) is not None:
-            yield item
+    def oip_stream(channel: grpc.aio.Channel) -> Callable[[], Awaitable[float]]:
+        outbox: asyncio.Queue[oip_pb2.ModelInferRequest | None] = asyncio.Queue()
 
-    async with grpc.aio.insecure_channel(worker) as channel, AsyncClient(ap) as client:
-        direct_call = oip_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests())
-        ap_stream = client.open_stream()
-        ap_request = build_request(TASK, x, deadline_ms=1000, variant=variant)
+        async def requests():  # type: ignore[no-untyped-def]
+            while (item := await outbox.get()) is not None:
+                yield item
 
-        async def direct_once() -> float:
+        call = oip_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests())
+        outboxes.append(outbox)
+
+        async def once() -> float:
             t0 = time.perf_counter()
             outbox.put_nowait(template)
-            reply = await direct_call.read()
+            reply = await call.read()
             assert not reply.error_message, reply.error_message
             return (time.perf_counter() - t0) * 1000
+
+        return once
+
+    outboxes: list[asyncio.Queue[oip_pb2.ModelInferRequest | None]] = []
+    async with contextlib.AsyncExitStack() as stack:
+        direct_once = oip_stream(await stack.enter_async_context(grpc.aio.insecure_channel(worker)))
+        nginx_once = None
+        if nginx is not None:
+            nginx_once = oip_stream(await stack.enter_async_context(grpc.aio.insecure_channel(nginx)))
+        client = await stack.enter_async_context(AsyncClient(ap))
+        ap_stream = client.open_stream()
+        ap_request = build_request(TASK, x, deadline_ms=1000, variant=variant)
 
         async def ap_once() -> float:
             t0 = time.perf_counter()
@@ -132,16 +291,21 @@ async def one_in_flight_streams(
 
         for _ in range(200):
             await direct_once()
+            if nginx_once is not None:
+                await nginx_once()
             await ap_once()
         for _ in range(rounds):
             direct += [await direct_once() for _ in range(per_round)]
+            if nginx_once is not None:
+                via_nginx += [await nginx_once() for _ in range(per_round)]
             via_ap += [await ap_once() for _ in range(per_round)]
-        outbox.put_nowait(None)
+        for outbox in outboxes:
+            outbox.put_nowait(None)
         await ap_stream.done_writing()
         ap_stream.cancel()
     d50, d99 = percentiles(direct)
     a50, a99 = percentiles(via_ap)
-    return {
+    result = {
         "stream_direct_p50_ms": d50,
         "stream_direct_p99_ms": d99,
         "stream_ap_p50_ms": a50,
@@ -149,6 +313,9 @@ async def one_in_flight_streams(
         "stream_added_p50_ms": round(a50 - d50, 3),
         "stream_added_p99_ms": round(a99 - d99, 3),
     }
+    if via_nginx:
+        result.update(_added("stream_nginx", via_nginx, d50, d99))
+    return result
 
 
 async def _open_loop(
@@ -286,6 +453,22 @@ async def direct_step(
     return _step(rate, sent, ok, latencies, elapsed)
 
 
+def format_added(latency: dict[str, float]) -> str:
+    """The latency each hop adds to a direct call, side by side: the AP and nginx."""
+    lines = ["added to a direct call, ms:      p50      p99"]
+    for label, prefix in (
+        ("AP, unary", "added"),
+        ("nginx, unary", "nginx_added"),
+        ("nginx, unary, no keepalive", "nginx_fresh_added"),
+        ("AP, stream", "stream_added"),
+        ("nginx, stream", "stream_nginx_added"),
+    ):
+        if f"{prefix}_p50_ms" in latency:
+            p50, p99 = latency[f"{prefix}_p50_ms"], latency[f"{prefix}_p99_ms"]
+            lines.append(f"  {label:28s} {p50:7.3f}  {p99:7.3f}")
+    return "\n".join(lines)
+
+
 def max_rate(steps: list[Step]) -> float:
     passing = [s.offered_qps for s in steps if s.ok_ratio >= OK_TARGET]
     return max(passing) if passing else 0.0
@@ -330,12 +513,24 @@ def main(args: argparse.Namespace) -> int:
             for wid, addr in workers.items()
         }
         wait_for_workers(ap, ap_child, worker_children, timeout_s=60)
-        print(f"one request in flight ({rounds} rounds of {per_round} per path, {variant}):", flush=True)
         first_worker = next(iter(workers.values()))
-        latency = one_in_flight(ap, first_worker, variant, x, rounds, per_round)
-        latency.update(asyncio.run(one_in_flight_streams(ap, first_worker, variant, x, rounds, per_round)))
+        nginx_bin = nginx_binary()
+        with contextlib.ExitStack() as stack:
+            nginx = None
+            proxies = {}
+            if nginx_bin is None:
+                print("nginx: no binary (apt-get install nginx): the nginx path is skipped", flush=True)
+            else:
+                nginx, fresh = stack.enter_context(nginx_proxy(nginx_bin, first_worker, run_dir))
+                proxies = {"nginx": nginx, "nginx_fresh": fresh}
+            print(f"one request in flight ({rounds} rounds of {per_round} per path, {variant}):", flush=True)
+            latency = one_in_flight(ap, first_worker, variant, x, rounds, per_round, proxies)
+            latency.update(
+                asyncio.run(one_in_flight_streams(ap, first_worker, variant, x, rounds, per_round, nginx))
+            )
         for key, value in latency.items():
-            print(f"  {key:18s} {value}")
+            print(f"  {key:24s} {value}")
+        print(format_added(latency), flush=True)
         print(f"open-loop ladder ({duration_s:g} s per step, deadline {DEADLINE_MS:g} ms):", flush=True)
         direct_steps = asyncio.run(
             ladder(
@@ -352,6 +547,8 @@ def main(args: argparse.Namespace) -> int:
         children.close()
     result = {
         **latency,
+        # The peer proxy's version, or None when it was skipped.
+        "nginx": nginx_version(nginx_bin) if nginx_bin is not None else None,
         "max_qps": max_rate(ap_steps),
         "direct_max_qps": max_rate(direct_steps),
         "ok_target": OK_TARGET,
