@@ -272,8 +272,10 @@ def _check_worker(docs: list[Doc], workload: Doc, kind: str, tmp_path: Path) -> 
     # The zoo: built by an init container into the volume the worker reads.
     init = _container(workload, "models")
     assert init["command"][:3] == ["apdispatch", "models", "build"]
-    out = init["command"][init["command"].index("--out") + 1]
-    assert _mounts(init)[out] == "models" and _mounts(container)[str(args.models)] == "models"
+    out = Path(init["command"][init["command"].index("--out") + 1])
+    # Below the volume, not its mount point: the build renames a sibling folder into --out.
+    assert _mounts(init)[str(out.parent)] == "models"
+    assert args.models == out and _mounts(container)[str(out.parent)] == "models"
     # Probes (OIP ServerReady over mutual TLS) and metrics.
     for probe in ("readinessProbe", "livenessProbe"):
         command = container[probe]["exec"]["command"]
