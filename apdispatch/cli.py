@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--out", type=Path, required=True, help="folder for the PEM files")
     certs.add_argument("--hosts", default="", help="comma-separated extra names/IPs for server certificates")
     certs.add_argument("--days", type=int, default=365, help="validity")
+    certs.add_argument(
+        "--workers", default="", help="comma-separated names: a certificate of its own for each worker"
+    )
 
     worker = sub.add_parser("worker", help="run a worker")
     wsub = worker.add_subparsers(dest="kind", required=True)

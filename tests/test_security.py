@@ -134,7 +134,8 @@ async def test_a_good_registration_is_accepted(plain_ap: AccessPoint) -> None:
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     from apdispatch.tools.certs import make_certs
 
-    paths = {k: str(v) for k, v in make_certs(tmp_path_factory.mktemp("certs")).items()}
+    made = make_certs(tmp_path_factory.mktemp("certs"), workers=["edge-a", "edge-b"])
+    paths = {k: str(v) for k, v in made.items()}
     # A second CA: its certificates look right and are signed by a stranger.
     for k, v in make_certs(tmp_path_factory.mktemp("other")).items():
         paths[f"other-{k}"] = str(v)
@@ -435,3 +436,22 @@ def test_a_bad_tokens_file_names_the_key(tmp_path: Path, text: str, key: str) ->
     path.write_text(text)
     with pytest.raises(ConfigError, match=key):
         load_config(tokens_file=str(path))
+
+
+async def test_a_worker_certificate_of_its_own_owns_its_ids(certs: dict[str, str]) -> None:
+    # `apdispatch certs --workers edge-a,edge-b`: two identities, where the shared
+    # worker.pem would make every worker the same one.
+    async with running_ap(tls_cert=certs["ap"], tls_key=certs["ap-key"], tls_ca=certs["ca"]) as ap:
+        async with (
+            aio_channel(ap.address, _tls(certs, "worker-edge-a")) as a,
+            aio_channel(ap.address, _tls(certs, "worker-edge-b")) as b,
+        ):
+            owner, impostor = pb_grpc.RegistryStub(a), pb_grpc.RegistryStub(b)
+            assert await _code(owner.Register(_registration("edge-a", "127.0.0.1:7001"), timeout=5)) == OK
+            hijack = _registration("edge-a", "127.0.0.1:6666")
+            assert await _code(impostor.Register(hijack, timeout=5)) == PERMISSION_DENIED
+            beat = pb.HeartbeatRequest(worker_id="edge-a")
+            assert await _code(impostor.Heartbeat(beat, timeout=5)) == PERMISSION_DENIED
+            assert await _code(owner.Heartbeat(beat, timeout=5)) == OK
+        worker = ap.registry.get("edge-a")
+        assert worker is not None and worker.address == "127.0.0.1:7001"

@@ -7,6 +7,9 @@ Writes into ``--out``:
   certificate for the AP's mutual TLS to its workers;
 - ``worker.pem`` / ``worker-key.pem``: a worker's certificate, server (it serves
   OIP to the AP) and client (it calls the AP's Registry);
+- ``worker-NAME.pem`` / ``worker-NAME-key.pem`` for each ``--workers`` NAME: one
+  worker's own certificate (CN apdispatch-worker-NAME, NAME among its hosts),
+  so that each worker is an identity of its own and owns the ids it registers;
 - ``operator.pem`` / ``operator-key.pem``: for ListWorkers;
 - ``client.pem`` / ``client-key.pem``: for applications when the AP asks every
   caller for a certificate (``tls_ca`` set).
@@ -69,7 +72,9 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def make_certs(out: Path, hosts: Sequence[str] = (), days: int = 365) -> dict[str, Path]:
+def make_certs(
+    out: Path, hosts: Sequence[str] = (), days: int = 365, workers: Sequence[str] = ()
+) -> dict[str, Path]:
     """Write the CA and every certificate into ``out``; returns the paths by name."""
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
@@ -115,6 +120,8 @@ def make_certs(out: Path, hosts: Sequence[str] = (), days: int = 365) -> dict[st
         "operator": ("apdispatch-operator", "operator", [ExtendedKeyUsageOID.CLIENT_AUTH], []),
         "client": ("apdispatch-client", "client", [ExtendedKeyUsageOID.CLIENT_AUTH], []),
     }
+    for worker in workers:
+        leaves[f"worker-{worker}"] = (f"apdispatch-worker-{worker}", "worker", both, [*server_hosts, worker])
     for leaf, (common_name, role, usages, san_hosts) in leaves.items():
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
@@ -143,7 +150,8 @@ def make_certs(out: Path, hosts: Sequence[str] = (), days: int = 365) -> dict[st
 
 def main(args: argparse.Namespace) -> int:
     hosts = [h.strip() for h in (args.hosts or "").split(",") if h.strip()]
-    paths = make_certs(Path(args.out), hosts, days=args.days)
+    workers = [w.strip() for w in (getattr(args, "workers", "") or "").split(",") if w.strip()]
+    paths = make_certs(Path(args.out), hosts, days=args.days, workers=workers)
     for name, path in paths.items():
         print(f"{name:14} {path}")
     return 0
