@@ -76,6 +76,45 @@ def _worker_parser(sub: argparse._SubParsersAction, kind: str) -> argparse.Argum
     return p
 
 
+def _register_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "register",
+        help="register any Open Inference Protocol server (MLServer, Triton, ...) with the AP, "
+        "heartbeat on its behalf, deregister on SIGTERM",
+    )
+    p.add_argument("--ap", required=True, help="AP address to register with (host:port)")
+    p.add_argument("--address", required=True, help="the OIP server's gRPC address, as the AP reaches it")
+    p.add_argument("--variants", required=True, help="comma-separated model names the server serves")
+    p.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="model zoo folder (its manifest)")
+    p.add_argument("--kind", dest="worker_kind", default="edge", choices=["edge", "cloud"])
+    p.add_argument("--cluster", default="default")
+    p.add_argument("--slots", type=int, default=1, help="requests the server runs at once")
+    p.add_argument("--max-batch-size", type=int, default=8, help="rows one request may carry")
+    p.add_argument("--worker-id", default=None, help="default: oip-CLUSTER-ADDRESS")
+    p.add_argument(
+        "--streaming",
+        action="store_true",
+        help="the server takes Triton's ModelStreamInfer, one reply per request (default: unary calls)",
+    )
+    p.add_argument("--task", default=None, help="a model not in the manifest: its task")
+    p.add_argument("--accuracy", type=float, default=None, help="a model not in the manifest: its accuracy")
+    p.add_argument(
+        "--latency-ms",
+        type=float,
+        default=None,
+        help="one execution at batch 1 (default: the manifest's; needed for a model not in it)",
+    )
+    p.add_argument("--heartbeat-s", type=float, default=1.0)
+    p.add_argument("--wait-s", type=float, default=60.0, help="how long to wait for the server to be ready")
+    p.add_argument("--shutdown-grace-s", type=float, default=5.0)
+    p.add_argument("--ap-token", default=None, help="a worker token of the AP's tokens file")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate shown to the AP")
+    p.add_argument("--tls-key", default=None, help="PEM key of --tls-cert")
+    p.add_argument("--tls-ca", default=None, help="PEM CA that signed the AP's certificate: TLS to the AP")
+    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-format", default="json", choices=["json", "console"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="apdispatch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     wsub = worker.add_subparsers(dest="kind", required=True)
     _worker_parser(wsub, "edge")
     _worker_parser(wsub, "cloud")
+    _register_parser(wsub)
 
     models = sub.add_parser("models", help="the model zoo")
     msub = models.add_subparsers(dest="action", required=True)
@@ -341,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
         from apdispatch.ap.server import main as serve_main
 
         return serve_main(args)
+    if args.command == "worker" and args.kind == "register":
+        from workers.register_command import main as register_main
+
+        return register_main(args)
     if args.command == "worker":
         from workers.server import main as worker_main
 
