@@ -24,6 +24,7 @@ from apdispatch.ap.config import APConfig, ConfigError, load_config
 from apdispatch.ap.dispatcher import Dispatcher
 from apdispatch.ap.forwarder import Forwarder
 from apdispatch.ap.metrics import Stats
+from apdispatch.ap.oip_front import OIPServicer, add_oip_to_server
 from apdispatch.ap.overload import Overload
 from apdispatch.ap.servicers import DispatcherServicer, RegistryServicer, add_dispatcher_to_server
 from apdispatch.common.lifecycle import Lifecycle
@@ -41,7 +42,12 @@ from apdispatch.routing.registry import Registry, Worker
 # from the first step of a drain. Readiness does not wait for a worker: the
 # workers register through the AP's address (a Kubernetes Service only routes
 # to ready pods), and an AP without workers answers, with rejections.
-HEALTH_SERVICES = ("", "apdispatch.v1.Dispatcher", "apdispatch.v1.Registry")
+HEALTH_SERVICES = (
+    "",
+    "apdispatch.v1.Dispatcher",
+    "apdispatch.v1.Registry",
+    "inference.GRPCInferenceService",
+)
 
 
 def reflected_services() -> list[str]:
@@ -97,6 +103,9 @@ class AccessPoint:
         )
         self.dispatcher_servicer = DispatcherServicer(self.dispatcher, self.overload)
         add_dispatcher_to_server(self.dispatcher_servicer, self.server)
+        # The Open Inference Protocol over the same data plane: tritonclient works unchanged.
+        self.oip_servicer = OIPServicer(self.dispatcher, self.registry, self.overload, self.gate)
+        add_oip_to_server(self.oip_servicer, self.server)
         # grpc.health.v1: "" (the AP as a whole) and each of its services.
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -153,6 +162,7 @@ class AccessPoint:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.dispatcher.draining = True
         self.dispatcher_servicer.drain()
+        self.oip_servicer.drain()
         await self._cancel_background()
         await self.server.stop(grace_s)
 
