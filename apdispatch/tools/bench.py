@@ -62,6 +62,8 @@ error_log {run}/nginx-error.log warn;
 events {{ worker_connections 256; }}
 http {{
     access_log off;
+    # A stream's messages add up to one request body: no cap on its size.
+    client_max_body_size 0;
     client_body_temp_path {run}/nginx-tmp/body;
     proxy_temp_path {run}/nginx-tmp/proxy;
     fastcgi_temp_path {run}/nginx-tmp/fastcgi;
