@@ -165,6 +165,8 @@ async def test_reflection_lists_describes_and_calls(models_dir: Path) -> None:
         for service in expected:
             assert service in listed
         assert "grpc.reflection.v1alpha.ServerReflection" in listed
+        for service in expected:  # each listed service's descriptor is there too
+            assert f"{service} is a service:" in await ok("-plaintext", ap.address, "describe", service)
 
         described = await ok("-plaintext", ap.address, "describe", "apdispatch.v1.Dispatcher")
         assert "rpc Infer ( .apdispatch.v1.InferRequest ) returns ( .apdispatch.v1.InferResponse )" in (
