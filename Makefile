@@ -27,7 +27,15 @@ models: $(MODELS)/manifest.json
 demo: models
 	$(BIN)/apdispatch demo $(SCENARIO) --models $(MODELS) --policies static,learned --duration 16
 
-test: models
+# What the tests drive that pip does not carry: Debian's prometheus (with promtool),
+# installed when missing and this runs as root; tests/test_metrics.py skips without it.
+.PHONY: tools
+tools:
+	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } || \
+		echo "prometheus is missing: tests/test_metrics.py will skip"
+
+test: models tools
 	APDISPATCH_MODELS=$(MODELS) $(BIN)/pytest
 
 # Generated hostile requests through both APIs of a live AP (tests/test_fuzz.py):

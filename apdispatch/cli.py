@@ -69,6 +69,7 @@ def _worker_parser(sub: argparse._SubParsersAction, kind: str) -> argparse.Argum
     p.add_argument("--tls-key", default=None, help="PEM key of --tls-cert")
     p.add_argument("--tls-ca", default=None, help="PEM CA: mutual TLS with the AP, both ways")
     p.add_argument("--ap-token", default=None, help="a worker token of the AP's tokens file")
+    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (default 0: none)")
     if kind == "cloud":
         p.add_argument("--max-batch-size", type=int, default=8)
         p.add_argument("--max-wait-ms", type=float, default=2.0)
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", default=None, help="PEM key of --tls-cert")
     serve.add_argument("--tls-ca", default=None, help="PEM CA: every caller presents a certificate it signed")
     serve.add_argument("--tokens-file", default=None, help="TOML bearer tokens: apps, workers, operators")
+    serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (0: none)")
 
     certs = sub.add_parser("certs", help="write a development CA and certificates (AP, worker, ...)")
     certs.add_argument("--out", type=Path, required=True, help="folder for the PEM files")

@@ -41,3 +41,4 @@ class WorkerConfig:
     tls_key: str = ""
     tls_ca: str = ""
     ap_token: str = ""
+    metrics_port: int = 0  # Prometheus /metrics on this port, on the listen address's host; 0: none

@@ -44,6 +44,7 @@ from apdispatch.common.protocol import oip_pb2_grpc as pb_grpc
 from apdispatch.common.tls import TLSFiles
 from workers.codec import Model
 from workers.config import WorkerConfig
+from workers.metrics import MetricsHTTP, WorkerMetrics
 from workers.registration import Announced, Registrar, register_request
 from workers.runtime import DirectScheduler, Runtime, Scheduler, Slots, parse_service_times
 from workers.servicer import InferenceServicer
@@ -107,6 +108,10 @@ class Worker:
         self.registrar: Registrar | None = None
         self._server: grpc.aio.Server | None = None
         self._servicer: InferenceServicer | None = None
+        # Prometheus /metrics (metrics_port; 0: none), from a registry of this worker's own.
+        self.metrics = WorkerMetrics() if config.metrics_port else None
+        self._metrics_http: MetricsHTTP | None = None
+        self.metrics_address = ""
         self.health = health.aio.HealthServicer()
         self._stopping = False
         self._closing = False
@@ -201,6 +206,11 @@ class Worker:
         servicer = InferenceServicer(self.models, self.log, link_delay_ms=config.link_delay_ms)
         server = grpc.aio.server(options=list(GRPC_OPTIONS))
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        if self.metrics is not None:
+            self.metrics.watch(slots, self.models, lambda: servicer.ready)
+            servicer.metrics = self.metrics
+            self._metrics_http = MetricsHTTP(self.metrics.registry, host, config.metrics_port)
+            self.metrics_address = self._metrics_http.start()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
@@ -341,6 +351,8 @@ class Worker:
             model.runtime.unload()
         if self.slots is not None:
             self.slots.close()
+        if self._metrics_http is not None:
+            self._metrics_http.stop()
         self.log.info("stopped", graceful=not self._cut)
         self._stopped.set()
 
@@ -372,6 +384,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         tls_key=getattr(args, "tls_key", None) or "",
         tls_ca=getattr(args, "tls_ca", None) or "",
         ap_token=getattr(args, "ap_token", None) or "",
+        metrics_port=getattr(args, "metrics_port", 0) or 0,
         shutdown_grace_s=(
             defaults.shutdown_grace_s
             if getattr(args, "shutdown_grace_s", None) is None

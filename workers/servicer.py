@@ -19,6 +19,7 @@ from apdispatch.common.errors import ApdispatchError, NotFoundError
 from apdispatch.common.protocol import oip_pb2 as pb
 from apdispatch.common.protocol import oip_pb2_grpc as pb_grpc
 from workers.codec import MODEL_VERSION, Model
+from workers.metrics import WorkerMetrics
 
 SERVER_NAME = "apdispatch-worker"
 EXTENSIONS = ("parameters", "model_stream_infer")
@@ -42,6 +43,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.log = log
         self.half_delay_s = max(0.0, link_delay_ms) / 2e3
         self.ready = False  # set once serving, cleared when draining
+        self.metrics: WorkerMetrics | None = None  # told of every inference request when set
 
     # Health and metadata ------------------------------------------------
 
@@ -88,10 +90,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return model
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
-        model = self._model(request.model_name, request.model_version)
-        inputs, rows = model.decode(request)
-        picked = model.requested_outputs(request)
-        result = await model.scheduler.infer(inputs, rows, deadline)
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.started()
+        try:
+            model = self._model(request.model_name, request.model_version)
+            inputs, rows = model.decode(request)
+            picked = model.requested_outputs(request)
+            result = await model.scheduler.infer(inputs, rows, deadline)
+        except BaseException as exc:
+            if metrics is not None:
+                metrics.failed(request.model_name, exc)
+            raise
+        if metrics is not None:
+            metrics.served(model.name, result)
         # A no-op unless the level is debug: nothing above debug per request.
         self.log.debug(
             "served",

@@ -214,7 +214,7 @@ class Gate:
         bucket = self._buckets.get(entry.name)
         if bucket is not None and not bucket.take():
             if self._stats is not None:
-                self._stats.record(Outcome.REJECTED, entry.name, 0.0)
+                self._stats.record(Outcome.REJECTED, entry.name, 0.0, error="rate limit")
             return RejectedError(
                 f"app {entry.name!r} is over its rate limit of {bucket.rate:g} requests/s",
                 request_id=request.request_id,

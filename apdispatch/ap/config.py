@@ -73,6 +73,8 @@ class APConfig:
     log_level: str = "info"
     log_format: str = "json"
     summary_interval_s: float = 10.0
+    # Prometheus /metrics on this port, on the listen address's host (docs/operations.md, "Metrics"); 0: none.
+    metrics_port: int = 0
     shutdown_grace_s: float = 5.0
     # Learned policies only. "" starts from the policy's shipped checkpoint and
     # writes nothing; a path is loaded when it exists (else the shipped one is
@@ -114,6 +116,8 @@ class APConfig:
             raise ConfigError(f"outlier_{exc}") from None
         if self.log_format not in ("json", "console"):
             raise ConfigError("log_format: must be 'json' or 'console'")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError("metrics_port: must be a port number, or 0 for none")
         if self.summary_interval_s <= 0:
             raise ConfigError("summary_interval_s: must be > 0")
         if self.checkpoint_interval_s <= 0:

@@ -229,6 +229,12 @@ class Dispatcher:
         else:
             network_ms = max(0.0, (now - result.sent_at) * 1000.0 - result.queue_ms - result.compute_ms)
             self.router.learn(flight.decision, network_ms, result.compute_ms)
+            decision = flight.decision
+            self.stats.estimated(
+                decision.target.worker.cluster,
+                decision.chosen.predicted_ms,
+                (now - decision.view.now_s) * 1000.0,
+            )
             if late:
                 outcome = Outcome.LATE
             elif flight.decision.target.variant.accuracy < flight.request.sla.min_accuracy:
@@ -357,7 +363,8 @@ class Dispatcher:
         error: str = "",
     ) -> pb.InferResponse:
         """Count the outcome and build the reply (outputs are added by the caller)."""
-        self.stats.record(outcome, request.app, total_ms, target.key if target else None)
+        key = target.key if target else None
+        self.stats.record(outcome, request.app, total_ms, key, request.sla.deadline_ms, error)
         if self._debug:
             self._log.debug(
                 "request",

@@ -1,8 +1,16 @@
-"""Outcome counters and latency samples, owned by one AP instance (no globals)."""
+"""Outcome counters and latency samples, owned by one AP instance (no globals).
+
+Besides the summary window, :class:`Stats` keeps what the Prometheus endpoint
+(:mod:`apdispatch.ap.prom`) reads at scrape time: per app, a latency histogram
+and the deadlines asked for; rejections by reason; per target, the decisions;
+per worker, ejections; the estimator's error. Each is a counter or a bucket
+increment on the request path: the exposition work happens at scrape time.
+"""
 
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,12 +18,64 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from apdispatch.ap.validate import valid_app
-from apdispatch.common.outcomes import OUTCOMES, Outcome
+from apdispatch.common.outcomes import OUTCOMES, SERVED, Outcome
 
 # Apps counted by name; the rest, and names that are not valid app names, are
 # counted together under OTHER_APPS, so that clients cannot grow the table.
 MAX_APPS = 1000
 OTHER_APPS = "(other)"
+# Targets and workers are counted by name up to the same bound (workers come and go).
+MAX_TARGETS = MAX_APPS
+
+# Upper bounds (ms) of the latency buckets: fine around the deadlines of
+# inference SLAs (tens of ms), coarse beyond a second.
+LATENCY_BOUNDS_MS: tuple[float, ...] = (
+    0.5, 1, 2, 5, 10, 15, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000, 2500, 5000, 10000,
+)  # fmt: skip
+# The estimator's error (reply time minus prediction, ms): signed, symmetric.
+ERROR_BOUNDS_MS: tuple[float, ...] = (
+    -100, -50, -20, -10, -5, -2, -1, -0.5, 0, 0.5, 1, 2, 5, 10, 20, 50, 100,
+)  # fmt: skip
+
+# Why a request was rejected, told apart by the start of its error message
+# (written in apdispatch.routing.router, apdispatch.ap.dispatcher and apdispatch.ap.auth).
+REJECTION_REASONS: tuple[tuple[str, str], ...] = (
+    ("sla.deadline_ms", "deadline"),  # no target predicted to meet the deadline
+    ("sla.min_accuracy", "accuracy"),  # no variant accurate enough
+    ("AP overloaded", "overload"),  # over the in-flight limit
+    ("rate limit", "rate_limit"),  # the app's token bucket is empty
+)
+
+
+def rejection_reason(error: str) -> str:
+    for start, reason in REJECTION_REASONS:
+        if error.startswith(start):
+            return reason
+    return "other"
+
+
+class Histogram:
+    """Counts per bucket (not cumulative; the last one is +Inf) and the sum of what was observed."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # bisect_left: a value equal to a bound falls in that bound's bucket (Prometheus' "le").
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+@dataclass(slots=True)
+class AppLatency:
+    """One app's served requests: their latency, and the deadlines they asked for (ms)."""
+
+    latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BOUNDS_MS))
+    deadline_sum: float = 0.0
 
 
 @dataclass(slots=True)
@@ -36,10 +96,25 @@ class Stats:
         # Replies read from streams and not yet handed to gRPC, over all streams.
         self.stream_pending = 0
         self.stream_pending_peak = 0
+        # Requests answered, by the target that answered (the policy's decision).
         self.by_target: Counter[str] = Counter()
+        # Per app (the same names as by_app), its served requests' latency and deadlines.
+        self.latency_by_app: dict[str, AppLatency] = {}
+        self.rejections: Counter[str] = Counter()
+        self.ejections: Counter[str] = Counter()  # by worker id
+        # Per cluster, a served reply's time from decision to reply minus the prediction.
+        self.estimate_error: dict[str, Histogram] = {}
         self._window = Window(started=clock())
 
-    def record(self, outcome: Outcome, app: str, latency_ms: float, target: str | None = None) -> None:
+    def record(
+        self,
+        outcome: Outcome,
+        app: str,
+        latency_ms: float,
+        target: str | None = None,
+        deadline_ms: float = 0.0,
+        error: str = "",
+    ) -> None:
         self.totals[outcome] += 1
         app_counts = self.by_app.get(app)
         if app_counts is None:
@@ -49,10 +124,36 @@ class Stats:
             if app_counts is None:
                 app_counts = self.by_app[app] = Counter()
         app_counts[outcome] += 1
+        if outcome in SERVED:
+            served = self.latency_by_app.get(app)
+            if served is None:
+                served = self.latency_by_app[app] = AppLatency()
+            served.latency.observe(latency_ms)
+            served.deadline_sum += deadline_ms
+        elif outcome == Outcome.REJECTED:
+            self.rejections[rejection_reason(error)] += 1
         if target is not None:
+            if target not in self.by_target and len(self.by_target) >= MAX_TARGETS:
+                target = OTHER_APPS
             self.by_target[target] += 1
         self._window.outcomes[outcome] += 1
         self._window.latencies_ms.append(latency_ms)
+
+    def estimated(self, cluster: str, predicted_ms: float, actual_ms: float) -> None:
+        """A served reply came ``actual_ms`` after its decision, which predicted ``predicted_ms``."""
+        histogram = self.estimate_error.get(cluster)
+        if histogram is None:
+            if len(self.estimate_error) >= MAX_TARGETS:
+                cluster = OTHER_APPS
+            histogram = self.estimate_error.get(cluster)
+            if histogram is None:
+                histogram = self.estimate_error[cluster] = Histogram(ERROR_BOUNDS_MS)
+        histogram.observe(actual_ms - predicted_ms)
+
+    def ejected(self, worker_id: str) -> None:
+        if worker_id not in self.ejections and len(self.ejections) >= MAX_TARGETS:
+            worker_id = OTHER_APPS
+        self.ejections[worker_id] += 1
 
     def stream_pending_add(self, n: int) -> None:
         self.stream_pending += n

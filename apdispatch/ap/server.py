@@ -26,6 +26,7 @@ from apdispatch.ap.forwarder import Forwarder
 from apdispatch.ap.metrics import Stats
 from apdispatch.ap.oip_front import OIPServicer, add_oip_to_server
 from apdispatch.ap.overload import Overload
+from apdispatch.ap.prom import MetricsServer, ap_registry
 from apdispatch.ap.servicers import DispatcherServicer, RegistryServicer, add_dispatcher_to_server
 from apdispatch.common.lifecycle import Lifecycle
 from apdispatch.common.logs import is_enabled, make_logger
@@ -118,6 +119,10 @@ class AccessPoint:
             self.server,
         )
         self.address = ""
+        # Prometheus /metrics on its own port, from a registry of this AP's own.
+        host, port = config.listen.rsplit(":", 1)[0], config.metrics_port
+        self.metrics = MetricsServer(ap_registry(self), host, port) if port else None
+        self.metrics_address = ""
         self._background: list[asyncio.Task[None]] = []
         self._started = False
 
@@ -134,6 +139,9 @@ class AccessPoint:
         self.address = f"{host}:{port}"
         await self.server.start()
         self._started = True
+        if self.metrics is not None:
+            self.metrics_address = self.metrics.start()
+            self.log.info("metrics", address=self.metrics_address, path="/metrics")
         loop = asyncio.get_running_loop()
         self._background = [
             loop.create_task(self._expire_leases()),
@@ -180,6 +188,8 @@ class AccessPoint:
         await self._cancel_background()
         await self.server.stop(None)  # a no-op once drained
         await self.forwarder.close()
+        if self.metrics is not None:
+            self.metrics.stop()
         # Save first: the learner (a process for the actor-critic) holds the parameters.
         if self._started:
             await self._save_checkpoint()
@@ -314,6 +324,7 @@ def main(args: argparse.Namespace) -> int:
             tls_key=getattr(args, "tls_key", None),
             tls_ca=getattr(args, "tls_ca", None),
             tokens_file=getattr(args, "tokens_file", None),
+            metrics_port=getattr(args, "metrics_port", None),
         )
         if config.policy not in policy_names():
             raise KeyError(f"unknown policy {config.policy!r} (known: {', '.join(policy_names())})")

@@ -286,6 +286,7 @@ class ActorCriticAlgo:
         self.updates = 0  # over the policy's whole life (kept in checkpoints)
         self.session_updates = 0  # since this process loaded it
         self.samples = 0
+        self.loss = math.nan  # the last update's last minibatch loss
 
     def reset_anchor(self) -> None:
         """The policy online learning stays close to: the actor as it is now."""
@@ -346,6 +347,7 @@ class ActorCriticAlgo:
                 loss.backward()
                 nn.utils.clip_grad_norm_(self.model.parameters(), h.max_grad_norm)
                 self.optimizer.step()
+        self.loss = float(loss.item())
         self.updates += 1
         self.session_updates += 1
         self.samples += n

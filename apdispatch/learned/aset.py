@@ -36,7 +36,7 @@ from torch.distributions import Categorical
 
 from apdispatch.learned.actor_critic import compute_gae, init_linear
 from apdispatch.learned.checkpoint import CheckpointedPolicy
-from apdispatch.learned.learner import Learner
+from apdispatch.learned.learner import Learner, RewardMean
 from apdispatch.routing.policy import Candidate, Feedback, Policy, RequestView
 from apdispatch.routing.static import STATIC_POLICIES
 
@@ -204,6 +204,7 @@ class AsetAlgo:
         self.version = 0
         self.updates = 0
         self.samples = 0
+        self.loss = math.nan  # the last update's loss
 
     def snapshot(self) -> AsetSnapshot:
         return AsetSnapshot.of(self.model.actor, self.version)
@@ -234,6 +235,7 @@ class AsetAlgo:
             loss.backward()
             nn.utils.clip_grad_norm_(self.model.parameters(), h.max_grad_norm)
             self.optimizer.step()
+        self.loss = float(loss.item())
         self.updates += 1
         self.samples += len(batch)
         self.version += 1
@@ -316,6 +318,7 @@ class AsetPolicy(CheckpointedPolicy):
             else None
         )
         self.history: list[int] = []  # action per window, for reports
+        self.rewards = RewardMean()  # the windows' rewards
         self._window = self._open(0, np.zeros(N_OBS))
 
     def _publish(self, snapshot: AsetSnapshot) -> None:
@@ -432,7 +435,9 @@ class AsetPolicy(CheckpointedPolicy):
         # for its replies to come back: its reward is known now.
         if self._previous is not None and self.learner is not None:
             p = self._previous
-            self.learner.put(WindowTransition(p.index, p.obs, p.action, p.logits, p.reward()))
+            reward = p.reward()
+            self.rewards.add(reward)
+            self.learner.put(WindowTransition(p.index, p.obs, p.action, p.logits, reward))
         self._previous = done
         self._window = self._open(done.index + 1, obs)
         return self._window
@@ -448,6 +453,16 @@ class AsetPolicy(CheckpointedPolicy):
             **self.algo.config.to_json(),
             "updates": self.algo.updates,
             "samples": self.algo.samples,
+        }
+
+    def telemetry(self) -> dict[str, float]:
+        learner = self.learner
+        return {
+            "reward": self.rewards.mean,
+            "rewards": self.rewards.count,
+            "updates": learner.updates if learner is not None else 0,
+            "dropped": learner.dropped if learner is not None else 0,
+            "loss": self.algo.loss,
         }
 
     def parameters(self) -> dict[str, torch.Tensor]:

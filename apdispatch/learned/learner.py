@@ -40,6 +40,25 @@ QUEUE_LIMIT = 65536
 MAX_DUTY = 0.3
 
 
+# The reward a policy reports (``telemetry``) is the mean of its recent rewards:
+# of every one up to REWARD_SPAN, then weighted exponentially over about that many.
+REWARD_SPAN = 100
+
+
+class RewardMean:
+    """The recent mean of a policy's rewards, and how many there were (read by monitoring)."""
+
+    __slots__ = ("count", "mean")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean = 0.0
+
+    def add(self, reward: float) -> None:
+        self.count += 1
+        self.mean += (reward - self.mean) / min(self.count, REWARD_SPAN)
+
+
 class Algorithm(Protocol[T, S_co]):
     batch_size: int
 

@@ -28,7 +28,7 @@ from apdispatch.learned.actor_critic import (
 )
 from apdispatch.learned.checkpoint import CheckpointedPolicy
 from apdispatch.learned.features import FEATURES, Margins, candidate_features, risky_mask, screen
-from apdispatch.learned.learner import Learner
+from apdispatch.learned.learner import Learner, RewardMean
 from apdispatch.learned.process import ProcessLearner
 from apdispatch.learned.reserve import Reservations
 from apdispatch.routing.policy import Candidate, Feedback, RequestView
@@ -71,6 +71,7 @@ class ActorCriticPolicy(CheckpointedPolicy):
         self.reserve = Reservations()
         self._seq = 0
         self._now = 0.0  # the latest decision's clock (``RequestView.now_s``)
+        self.rewards = RewardMean()
         # How many candidates the network scored in the last decision (0 when
         # the masks, or calm, left one): what ``apdispatch bench --decisions``
         # tells the two paths apart by.
@@ -173,7 +174,18 @@ class ActorCriticPolicy(CheckpointedPolicy):
             return
         request, seq, x, action, logits = record
         reward = self.algo.reward(feedback.outcome, feedback.latency_ms, request.deadline_ms)
+        self.rewards.add(reward)
         self.learner.put(Transition(seq, x, action, logits, reward))
+
+    def telemetry(self) -> dict[str, float]:
+        learner = self.learner
+        return {
+            "reward": self.rewards.mean,
+            "rewards": self.rewards.count,
+            "updates": learner.updates if learner is not None else 0,
+            "dropped": learner.dropped if learner is not None else 0,
+            "loss": self.algo.loss,
+        }
 
     def config(self) -> dict[str, Any]:
         # What the checkpoint was made from (the training command...) is kept;

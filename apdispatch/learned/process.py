@@ -160,7 +160,7 @@ class ProcessLearner:
             if kind == "ready":
                 self._ready.set()
             elif kind == "snapshot":
-                (first, hidden, out_w, out_b, version), updates, samples, dropped = msg[1:]
+                (first, hidden, out_w, out_b, version), updates, samples, dropped, loss = msg[1:]
                 snapshot = ActorSnapshot(
                     _frozen(first),
                     tuple((_frozen(w), _frozen(b)) for w, b in hidden),
@@ -169,6 +169,7 @@ class ProcessLearner:
                     version,
                 )
                 self.algo.updates, self.algo.samples, self.dropped = updates, samples, dropped
+                self.algo.loss = loss
                 self.updates += 1
                 self._publish(snapshot)
             elif kind == "saved":
@@ -284,7 +285,7 @@ def _serve(
         except Exception as exc:  # keep learning from the next batches
             conn.send(("error", repr(exc)))
             return True
-        conn.send(("snapshot", _snapshot_arrays(snapshot), algo.updates, algo.samples, dropped))
+        conn.send(("snapshot", _snapshot_arrays(snapshot), algo.updates, algo.samples, dropped, algo.loss))
         return True
 
     conn.send(("ready",))

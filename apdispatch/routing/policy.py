@@ -86,6 +86,10 @@ class Policy(ABC):
         half the requests would look as good as its admitted half.
         """
 
+    def telemetry(self) -> dict[str, float]:
+        """A learning policy's state for monitoring (reward, updates, loss...); read-only, {} here."""
+        return {}
+
     def save(self, path: Path | str) -> Path | None:
         """Write a checkpoint of the parameters to ``path``; None when there is nothing to save."""
         return None
