@@ -212,14 +212,16 @@ async def test_tritonclient_against_the_ap(models_dir: Path, version: str) -> No
     assert out["client_timeout"] == "ok"
     # A gRPC deadline of 150 ms cannot fit a 300 ms request: rejected at once, not sent.
     assert out["short_client_timeout"][0] == "StatusCode.RESOURCE_EXHAUSTED"
+    assert out["short_client_timeout"][1].startswith("parameters.deadline_ms: ")  # as OIP names it
     assert out["no_deadline"][0] == "StatusCode.INVALID_ARGUMENT"
     assert "parameters.deadline_ms" in out["no_deadline"][1]
     assert out["rejected"][0] == "StatusCode.RESOURCE_EXHAUSTED"
-    assert out["unknown"][0] == "StatusCode.NOT_FOUND" and "no-such-model" in out["unknown"][1]
+    assert out["unknown"][0] == "StatusCode.NOT_FOUND"
+    assert out["unknown"][1].startswith("model_name: ") and "no-such-model" in out["unknown"][1]
 
     # One reply per request on the stream: the rejection in error_message, and the stream went on.
     assert out["stream"]["s-0"] == "ok" and out["stream"]["s-2"] == "ok"
-    assert "s-1" not in out["stream"] and out["stream"]["error"]
+    assert "s-1" not in out["stream"] and out["stream"]["error"].startswith("parameters.deadline_ms: ")
     # Counted once each, by the data plane.
     assert served == 4 and rejected == 3
 

@@ -10,7 +10,7 @@ or as typed ``contents``; replies carry every output in
 ``raw_output_contents`` and what the AP did as response parameters.
 
 Conversion failures are :class:`InvalidRequestError` naming the field, as
-validation's are.
+validation's are; :func:`oip_message` names the AP's fields as OIP requests have them.
 """
 
 from __future__ import annotations
@@ -215,6 +215,25 @@ def to_model_infer_response(
     )
 
 
+# The AP's request fields as an OIP request names them, for the messages of errors.
+_OIP_FIELDS = {
+    "sla.deadline_ms": "parameters.deadline_ms",
+    "sla.min_accuracy": "parameters.min_accuracy",
+    "sla": "parameters",
+    "task": "model_name",
+    "variant": "parameters.variant",
+    "app": "parameters.app",
+    "request_id": "id",
+}
+
+
+def oip_message(message: str) -> str:
+    """An error message (``field: problem``) naming the field as the OIP request has it."""
+    field, sep, problem = message.partition(": ")
+    renamed = _OIP_FIELDS.get(field)
+    return f"{renamed}: {problem}" if sep and renamed else message
+
+
 def to_stream_error(exc: ApdispatchError, request: oip.ModelInferRequest) -> oip.ModelStreamInferResponse:
     """A stream's reply for a request that ended in an error status: the stream goes on.
 
@@ -224,7 +243,7 @@ def to_stream_error(exc: ApdispatchError, request: oip.ModelInferRequest) -> oip
     code = exc.code
     outcome = Outcome.REJECTED if code.name == "RESOURCE_EXHAUSTED" else Outcome.FAILED
     return oip.ModelStreamInferResponse(
-        error_message=exc.message,
+        error_message=oip_message(exc.message),
         infer_response=oip.ModelInferResponse(
             model_name=request.model_name[:128],
             id=exc.request_id or request.id[:128],

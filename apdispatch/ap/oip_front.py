@@ -27,6 +27,7 @@ from apdispatch.ap.dispatcher import Dispatcher
 from apdispatch.ap.oip_codec import (
     MODEL_VERSION,
     model_metadata,
+    oip_message,
     to_infer_request,
     to_model_infer_response,
     to_stream_error,
@@ -74,6 +75,9 @@ class OIPServicer(oip_grpc.GRPCInferenceServiceServicer):
         self._overload = overload
         self._gate = gate or Gate(None, mtls=False)
         self._draining = asyncio.Event()
+        # Per task, rebuilt when the registry's workers change.
+        self._outputs_of: dict[str, list[TensorSpec]] = {}
+        self._outputs_version = -1
 
     def drain(self) -> None:
         """Open streams stop being read, answer what they took, and end with UNAVAILABLE."""
@@ -92,7 +96,7 @@ class OIPServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     @staticmethod
     async def _abort(context: grpc.aio.ServicerContext, exc: ApdispatchError) -> NoReturn:
-        await context.abort(exc.code, exc.message)
+        await context.abort(exc.code, oip_message(exc.message))
         raise AssertionError("abort returned") from exc
 
     @property
@@ -101,11 +105,19 @@ class OIPServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     def _outputs(self, task: str) -> list[TensorSpec]:
         """The task's outputs over the variants serving it, each name once, in the order first seen."""
-        seen: dict[str, TensorSpec] = {}
-        for target in self._registry.all_targets(task):
-            for spec in target.variant.outputs:
-                seen.setdefault(spec.name, spec)
-        return list(seen.values())
+        if self._outputs_version != self._registry.version:
+            self._outputs_of.clear()
+            self._outputs_version = self._registry.version
+        outputs = self._outputs_of.get(task)
+        if outputs is None:
+            seen: dict[str, TensorSpec] = {}
+            for target in self._registry.all_targets(task):
+                for spec in target.variant.outputs:
+                    seen.setdefault(spec.name, spec)
+            outputs = list(seen.values())
+            if outputs:  # known tasks only: a client's made-up names are not kept
+                self._outputs_of[task] = outputs
+        return outputs
 
     def _convert(
         self,
