@@ -190,7 +190,6 @@ async def test_tritonclient_against_the_ap(models_dir: Path, version: str) -> No
         stdout, stderr = await asyncio.wait_for(proc.communicate(), WAIT_S * 2)
         assert proc.returncode == 0, stderr.decode()
         out = json.loads(stdout.decode().strip().splitlines()[-1])
-        # Served twice (the SLA, the client timeout), then three on the stream, one rejected there.
         served, rejected = ap.stats.totals[Outcome.OK], ap.stats.totals[Outcome.REJECTED]
 
     assert out["version"] == version
@@ -222,7 +221,8 @@ async def test_tritonclient_against_the_ap(models_dir: Path, version: str) -> No
     # One reply per request on the stream: the rejection in error_message, and the stream went on.
     assert out["stream"]["s-0"] == "ok" and out["stream"]["s-2"] == "ok"
     assert "s-1" not in out["stream"] and out["stream"]["error"].startswith("parameters.deadline_ms: ")
-    # Counted once each, by the data plane.
+    # Counted once each, by the data plane: served with parameters, with client_timeout and twice on
+    # the stream; rejected for the short client timeout, the 1 ms budget and once on the stream.
     assert served == 4 and rejected == 3
 
 
