@@ -81,9 +81,10 @@ def k6_plan(scenario: Scenario, models: Path, seed: int) -> dict[str, Any]:
     samples = load_samples(models, {a.task for a in scenario.apps})
     apps = []
     for app, per_second in zip(scenario.apps, rates, strict=True):
-        # Each virtual user holds one call at a time: enough for the peak second's
-        # calls to be in flight for a deadline each, and room to grow.
-        vus = max(2, math.ceil(max(per_second) * (app.deadline_ms + 50.0) / 1000.0) + 2)
+        # Each virtual user holds one call at a time: twice what the peak second
+        # keeps in flight for a deadline each, ready before the start (a user
+        # made during the run costs k6 time), and room to grow when replies lag.
+        vus = max(4, math.ceil(2 * max(per_second) * (app.deadline_ms + 50.0) / 1000.0))
         apps.append(
             {
                 "name": app.name,
@@ -95,7 +96,7 @@ def k6_plan(scenario: Scenario, models: Path, seed: int) -> dict[str, Any]:
                 "queries": sum(per_second),
                 "rates": per_second,
                 "vus": vus,
-                "max_vus": 4 * vus,
+                "max_vus": 10 * vus,
             }
         )
     inputs = {
