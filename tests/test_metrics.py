@@ -30,10 +30,22 @@ import pytest
 import yaml
 from live_ap import APThread, sample
 
+from apdispatch.ap.auth import APP, Gate, TokenEntry, Tokens
 from apdispatch.ap.config import APConfig
-from apdispatch.ap.metrics import MAX_APPS, OTHER_APPS, Stats, rejection_reason
+from apdispatch.ap.dispatcher import Dispatcher
+from apdispatch.ap.forwarder import Forwarder
+from apdispatch.ap.metrics import OTHER_APPS, Stats, rejection_reason
+from apdispatch.ap.overload import ConcurrencyLimit, OverloadConfig
 from apdispatch.client import Client, StreamRequest
+from apdispatch.common.errors import RejectedError
+from apdispatch.common.logs import make_logger
 from apdispatch.common.outcomes import Outcome
+from apdispatch.common.protocol import dispatcher_pb2 as pb
+from apdispatch.policies import make_policy
+from apdispatch.routing.estimator import LatencyEstimator
+from apdispatch.routing.policy import RequestView
+from apdispatch.routing.registry import Registry, Target, VariantInfo, Worker
+from apdispatch.routing.router import admit, build_candidates
 from apdispatch.tools.processes import ChildError, Children, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -330,26 +342,62 @@ def test_promtool_accepts_the_shipped_prometheus_config() -> None:
 
 
 @pytest.mark.unit
-def test_rejection_reasons_follow_the_messages() -> None:
-    assert rejection_reason("sla.deadline_ms: every predicted completion is past the deadline") == "deadline"
-    assert rejection_reason("sla.min_accuracy: no variant of 'digits' reaches 0.9999") == "accuracy"
-    assert rejection_reason("AP overloaded: 16 requests in flight, its limit now") == "overload"
-    assert rejection_reason("rate limit") == "rate_limit"
+def test_rejections_are_counted_by_reason_from_each_place_that_rejects() -> None:
+    """Overload (the dispatcher's limit), rate limit (the gate), SLA (admission): each its own reason."""
+    stats = Stats()
+    log = make_logger("error")
+    limit = ConcurrencyLimit(OverloadConfig(max_in_flight=1, min_in_flight=1))
+    limit.in_flight = 1  # full: the next request is shed
+    forwarder = Forwarder("stream", log)
+    dispatcher = Dispatcher(
+        APConfig(),
+        Registry(5.0),
+        LatencyEstimator(),
+        make_policy("fastest"),
+        forwarder,
+        stats,
+        log,
+        limit=limit,
+    )
+    replies: list[object] = []
+    dispatcher.submit(pb.InferRequest(task="digits", app="a"), time.monotonic(), replies.append)
+    assert isinstance(replies[0], RejectedError)
+    assert stats.rejections == {"overload": 1}
+
+    gate = Gate(Tokens({"t": TokenEntry(APP, "a", rate=1.0, burst=1.0)}), mtls=False, stats=stats)
+    entry = TokenEntry(APP, "a", rate=1.0, burst=1.0)
+    refusals = [gate.admit(entry, pb.InferRequest(app="a")) for _ in range(3)]
+    assert refusals[0] is None and all(isinstance(r, RejectedError) for r in refusals[1:])
+    assert stats.rejections == {"overload": 1, "rate_limit": 2}
+
+    # Admission's two refusals, with the messages the router really writes.
+    target = Target(
+        Worker("w", "127.0.0.1:1", "c", "edge", 1, 0.0, True, {}, 0.0, pb.RegisterRequest()),
+        VariantInfo("v", "digits", 0.9, 5.0, 5.0, (), (), 1),
+    )
+    estimator = LatencyEstimator()
+    for view, reason in (
+        (RequestView("digits", "a", 1.0, 0.0), "deadline"),
+        (RequestView("digits", "a", 100.0, 0.99), "accuracy"),
+    ):
+        with pytest.raises(RejectedError) as raised:
+            admit(view, [target], build_candidates([target], view.min_accuracy, estimator))
+        assert rejection_reason(raised.value.message) == reason
     assert rejection_reason("something new") == "other"
 
 
 @pytest.mark.unit
 def test_label_values_stay_bounded() -> None:
-    stats = Stats(max_apps=3)
+    stats = Stats(max_apps=3, max_targets=2)
     for i in range(10):
         stats.record(Outcome.OK, f"app{i}", 1.0, target=f"c/w{i}/v", deadline_ms=10.0)
+        stats.estimated(f"cluster{i}", 1.0, 2.0)
         stats.ejected(f"w{i}")
-    assert set(stats.latency_by_app) == {"app0", "app1", "app2", OTHER_APPS}
-    assert (
-        stats.latency_by_app[OTHER_APPS].latency.counts[
-            stats.latency_by_app[OTHER_APPS].latency.bounds.index(1)
-        ]
-        == 7
-    )
-    assert len(stats.by_target) == 10 and len(stats.ejections) == 10  # below MAX_TARGETS
-    assert MAX_APPS >= 1000
+    assert set(stats.by_app) == set(stats.latency_by_app) == {"app0", "app1", "app2", OTHER_APPS}
+    other = stats.latency_by_app[OTHER_APPS]
+    assert sum(other.latency.counts) == 7 and other.deadline_sum == 70.0
+    assert stats.by_target == {"c/w0/v": 1, "c/w1/v": 1, OTHER_APPS: 8}
+    assert stats.ejections == {"w0": 1, "w1": 1, OTHER_APPS: 8}
+    assert set(stats.estimate_error) == {"cluster0", "cluster1", OTHER_APPS}
+    # A latency on a bucket's bound counts in that bucket (Prometheus' "le").
+    assert other.latency.counts[other.latency.bounds.index(1)] == 7

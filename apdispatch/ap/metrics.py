@@ -88,9 +88,15 @@ class Window:
 class Stats:
     """Totals since start plus the current summary window."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic, max_apps: int = MAX_APPS) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        max_apps: int = MAX_APPS,
+        max_targets: int = MAX_TARGETS,
+    ) -> None:
         self._clock = clock
         self._max_apps = max_apps
+        self._max_targets = max_targets
         self.totals: Counter[str] = Counter()
         self.by_app: dict[str, Counter[str]] = {}
         # Replies read from streams and not yet handed to gRPC, over all streams.
@@ -133,7 +139,7 @@ class Stats:
         elif outcome == Outcome.REJECTED:
             self.rejections[rejection_reason(error)] += 1
         if target is not None:
-            if target not in self.by_target and len(self.by_target) >= MAX_TARGETS:
+            if target not in self.by_target and len(self.by_target) >= self._max_targets:
                 target = OTHER_APPS
             self.by_target[target] += 1
         self._window.outcomes[outcome] += 1
@@ -143,7 +149,7 @@ class Stats:
         """A served reply came ``actual_ms`` after its decision, which predicted ``predicted_ms``."""
         histogram = self.estimate_error.get(cluster)
         if histogram is None:
-            if len(self.estimate_error) >= MAX_TARGETS:
+            if len(self.estimate_error) >= self._max_targets:
                 cluster = OTHER_APPS
             histogram = self.estimate_error.get(cluster)
             if histogram is None:
@@ -151,7 +157,7 @@ class Stats:
         histogram.observe(actual_ms - predicted_ms)
 
     def ejected(self, worker_id: str) -> None:
-        if worker_id not in self.ejections and len(self.ejections) >= MAX_TARGETS:
+        if worker_id not in self.ejections and len(self.ejections) >= self._max_targets:
             worker_id = OTHER_APPS
         self.ejections[worker_id] += 1
 
