@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 from live_ap import APThread, sample
@@ -41,6 +42,10 @@ from apdispatch.common.errors import RejectedError
 from apdispatch.common.logs import make_logger
 from apdispatch.common.outcomes import Outcome
 from apdispatch.common.protocol import dispatcher_pb2 as pb
+from apdispatch.learned.actor_critic import ActorCriticAlgo, ActorCriticConfig, ActorCriticHyper, Transition
+from apdispatch.learned.features import N_FEATURES
+from apdispatch.learned.learner import RewardMean
+from apdispatch.learned.process import ProcessLearner
 from apdispatch.policies import make_policy
 from apdispatch.routing.estimator import LatencyEstimator
 from apdispatch.routing.policy import RequestView
@@ -401,3 +406,37 @@ def test_label_values_stay_bounded() -> None:
     assert set(stats.estimate_error) == {"cluster0", "cluster1", OTHER_APPS}
     # A latency on a bucket's bound counts in that bucket (Prometheus' "le").
     assert other.latency.counts[other.latency.bounds.index(1)] == 7
+
+
+def test_learner_process_reports_its_updates_and_loss() -> None:
+    """The actor-critic's learner runs in a process: its loss comes back with each snapshot."""
+    hyper = ActorCriticHyper(batch_size=8, minibatch_size=8, max_learn_per_s=0.0)
+    algo = ActorCriticAlgo(ActorCriticConfig(hyper=hyper))
+    learner = ProcessLearner(algo, lambda snapshot: None, name="test-learner")
+    try:
+        assert learner.wait_ready()
+        assert math.isnan(algo.loss)
+        rng = np.random.default_rng(0)
+        for seq in range(8):
+            x = rng.standard_normal((3, N_FEATURES))
+            learner.put(Transition(seq, x, 1, np.zeros(3), float(seq % 2)))
+        deadline = time.monotonic() + 120
+        while learner.updates < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert learner.updates == 1 and algo.updates == 1
+        assert math.isfinite(algo.loss)
+    finally:
+        learner.close()
+
+
+@pytest.mark.unit
+def test_learned_policies_report_their_reward() -> None:
+    rewards = RewardMean()
+    for r in (1.0, 0.0, 1.0, 1.0):
+        rewards.add(r)
+    assert rewards.count == 4 and rewards.mean == 0.75
+    # Past the span, the mean follows the recent rewards.
+    for _ in range(1000):
+        rewards.add(0.0)
+    assert rewards.mean < 0.01
+    assert make_policy("fastest").telemetry() == {}
