@@ -38,7 +38,7 @@ from apdispatch.ap.forwarder import Forwarder
 from apdispatch.ap.metrics import OTHER_APPS, Stats, rejection_reason
 from apdispatch.ap.overload import ConcurrencyLimit, OverloadConfig
 from apdispatch.client import Client, StreamRequest
-from apdispatch.common.errors import RejectedError
+from apdispatch.common.errors import DeadlineExceededError, NotFoundError, RejectedError
 from apdispatch.common.logs import make_logger
 from apdispatch.common.outcomes import Outcome
 from apdispatch.common.protocol import dispatcher_pb2 as pb
@@ -52,6 +52,8 @@ from apdispatch.routing.policy import RequestView
 from apdispatch.routing.registry import Registry, Target, VariantInfo, Worker
 from apdispatch.routing.router import admit, build_candidates
 from apdispatch.tools.processes import ChildError, Children, free_port
+from workers.metrics import WorkerMetrics
+from workers.runtime import InferResult, Slots
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_CONFIG = ROOT / "deploy" / "prometheus" / "prometheus.yml"
@@ -440,3 +442,33 @@ def test_learned_policies_report_their_reward() -> None:
         rewards.add(0.0)
     assert rewards.mean < 0.01
     assert make_policy("fastest").telemetry() == {}
+
+
+@pytest.mark.unit
+def test_worker_counts_requests_by_model_and_status_with_bounded_model_names() -> None:
+    metrics = WorkerMetrics()
+    slots = Slots(2)
+    metrics.watch(slots, {"digits-tiny": object()}, lambda: True)
+    for exc in (NotFoundError("no such model"), DeadlineExceededError(), ValueError("model bug")):
+        metrics.started()
+        metrics.failed("digits-tiny" if not isinstance(exc, NotFoundError) else "x" * 1000, exc)
+    metrics.started()
+    metrics.served("digits-tiny", InferResult([], queue_ms=0.5, compute_ms=2.0, batch_size=1))
+
+    def count(model: str, code: str) -> float | None:
+        return metrics.registry.get_sample_value(
+            "apdispatch_worker_requests_total", {"model": model, "code": code}
+        )
+
+    assert count("(unknown)", "NOT_FOUND") == 1
+    assert count("digits-tiny", "DEADLINE_EXCEEDED") == 1
+    assert count("digits-tiny", "INTERNAL") == 1
+    assert count("digits-tiny", "OK") == 1
+    assert metrics.in_flight == 0
+    assert metrics.registry.get_sample_value("apdispatch_worker_slots") == 2
+    assert metrics.registry.get_sample_value("apdispatch_worker_ready") == 1
+    compute = metrics.registry.get_sample_value(
+        "apdispatch_worker_compute_seconds_bucket", {"model": "digits-tiny", "le": "0.002"}
+    )
+    assert compute == 1
+    slots.close()
