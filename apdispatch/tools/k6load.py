@@ -11,9 +11,10 @@ instead of in client streams. The plan goes to k6 as a JSON file (apps, SLAs,
 rates, a few input samples per task).
 
 With a scenario only, the scenario's workers start on loopback as the demo
-starts them (``apdispatch.tools.topology``), then a fresh AP for each tool on
-the same address: first ``apdispatch load`` (this process), then k6; the two
-reports print side by side. With ``--ap``, k6 alone drives a running AP.
+starts them (``apdispatch.tools.topology``), then a fresh AP for each run on
+the same address: a short warm-up (the load generator, not reported), then
+``apdispatch load`` (this process), then k6; the two reports print side by side.
+With ``--ap``, k6 alone drives a running AP.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ RUN_ROOT = Path("build/k6")
 SAMPLES_PER_TASK = 64  # input rows per task in the plan file, cycled
 GRACE_MS = 2000.0  # as the load generator's grace: a reply later than deadline + grace is lost
 REGISTER_TIMEOUT_S = 90.0
+WARMUP_S = 5.0
 
 
 class K6Error(RuntimeError):
@@ -242,7 +244,9 @@ def compare(
     try:
         workers: dict[str, Child] = {}
         reports: list[dict[str, Any]] = []
-        for tool in ("load", "k6"):
+        # The first requests a worker serves are slow (sessions, caches, torch): a
+        # short warm-up run, not reported, so that neither tool pays for them.
+        for tool in ("warm-up", "load", "k6"):
             ap_child = children.start(f"ap-{tool}", ["serve", "--listen", ap, "--policy", policy])
             if not workers:
                 workers = {
@@ -252,13 +256,17 @@ def compare(
                     for s in specs
                 }
             wait_for_workers(ap, ap_child, workers, REGISTER_TIMEOUT_S)
-            print(f"[{tool}] {len(workers)} workers up; {scenario.duration_s:g} s of load", flush=True)
-            if tool == "load":
+            if tool == "warm-up":
+                print(f"[{tool}] {len(workers)} workers up; {WARMUP_S:g} s of load", flush=True)
+                asyncio.run(run_load(scenario.scaled(WARMUP_S), ap, models, seed=seed + 1))
+            elif tool == "load":
+                print(f"[{tool}] {scenario.duration_s:g} s of load", flush=True)
                 report = asyncio.run(run_load(scenario, ap, models, seed=seed)).to_dict()
                 if not report["counts_add_up"]:
                     raise K6Error(f"apdispatch load: {report['total']} outcomes for {report['sent']} sent")
                 reports.append(load_report(report))
             else:
+                print(f"[{tool}] {scenario.duration_s:g} s of load", flush=True)
                 reports.append(run_k6(plan, ap, run_dir))
             children.stop(ap_child)
     finally:
