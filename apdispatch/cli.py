@@ -205,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--json", type=Path, default=None)
     load.add_argument("--seed", type=int, default=None)
     load.add_argument("--no-progress", action="store_true")
+    load.add_argument("--ca", default=None, help="PEM CA that signed the AP's certificate: TLS")
+    load.add_argument("--cert", default=None, help="PEM client certificate, when the AP asks for one")
+    load.add_argument("--key", default=None, help="PEM key of --cert")
+    load.add_argument("--token", default=None, help="bearer token of an app (the AP's tokens file)")
 
     chaos = sub.add_parser(
         "chaos",

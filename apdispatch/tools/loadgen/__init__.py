@@ -110,6 +110,10 @@ def main(args: argparse.Namespace) -> int:
                 connect_timeout_s=getattr(args, "connect_timeout", DEFAULT_CONNECT_TIMEOUT_S),
                 stop=life.stopping,
                 force=life.forced,
+                ca=getattr(args, "ca", None),
+                cert=getattr(args, "cert", None),
+                key=getattr(args, "key", None),
+                token=getattr(args, "token", None),
             )
             _write(report, getattr(args, "json", None))
             return report, life.forced.is_set()

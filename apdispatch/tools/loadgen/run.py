@@ -305,6 +305,10 @@ async def run_load(
     force: asyncio.Event | None = None,
     observer: Observer | None = None,
     channel_options: Iterable[tuple[str, Any]] | None = None,
+    ca: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+    token: str | None = None,
 ) -> LoadReport:
     """Offer ``scenario``'s load to the AP at ``ap`` and report what came back.
 
@@ -316,7 +320,8 @@ async def run_load(
     Setting ``force`` also ends that wait: replies still missing count as
     ``failed`` (``no reply``), and the report is made all the same.
     ``observer`` sees every send and outcome as it happens; ``channel_options``
-    go to the gRPC channel (e.g. a short reconnect back-off when the AP restarts).
+    go to the gRPC channel (e.g. a short reconnect back-off when the AP restarts);
+    ``ca``, ``cert``, ``key`` and ``token`` are the SDK's (TLS, mutual TLS, bearer token).
     Raises UnavailableError when the AP cannot be reached at the start; once
     running, failures are outcomes.
     """
@@ -331,7 +336,9 @@ async def run_load(
     inputs = {task: _task_inputs(task, *raw[task]) for task in tasks}
     plan = plan_load(scenario, seed=seed, query_process=query_process)
 
-    async with AsyncClient(ap, channel_options=channel_options) as client:
+    async with AsyncClient(
+        ap, channel_options=channel_options, ca=ca, cert=cert, key=key, token=token
+    ) as client:
         await client.wait_ready(connect_timeout_s)
         runner = _Runner(scenario, plan, client, inputs, grace_s, observer)
         wall_start = time.perf_counter()
