@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 MODELS := build/models
 SCENARIO ?= scenarios/demo.toml
 
-.PHONY: env models demo test lint generate bench k6 chaos eval eval-generated clean
+.PHONY: env models demo test lint generate bench k6 chaos eval eval-generated compose-demo compose-clean clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -94,6 +94,20 @@ eval-generated: models
 		--latencies $(LATENCIES) --out build/generated
 	$(BIN)/apdispatch evaluate build/generated/generated-*.toml --models $(MODELS) --seeds $(GEN_SEEDS) \
 		--latencies $(LATENCIES) --jobs $(JOBS) --no-plot --out docs/evaluation/generated
+
+# docker-compose.yml through real containers, from nothing: a Docker engine
+# (installed and started when missing), a base image made with debootstrap, one
+# image per role, then the scenario (DURATION_S seconds, load levels kept) once
+# per policy of COMPOSE_POLICIES, mutual TLS between the containers (PLAINTEXT=1:
+# none), and `make demo`'s table. Grafana is left out: no Debian package.
+compose-demo:
+	docker/compose-demo.sh
+
+# Removes the compose project's containers and volumes (the zoo, the
+# certificates) and dangling images; the images themselves stay.
+compose-clean:
+	docker-compose -p apdispatch -f docker-compose.yml down -v --remove-orphans
+	docker image prune -f
 
 clean:
 	rm -rf build $(VENV)

@@ -33,32 +33,87 @@ from apdispatch.tools.topology import CLOUD, EDGE, WorkerSpec, build_topology
 
 AP_PORT = 50051
 WORKER_PORT = 8001  # the Open Inference Protocol's usual gRPC port
-MODELS_DIR = "/models"
+PROMETHEUS_PORT = 9090
+# /metrics of the AP and of every worker: the targets of deploy/prometheus/prometheus.yml.
+METRICS_PORT = 9100
+# The `models` volume's mount point, and the zoo in a folder below it: the zoo
+# build swaps a finished folder into place, which a mount point cannot be.
+MODELS_VOLUME = "/models"
+MODELS_DIR = "/models/zoo"
+CERTS_DIR = "/certs"
 # The AP's own default, so that `docker compose up` behaves as `apdispatch serve`.
 DEFAULT_POLICY = APConfig().policy
 RESULTS_DIR = "build/compose"  # under the build context, like the demo's build/demo
+DEFAULT_BASE_IMAGE = "python:3.11-slim-bookworm"
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+# Mounted from the source tree: Prometheus's scrape configuration and Grafana's provisioning.
+PROMETHEUS_CONFIG = "deploy/prometheus/prometheus.yml"
+GRAFANA_PROVISIONING = "deploy/grafana/provisioning"
+GRAFANA_DASHBOARDS = "deploy/grafana/dashboards"
+# No Grafana package in Debian: the service takes the upstream image where a
+# registry is reachable, and runs only with `--profile grafana`.
+GRAFANA_IMAGE = "grafana/grafana-oss:11.3.0"
 
-_DOCKERFILE = {"ap": "docker/ap.Dockerfile", EDGE: "docker/edge.Dockerfile", CLOUD: "docker/cloud.Dockerfile"}
+_DOCKERFILE = {
+    "ap": "docker/ap.Dockerfile",
+    EDGE: "docker/edge.Dockerfile",
+    CLOUD: "docker/cloud.Dockerfile",
+    "prometheus": "docker/prometheus.Dockerfile",
+}
+# Roles whose image installs torch: they take the CPU build's wheel source.
+_TORCH_ROLES = ("ap", CLOUD)
+
+# Each party's certificate from `apdispatch certs` (the `certs` service); mutual
+# TLS: every caller shows one. Each worker has its own (worker-ID.pem), so
+# that none can take over another's worker id.
+_TLS = {
+    "ap": ["--tls-cert", f"{CERTS_DIR}/ap.pem", "--tls-key", f"{CERTS_DIR}/ap-key.pem"],
+    "load": ["--ca", f"{CERTS_DIR}/ca.pem", "--cert", f"{CERTS_DIR}/client.pem"],
+}
+_TLS["ap"] += ["--tls-ca", f"{CERTS_DIR}/ca.pem"]
+_TLS["load"] += ["--key", f"{CERTS_DIR}/client-key.pem"]
+
+
+def _worker_tls(worker_id: str) -> list[str]:
+    cert = f"{CERTS_DIR}/worker-{worker_id}"
+    return ["--tls-cert", f"{cert}.pem", "--tls-key", f"{cert}-key.pem", "--tls-ca", f"{CERTS_DIR}/ca.pem"]
 
 
 def _build(role: str, context: str) -> dict[str, Any]:
-    # Every service of a role names the same build and image tag: BuildKit
-    # builds it once, and `docker compose up` never tries to pull it.
+    # Every service of a role names the same build and image tag: it is built
+    # once, and `docker compose up` never tries to pull it. The host network
+    # lets a build reach a wheel folder served on the host's loopback
+    # (docker/build.sh serves the CPU torch wheel so).
+    args = {"BASE_IMAGE": f"${{BASE_IMAGE:-{DEFAULT_BASE_IMAGE}}}"}
+    if role in _TORCH_ROLES:
+        # `-` rather than `:-`: an empty TORCH_INDEX_URL turns the index off.
+        args["TORCH_INDEX_URL"] = f"${{TORCH_INDEX_URL-{CPU_TORCH_INDEX}}}"
+        args["TORCH_FIND_LINKS"] = "${TORCH_FIND_LINKS:-}"
     return {
-        "build": {"context": context, "dockerfile": _DOCKERFILE[role]},
+        "build": {"context": context, "dockerfile": _DOCKERFILE[role], "network": "host", "args": args},
         "image": f"apdispatch-{role}:latest",
     }
 
 
-def _healthcheck(expected: int) -> dict[str, Any]:
+def _healthcheck(expected: int, tls: bool) -> dict[str, Any]:
     # Healthy once every worker of the scenario is registered, so that the
     # load starts against the whole topology.
     # An AP that is not up yet is unhealthy, not a traceback in the health log.
+    if tls:
+        # Listing workers is an operator's call under mutual TLS.
+        channel = [
+            "read = lambda name: open(f'" + CERTS_DIR + "/{name}.pem', 'rb').read()",
+            "creds = grpc.ssl_channel_credentials(read('ca'), read('operator-key'), read('operator'))",
+            f"channel = grpc.secure_channel('localhost:{AP_PORT}', creds)",
+        ]
+    else:
+        channel = [f"channel = grpc.insecure_channel('localhost:{AP_PORT}')"]
     probe = "\n".join(
         [
             "import sys, grpc",
             "from apdispatch.common.protocol import dispatcher_pb2 as pb, dispatcher_pb2_grpc as rpc",
-            f"stub = rpc.RegistryStub(grpc.insecure_channel('localhost:{AP_PORT}'))",
+            *channel,
+            "stub = rpc.RegistryStub(channel)",
             "try:",
             "    n = len(stub.ListWorkers(pb.ListWorkersRequest(), timeout=2).workers)",
             "except grpc.RpcError:",
@@ -70,13 +125,13 @@ def _healthcheck(expected: int) -> dict[str, Any]:
         "test": ["CMD", "python", "-c", probe],
         "interval": "2s",
         "timeout": "5s",
-        "retries": 60,
+        "retries": 90,
         "start_period": "5s",
     }
 
 
-def worker_service(spec: WorkerSpec, context: str) -> dict[str, Any]:
-    command = [
+def worker_command(spec: WorkerSpec, tls: bool) -> list[str]:
+    return [
         "apdispatch",
         *spec.argv(
             listen=f"0.0.0.0:{WORKER_PORT}",
@@ -85,14 +140,21 @@ def worker_service(spec: WorkerSpec, context: str) -> dict[str, Any]:
             advertise=f"{spec.worker_id}:{WORKER_PORT}",
             device="auto" if spec.kind == CLOUD else None,
         ),
+        "--metrics-port",
+        str(METRICS_PORT),
+        *(_worker_tls(spec.worker_id) if tls else []),
     ]
+
+
+def worker_service(spec: WorkerSpec, context: str) -> dict[str, Any]:
     return {
         **_build(spec.kind, context),
         "init": True,
-        "command": command,
-        "volumes": [f"models:{MODELS_DIR}:ro"],
+        "command": worker_command(spec, tls=True),
+        "volumes": [f"models:{MODELS_VOLUME}:ro", f"certs:{CERTS_DIR}:ro"],
         "depends_on": {
             "models": {"condition": "service_completed_successfully"},
+            "certs": {"condition": "service_completed_successfully"},
             "ap": {"condition": "service_started"},
         },
         "labels": {
@@ -103,6 +165,43 @@ def worker_service(spec: WorkerSpec, context: str) -> dict[str, Any]:
     }
 
 
+def ap_command(tls: bool) -> list[str]:
+    return [
+        "apdispatch",
+        "serve",
+        "--listen",
+        f"0.0.0.0:{AP_PORT}",
+        "--policy",
+        f"${{POLICY:-{DEFAULT_POLICY}}}",
+        "--metrics-port",
+        str(METRICS_PORT),
+        *(_TLS["ap"] if tls else []),
+    ]
+
+
+def load_command(scenario: Scenario, tls: bool) -> list[str]:
+    return [
+        "apdispatch",
+        "load",
+        "/scenario.toml",
+        "--ap",
+        f"ap:{AP_PORT}",
+        "--models",
+        MODELS_DIR,
+        # The scenario compressed in time, load levels kept (`make compose-demo`).
+        "--duration",
+        f"${{DURATION_S:-{scenario.duration_s:g}}}",
+        "--json",
+        "/results/load.json",
+        "--no-progress",
+        *(_TLS["load"] if tls else []),
+    ]
+
+
+# Services that are not workers; a worker id may not take their names.
+FIXED_SERVICES = ("models", "certs", "ap", "load", "prometheus", "grafana")
+
+
 def compose_document(
     scenario: Scenario,
     scenario_path: str,
@@ -111,58 +210,79 @@ def compose_document(
 ) -> dict[str, Any]:
     """The compose file as a dict. Paths are relative to the compose file's folder."""
     specs = build_topology(scenario, manifest)
+    for spec in specs:
+        if spec.worker_id in FIXED_SERVICES:
+            raise ScenarioError(f"worker id {spec.worker_id!r} clashes with a service name")
+    workers = ",".join(s.worker_id for s in specs)
     services: dict[str, Any] = {
         "models": {
             **_build("ap", context),
             "command": ["apdispatch", "models", "build", "--out", MODELS_DIR],
-            "volumes": [f"models:{MODELS_DIR}"],
+            "volumes": [f"models:{MODELS_VOLUME}"],
+        },
+        "certs": {
+            **_build("ap", context),
+            # A development CA, the AP's certificate for the name `ap`, one per worker
+            # for its service name.
+            "command": ["apdispatch", "certs", "--out", CERTS_DIR, "--hosts", "ap", "--workers", workers],
+            "volumes": [f"certs:{CERTS_DIR}"],
         },
         "ap": {
             **_build("ap", context),
             "init": True,
-            "command": [
-                "apdispatch",
-                "serve",
-                "--listen",
-                f"0.0.0.0:{AP_PORT}",
-                "--policy",
-                f"${{POLICY:-{DEFAULT_POLICY}}}",
-            ],
-            "ports": [f"{AP_PORT}:{AP_PORT}"],
-            "healthcheck": _healthcheck(len(specs)),
+            "command": ap_command(tls=True),
+            "ports": [f"${{AP_HOST_PORT:-{AP_PORT}}}:{AP_PORT}"],
+            "volumes": [f"certs:{CERTS_DIR}:ro"],
+            "depends_on": {"certs": {"condition": "service_completed_successfully"}},
+            "healthcheck": _healthcheck(len(specs), tls=True),
         },
     }
     for spec in specs:
-        if spec.worker_id in services or spec.worker_id == "load":
-            raise ScenarioError(f"worker id {spec.worker_id!r} clashes with a service name")
         services[spec.worker_id] = worker_service(spec, context)
     services["load"] = {
         **_build("ap", context),
         "init": True,
-        "command": [
-            "apdispatch",
-            "load",
-            "/scenario.toml",
-            "--ap",
-            f"ap:{AP_PORT}",
-            "--models",
-            MODELS_DIR,
-            "--json",
-            "/results/load.json",
-            "--no-progress",
-        ],
+        "command": load_command(scenario, tls=True),
         "volumes": [
-            f"models:{MODELS_DIR}:ro",
+            f"models:{MODELS_VOLUME}:ro",
+            f"certs:{CERTS_DIR}:ro",
             f"{scenario_path}:/scenario.toml:ro",
             f"{_join(context, RESULTS_DIR)}:/results",
         ],
         "depends_on": {"ap": {"condition": "service_healthy"}},
     }
-    return {
-        "name": f"apdispatch-{scenario.name}",
-        "services": services,
-        "volumes": {"models": {}},
+    services["prometheus"] = {
+        **_build("prometheus", context),
+        "ports": [f"${{PROMETHEUS_HOST_PORT:-{PROMETHEUS_PORT}}}:{PROMETHEUS_PORT}"],
+        "volumes": [f"{_join(context, PROMETHEUS_CONFIG)}:/etc/prometheus/prometheus.yml:ro"],
+        "depends_on": {"ap": {"condition": "service_started"}},
     }
+    services["grafana"] = {
+        "image": GRAFANA_IMAGE,
+        "profiles": ["grafana"],
+        "ports": ["${GRAFANA_HOST_PORT:-3000}:3000"],
+        "volumes": [
+            f"{_join(context, GRAFANA_PROVISIONING)}:/etc/grafana/provisioning:ro",
+            f"{_join(context, GRAFANA_DASHBOARDS)}:/var/lib/grafana/dashboards:ro",
+        ],
+        "depends_on": {"prometheus": {"condition": "service_started"}},
+    }
+    return {
+        "services": services,
+        "volumes": {"models": {}, "certs": {}},
+    }
+
+
+def plaintext_document(scenario: Scenario, manifest: Manifest | None = None) -> dict[str, Any]:
+    """The override that turns TLS off: the same commands without their TLS flags."""
+    specs = build_topology(scenario, manifest)
+    services: dict[str, Any] = {
+        "ap": {"command": ap_command(tls=False), "healthcheck": _healthcheck(len(specs), tls=False)},
+    }
+    for spec in specs:
+        services[spec.worker_id] = {"command": worker_command(spec, tls=False)}
+    services["load"] = {"command": load_command(scenario, tls=False)}
+    return {"services": services}
 
 
 def _dot(path: str) -> str:
@@ -186,26 +306,45 @@ def _emit(value: Any, indent: int) -> Iterator[str]:
             yield f"{pad}{key}: {json.dumps(item)}"
 
 
+def plaintext_path(out: Path) -> Path:
+    """The plaintext override written beside ``out``: docker-compose.plaintext.yml."""
+    return out.with_name(f"{out.stem}.plaintext{out.suffix}")
+
+
 def render(
     scenario: Scenario,
     scenario_path: str,
     context: str = ".",
     manifest: Manifest | None = None,
     source: str | None = None,
+    override: str = "docker-compose.plaintext.yml",
 ) -> str:
     """The file's text; ``source`` is the scenario as named in the header's command."""
     doc = compose_document(scenario, scenario_path, context, manifest)
-    workers = [s for s in doc["services"] if s not in ("models", "ap", "load")]
+    workers = [s for s in doc["services"] if s not in FIXED_SERVICES]
     header = [
         f"# Generated by `apdispatch compose {source or scenario_path}`: edit the scenario, not this file.",
         f"# Scenario {scenario.name!r}: workers {', '.join(workers)}.",
-        "# `docker compose up` builds the zoo, starts the AP and the workers, then runs the",
-        f"# scenario's load once; the report lands in {_join(context, RESULTS_DIR)}/load.json.",
-        f"# The AP's policy is $POLICY (default {DEFAULT_POLICY}), e.g. `POLICY=p2c docker compose up`.",
+        "# `docker-compose up` makes certificates, builds the zoo, starts the AP, the workers and",
+        "# Prometheus, then runs the scenario's load once (in $DURATION_S seconds if set); the",
+        f"# report lands in {_join(context, RESULTS_DIR)}/load.json. `make compose-demo` does it per policy.",
+        f"# The AP's policy is $POLICY (default {DEFAULT_POLICY}), e.g. `POLICY=p2c docker-compose up`.",
+        "# Mutual TLS between every container (the `certs` service); plaintext for development:",
+        f"# `docker-compose -f {Path(override).with_name('docker-compose.yml').name} -f {override} up`.",
+        "# Grafana (upstream image, provisioned from deploy/grafana) runs with `--profile grafana`.",
         "# Slow devices and far clusters are emulated (--slowdown, --link-delay-ms), as in",
         "# `apdispatch demo`.",
     ]
     return "\n".join([*header, *_emit(doc, 0)]) + "\n"
+
+
+def render_plaintext(scenario: Scenario, manifest: Manifest | None = None, source: str = "") -> str:
+    header = [
+        f"# Generated by `apdispatch compose {source}`: edit the scenario, not this file.",
+        "# Development override: the same services in plaintext, no TLS flags (the certificates",
+        "# are still made, and unused).",
+    ]
+    return "\n".join([*header, *_emit(plaintext_document(scenario, manifest), 0)]) + "\n"
 
 
 def _manifest_if_built() -> Manifest | None:
@@ -223,7 +362,9 @@ def _repo_root() -> Path:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Write ``--out`` and its plaintext override beside it; ``--check`` compares instead."""
     out: Path = args.out
+    override = plaintext_path(out)
     try:
         scenario = load_scenario(args.scenario)
         # Paths in the file are relative to its folder, as compose reads them.
@@ -235,21 +376,44 @@ def main(args: argparse.Namespace) -> int:
         scenario_path = _dot(os.path.relpath(source, base))
         context = os.path.relpath(root, base)
         shown = os.path.relpath(source, root)
-        text = render(scenario, scenario_path, context, _manifest_if_built(), shown)
+        manifest = _manifest_if_built()
+        texts = {
+            out: render(scenario, scenario_path, context, manifest, shown, override.name),
+            override: render_plaintext(scenario, manifest, shown),
+        }
     except (OSError, ScenarioError) as exc:
         print(f"apdispatch compose: {exc}", file=sys.stderr)
         return 2
     if args.check:
-        current = out.read_text() if out.is_file() else None
-        if current != text:
+        stale = [
+            path for path, text in texts.items() if (path.read_text() if path.is_file() else None) != text
+        ]
+        for path in stale:
             print(
-                f"apdispatch compose: {out} is out of date with {args.scenario}; "
+                f"apdispatch compose: {path} is out of date with {args.scenario}; "
                 f"run `apdispatch compose {args.scenario} --out {out}`",
                 file=sys.stderr,
             )
+        if stale:
             return 1
-        print(f"{out} is up to date")
+        print(f"{out} and {override.name} are up to date")
         return 0
-    out.write_text(text)
-    print(f"wrote {out} ({len(text.splitlines())} lines)")
+    for path, text in texts.items():
+        path.write_text(text)
+        print(f"wrote {path} ({len(text.splitlines())} lines)")
     return 0
+
+
+def demo_table(reports: dict[str, dict[str, Any]]) -> str:
+    """`make demo`'s table (and its lines against the best static policy) for load
+    reports by policy: what `make compose-demo` prints after its runs."""
+    from apdispatch.tools.demo import against_best_static, format_table, summary_row
+
+    rows = [summary_row(policy, report) for policy, report in reports.items()]
+    return "\n".join([format_table(rows), *against_best_static(rows)])
+
+
+if __name__ == "__main__":
+    # python -m apdispatch.tools.compose POLICY=REPORT.json ...: the table of those runs.
+    pairs = [arg.split("=", 1) for arg in sys.argv[1:]]
+    print(demo_table({policy: json.loads(Path(path).read_text()) for policy, path in pairs}))
