@@ -32,7 +32,8 @@ PROMETHEUS_HOST_PORT=$(free_port)
 export AP_HOST_PORT PROMETHEUS_HOST_PORT
 
 # What Prometheus scraped: targets up, and the AP's request counter against
-# the requests the load sent (polled: the last scrape comes up to 5 s later).
+# the requests the load sent (polled: the last scrape comes up to 5 s later);
+# fails unless every target is up and the counter adds up.
 scraped() {
     python3 - "$PROMETHEUS_HOST_PORT" "$1" <<'PY'
 import json, sys, time, urllib.parse, urllib.request
@@ -52,6 +53,7 @@ while time.monotonic() < deadline:
         break
     time.sleep(1)
 print(f"prometheus: {int(sum(up))} of {len(up)} targets up; the AP counted {counted:.0f} of {sent} requests")
+sys.exit(0 if up and sum(up) == len(up) and counted == sent else 1)
 PY
 }
 
@@ -62,6 +64,7 @@ trap 'compose down --remove-orphans >/dev/null 2>&1 || true' EXIT
 # (no image here: it is under a profile).
 services=$(compose config --services | grep -v -x -e load -e grafana)
 pairs=()
+status=0
 for policy in ${POLICIES//,/ }; do
     s=$(date +%s)
     rm -f build/compose/load.json
@@ -90,7 +93,7 @@ for policy in ${POLICIES//,/ }; do
     }
     mv build/compose/load.json "$out/$policy.json"
     sent=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["sent"])' "$out/$policy.json")
-    metrics=$(scraped "$sent" 2>&1 || true)
+    metrics=$(scraped "$sent" 2>&1) || { status=1; metrics="$metrics (FAILED)"; }
     compose logs --no-color >"$out/$policy.log" 2>&1
     compose down --remove-orphans >>"$out/compose.log" 2>&1
     echo "policy $policy: $(($(date +%s) - s)) s; $metrics"
@@ -101,3 +104,4 @@ echo "scenario runs took $((t2 - t1)) s; reports and logs in $out"
 echo
 docker run --rm -v "$PWD/$out:/reports:ro" apdispatch-ap:latest \
     python -m apdispatch.tools.compose "${pairs[@]}"
+exit "$status"
