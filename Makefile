@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 MODELS := build/models
 SCENARIO ?= scenarios/demo.toml
 
-.PHONY: env models demo test lint generate bench k6 chaos eval eval-generated compose-demo compose-clean clean
+.PHONY: env models demo test test-venvs lint generate bench k6 chaos eval eval-generated compose-demo compose-clean clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,16 +27,25 @@ models: $(MODELS)/manifest.json
 demo: models
 	$(BIN)/apdispatch demo $(SCENARIO) --models $(MODELS) --policies static,learned --duration 16
 
-# What the tests drive that pip does not carry: Debian's prometheus (with promtool),
-# installed when missing and this runs as root; tests/test_metrics.py skips without it.
+# What the tests drive that pip does not carry: Debian's prometheus (with
+# promtool) and nginx (the bench's peer), installed when missing and this runs
+# as root; tests/test_metrics.py and tests/test_bench_nginx.py skip without them.
 .PHONY: tools
 tools:
-	@command -v prometheus >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; } || \
-		echo "prometheus is missing: tests/test_metrics.py will skip"
+	@missing=""; for tool in prometheus nginx; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+		{ [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+		  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } || \
+		echo "missing:$$missing (the tests that need them skip)"; \
+	fi
 
 test: models tools
-	APDISPATCH_MODELS=$(MODELS) $(BIN)/pytest
+	APDISPATCH_MODELS=$(MODELS) $(BIN)/pytest -m "not venv"
+
+# Tests that build a virtual environment of their own from the package index
+# (MLServer 1.7.0, the newest tritonclient): minutes on a fresh machine.
+test-venvs: models
+	APDISPATCH_MODELS=$(MODELS) $(BIN)/pytest -m venv
 
 # Generated hostile requests through both APIs of a live AP (tests/test_fuzz.py):
 # FUZZ_EXAMPLES per API: one request per Infer example, one to eight per stream

@@ -178,7 +178,7 @@ def _newest_python() -> Path:
     return python
 
 
-@pytest.mark.parametrize("version", ["2.41.0", NEWEST])
+@pytest.mark.parametrize("version", ["2.41.0", pytest.param(NEWEST, marks=pytest.mark.venv)])
 async def test_tritonclient_against_the_ap(models_dir: Path, version: str) -> None:
     python = Path(sys.executable) if version == "2.41.0" else await asyncio.to_thread(_newest_python)
     async with ap_and_worker(models_dir) as (ap, _):

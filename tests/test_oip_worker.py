@@ -102,6 +102,7 @@ async def start_register(arguments: list[str], log: Path) -> asyncio.subprocess.
 
 
 @pytest.mark.timeout(900)
+@pytest.mark.venv
 async def test_mlserver_serves_behind_the_ap(models_dir: Path, tmp_path: Path) -> None:
     mlserver = await asyncio.to_thread(mlserver_env)
     grpc_port = free_port()
