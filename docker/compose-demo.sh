@@ -8,8 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-POLICIES="${COMPOSE_POLICIES:-closest,fastest,learned}"
-export DURATION_S="${DURATION_S:-20}"
+POLICIES="${COMPOSE_POLICIES:-fastest,least-loaded,learned}"
+export DURATION_S="${DURATION_S:-16}"
 PROJECT="${COMPOSE_PROJECT:-apdispatch}"
 files=(-f docker-compose.yml)
 if [ "${PLAINTEXT:-0}" = 1 ]; then files+=(-f docker-compose.plaintext.yml); fi

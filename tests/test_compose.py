@@ -22,7 +22,7 @@ from apdispatch.tools import compose
 from apdispatch.tools.topology import CLOUD, build_topology
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "scenarios" / "small-edge-cloud.toml"
+SHIPPED = ROOT / "scenarios" / "demo.toml"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 PLAINTEXT_FILE = ROOT / "docker-compose.plaintext.yml"
 DOCKERFILES = {role: ROOT / "docker" / f"{role}.Dockerfile" for role in ("ap", "edge", "cloud")}
@@ -51,7 +51,7 @@ def _expand(word: str) -> str:
 
 def test_committed_file_is_up_to_date() -> None:
     assert compose.main(_args(COMPOSE_FILE, check=True)) == 0, (
-        "run: apdispatch compose scenarios/small-edge-cloud.toml --out docker-compose.yml"
+        "run: apdispatch compose scenarios/demo.toml --out docker-compose.yml"
     )
 
 
