@@ -241,3 +241,24 @@ async def test_the_reply_margin_is_kept_out_of_the_budget(models_dir: Path) -> N
             else:
                 with pytest.raises(RejectedError):
                     await client.infer("digits", x, deadline_ms=40)
+
+
+async def test_during_the_drain_notice_a_health_check_answers_not_serving(models_dir: Path) -> None:
+    # Without a notice gRPC closes the port at once and a new Check is refused a
+    # connection; with one, a probe sees the drain.
+    async with (
+        ap_and_worker(models_dir, 10.0, drain_notice_s=30.0) as (ap, x),
+        grpc.aio.insecure_channel(ap.address) as channel,
+    ):
+        health = health_pb2_grpc.HealthStub(channel)
+        drain = asyncio.ensure_future(ap.drain(grace_s=60.0))
+        async with asyncio.timeout(WAIT_S):
+            while not ap.dispatcher.draining:
+                await asyncio.sleep(0.01)
+        check = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=WAIT_S)
+        assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        stub = pb_grpc.DispatcherStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Infer(build_request("digits", x, deadline_ms=5_000), timeout=WAIT_S)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        drain.cancel()

@@ -76,6 +76,10 @@ class APConfig:
     # Prometheus /metrics on this port, on the listen address's host (docs/operations.md, "Metrics"); 0: none.
     metrics_port: int = 0
     shutdown_grace_s: float = 5.0
+    # On SIGTERM, how long the AP keeps its port open answering health checks
+    # NOT_SERVING (and refusing new work) before it closes it, so that a load
+    # balancer's or Kubernetes' probe sees the drain; taken from the grace period.
+    drain_notice_s: float = 0.0
     # Learned policies only. "" starts from the policy's shipped checkpoint and
     # writes nothing; a path is loaded when it exists (else the shipped one is
     # the start), then written every checkpoint_interval_s and on shutdown, so
@@ -98,6 +102,8 @@ class APConfig:
             raise ConfigError("forward_mode: must be 'stream' or 'unary'")
         if self.max_tensor_bytes <= 0:
             raise ConfigError("max_tensor_bytes: must be > 0")
+        if not (math.isfinite(self.drain_notice_s) and self.drain_notice_s >= 0):
+            raise ConfigError("drain_notice_s: must be a finite number >= 0")
         if not (math.isfinite(self.reply_margin_ms) and self.reply_margin_ms >= 0):
             raise ConfigError("reply_margin_ms: must be a finite number >= 0")
         if not self.max_deadline_ms > 0:

@@ -165,12 +165,18 @@ class AccessPoint:
         """Stop taking calls; those in flight get ``grace_s`` seconds to finish.
 
         Health turns NOT_SERVING first; open streams stop being read, answer what
-        they took and end with UNAVAILABLE: no new work, only what was taken.
+        they took and end with UNAVAILABLE: no new work, only what was taken. The
+        port stays open ``drain_notice_s`` (from the grace) so that probes see it.
         """
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.dispatcher.draining = True
         self.dispatcher_servicer.drain()
         self.oip_servicer.drain()
+        notice_s = min(self.config.drain_notice_s, grace_s)
+        if notice_s > 0:
+            # The port stays open so that health checks answer NOT_SERVING meanwhile.
+            await asyncio.sleep(notice_s)
+            grace_s -= notice_s
         await self._cancel_background()
         await self.server.stop(grace_s)
 
