@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import NoReturn
 
 import grpc
@@ -33,6 +33,7 @@ from apdispatch.ap.oip_codec import (
     to_stream_error,
 )
 from apdispatch.ap.overload import Overload
+from apdispatch.ap.streams import serve_stream
 from apdispatch.common import __version__
 from apdispatch.common.errors import ApdispatchError, InvalidRequestError, NotFoundError
 from apdispatch.common.protocol import dispatcher_pb2 as pb
@@ -235,24 +236,11 @@ class OIPServicer(oip_grpc.GRPCInferenceServiceServicer):
             entry = self._app(context)
         except ApdispatchError as exc:
             await self._abort(context, exc)
-        loop = asyncio.get_running_loop()
-        stats = self._dispatcher.stats
-        max_pending = self._dispatcher.config.stream_max_pending
-        replies: asyncio.Queue[oip.ModelStreamInferResponse | None] = asyncio.Queue()
-        outstanding = 0  # taken, not answered yet
-        pending = 0  # read, and the reply not yet handed to gRPC
-        room = asyncio.Event()
-        room.set()
-        reading = True
 
-        def answer(reply: oip.ModelStreamInferResponse) -> None:
-            nonlocal outstanding
-            outstanding -= 1
-            replies.put_nowait(reply)
-            if not reading and outstanding == 0:
-                replies.put_nowait(None)
-
-        def take(request: oip.ModelInferRequest | UndecodableOIP) -> None:
+        def take(
+            request: oip.ModelInferRequest | UndecodableOIP,
+            answer: Callable[[oip.ModelStreamInferResponse], None],
+        ) -> None:
             arrival = self._arrival()
             empty = oip.ModelInferRequest()
             try:
@@ -272,47 +260,20 @@ class OIPServicer(oip_grpc.GRPCInferenceServiceServicer):
 
             self._dispatcher.submit(converted, arrival, reply)
 
-        async def read_all() -> None:
-            nonlocal outstanding, pending, reading
-            try:
-                async for request in request_iterator:
-                    outstanding += 1
-                    pending += 1
-                    stats.stream_pending_add(1)
-                    take(request)
-                    # gRPC's flow control then holds the client's requests back.
-                    if pending >= max_pending:
-                        room.clear()
-                        await room.wait()
-            finally:
-                reading = False
-                if outstanding == 0:
-                    replies.put_nowait(None)
+        async for response in serve_stream(
+            request_iterator,
+            take,
+            _same,
+            context=context,
+            stats=self._dispatcher.stats,
+            max_pending=self._dispatcher.config.stream_max_pending,
+            draining=self._draining,
+        ):
+            yield response
 
-        reader = loop.create_task(read_all())
-        cut_by_drain = False
 
-        async def stop_reading_when_draining() -> None:
-            nonlocal cut_by_drain
-            await self._draining.wait()
-            if not reader.done():
-                cut_by_drain = True
-                reader.cancel()  # what was read is answered; the rest was never taken
-
-        drainer = loop.create_task(stop_reading_when_draining())
-        try:
-            while (response := await replies.get()) is not None:
-                yield response  # returns once gRPC has taken the reply
-                pending -= 1
-                stats.stream_pending_add(-1)
-                if pending < max_pending:
-                    room.set()
-            if cut_by_drain:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "the AP is shutting down")
-        finally:
-            reader.cancel()
-            drainer.cancel()
-            stats.stream_pending_add(-pending)
+def _same(reply: oip.ModelStreamInferResponse) -> oip.ModelStreamInferResponse:
+    return reply
 
 
 def add_oip_to_server(servicer: OIPServicer, server: grpc.aio.Server) -> None:

@@ -15,9 +15,10 @@ import structlog
 from google.protobuf.message import DecodeError
 
 from apdispatch.ap.auth import Gate
-from apdispatch.ap.dispatcher import Dispatcher
+from apdispatch.ap.dispatcher import Dispatcher, Reply
 from apdispatch.ap.forwarder import Forwarder
 from apdispatch.ap.overload import Overload
+from apdispatch.ap.streams import serve_stream
 from apdispatch.common.errors import ApdispatchError, InvalidRequestError
 from apdispatch.common.protocol import dispatcher_pb2 as pb
 from apdispatch.common.protocol import dispatcher_pb2_grpc as pb_grpc
@@ -123,69 +124,28 @@ class DispatcherServicer(pb_grpc.DispatcherServicer):
         request_iterator: AsyncIterator[pb.InferRequest | Undecodable],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.InferResponse]:
-        loop = asyncio.get_running_loop()
-        stats = self._dispatcher.stats
-        max_pending = self._dispatcher.config.stream_max_pending
-        replies: asyncio.Queue[pb.InferResponse | None] = asyncio.Queue()
-        outstanding = 0  # submitted, not answered yet
-        pending = 0  # read, and the reply not yet handed to gRPC
-        room = asyncio.Event()
-        room.set()
-        reading = True
+        submit = self._dispatcher.submit
 
-        def reply(result: pb.InferResponse | ApdispatchError) -> None:
-            nonlocal outstanding
-            outstanding -= 1
-            replies.put_nowait(error_reply(result) if isinstance(result, ApdispatchError) else result)
-            if not reading and outstanding == 0:
-                replies.put_nowait(None)
+        def take(request: pb.InferRequest | Undecodable, answer: Reply) -> None:
+            if isinstance(request, Undecodable):
+                answer(request)  # answered, and the stream goes on
+            else:
+                submit(request, self._arrival(), answer)
 
-        async def read_all() -> None:
-            nonlocal outstanding, pending, reading
-            submit = self._dispatcher.submit
-            try:
-                async for request in request_iterator:
-                    outstanding += 1
-                    pending += 1
-                    stats.stream_pending_add(1)
-                    if isinstance(request, Undecodable):
-                        reply(request)  # answered, and the stream goes on
-                    else:
-                        submit(request, self._arrival(), reply)
-                    # A client that does not read its replies stops being read:
-                    # gRPC's flow control then holds its requests back.
-                    if pending >= max_pending:
-                        room.clear()
-                        await room.wait()
-            finally:
-                reading = False
-                if outstanding == 0:
-                    replies.put_nowait(None)
+        async for reply in serve_stream(
+            request_iterator,
+            take,
+            _stream_reply,
+            context=context,
+            stats=self._dispatcher.stats,
+            max_pending=self._dispatcher.config.stream_max_pending,
+            draining=self._draining,
+        ):
+            yield reply
 
-        reader = loop.create_task(read_all())
-        cut_by_drain = False
 
-        async def stop_reading_when_draining() -> None:
-            nonlocal cut_by_drain
-            await self._draining.wait()
-            if not reader.done():
-                cut_by_drain = True
-                reader.cancel()  # what was read is answered; the rest was never taken
-
-        drainer = loop.create_task(stop_reading_when_draining())
-        try:
-            while (response := await replies.get()) is not None:
-                yield response  # returns once gRPC has taken the reply
-                pending -= 1
-                stats.stream_pending_add(-1)
-                if pending < max_pending:
-                    room.set()
-            if cut_by_drain:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "the AP is shutting down")
-        finally:
-            reader.cancel()
-            drainer.cancel()
-            stats.stream_pending_add(-pending)
+def _stream_reply(result: pb.InferResponse | ApdispatchError) -> pb.InferResponse:
+    return error_reply(result) if isinstance(result, ApdispatchError) else result
 
 
 class RegistryServicer(pb_grpc.RegistryServicer):
