@@ -23,16 +23,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
-import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from apdispatch.common.errors import ApdispatchError
@@ -43,7 +40,15 @@ from apdispatch.scenario import Scenario, ScenarioError, load_scenario
 from apdispatch.sim.calibration import Calibration
 from apdispatch.sim.profile import LatencyProfile, parse_latencies
 from apdispatch.sim.results import text_table
-from apdispatch.tools.processes import Child, ChildError, Children, free_port, wait_for_workers
+from apdispatch.tools.processes import (
+    Child,
+    ChildError,
+    Children,
+    free_port,
+    sigterm_as_interrupt,
+    uninterruptible,
+    wait_for_workers,
+)
 from apdispatch.tools.topology import WorkerSpec, build_topology
 
 DEMO_ROOT = Path("build/demo")
@@ -73,31 +78,6 @@ def resolve_policies(text: str) -> list[str]:
     if not names:
         raise DemoError("--policies: no policy given")
     return names
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so that the finally blocks stop the children."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def _uninterruptible() -> Iterator[None]:
-    """A second Ctrl-C must not cut the clean-up short and leave children behind."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 # --- the load generator -------------------------------------------------------
@@ -273,7 +253,7 @@ def run_demo(
                 if child.exited() is not None:
                     raise DemoError(f"worker {child.name} stopped:\n{child.describe()}")
     finally:
-        with _uninterruptible():
+        with uninterruptible():
             children.close()
 
 
@@ -317,7 +297,7 @@ def main(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {}
     rc = 0
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             run_demo(scenario, specs, models, policies, run_dir, seed, results, progress=sys.stderr.isatty())
     except KeyboardInterrupt:
         print(f"\ninterrupted; every subprocess stopped. Logs: {run_dir}", file=sys.stderr)

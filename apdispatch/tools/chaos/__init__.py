@@ -20,14 +20,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import signal
 import sys
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from apdispatch.common.errors import ApdispatchError
@@ -39,35 +35,11 @@ from apdispatch.tools.chaos.faults import FAULT_KINDS, Fault, FaultError, parse_
 from apdispatch.tools.chaos.report import checks, format_report
 from apdispatch.tools.chaos.run import Topology, play
 from apdispatch.tools.demo import DemoError, plan_workers
-from apdispatch.tools.processes import ChildError, Children
+from apdispatch.tools.processes import ChildError, Children, sigterm_as_interrupt, uninterruptible
 
 __all__ = ["FAULT_KINDS", "Fault", "main", "plan_faults"]
 
 CHAOS_ROOT = Path("build/chaos")
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so that the clean-up stops the children."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def _uninterruptible() -> Iterator[None]:
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _run_dir() -> Path:
@@ -121,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
     result: tuple[Any, ...] | None = None
     rc = 0
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             topo.start()
             print(f"AP at {topo.ap}, {len(specs)} workers registered; load and faults start", flush=True)
             result = asyncio.run(play(topo, scenario, models, faults, seed, sys.stderr.isatty()))
@@ -132,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"apdispatch chaos: {exc}\nLogs: {run_dir}", file=sys.stderr)
         rc = 1
     finally:
-        with _uninterruptible():
+        with uninterruptible():
             topo.thaw()
             children.close()
     if result is None:
