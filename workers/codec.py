@@ -19,25 +19,10 @@ import numpy as np
 from apdispatch.common.errors import InvalidInputError
 from apdispatch.common.manifest import Variant
 from apdispatch.common.protocol import oip_pb2 as pb
-from apdispatch.common.tensors import DATATYPE_TO_DTYPE, FLOAT_DATATYPES, all_finite
+from apdispatch.common.tensors import DATATYPE_TO_DTYPE, FLOAT_DATATYPES, OIP_CONTENTS_FIELD, all_finite
 from workers.runtime import InferResult, Runtime, Scheduler
 
 MODEL_VERSION = "1"
-
-# Which InferTensorContents field carries each datatype when not sent raw.
-_CONTENTS_FIELD: dict[str, str] = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +171,7 @@ class Model:
         shape: tuple[int, ...],
         count: int,
     ) -> np.ndarray:
-        field = _CONTENTS_FIELD.get(spec.datatype)
+        field = OIP_CONTENTS_FIELD.get(spec.datatype)
         m, name = self.name, spec.name
         if field is None:
             raise InvalidInputError(

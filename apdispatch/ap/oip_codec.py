@@ -23,26 +23,11 @@ from apdispatch.common.errors import ApdispatchError, InvalidRequestError, NotFo
 from apdispatch.common.outcomes import FROM_PROTO, Outcome
 from apdispatch.common.protocol import dispatcher_pb2 as pb
 from apdispatch.common.protocol import oip_pb2 as oip
-from apdispatch.common.tensors import DATATYPE_TO_DTYPE, TensorSpec
+from apdispatch.common.tensors import DATATYPE_TO_DTYPE, OIP_CONTENTS_FIELD, TensorSpec
 
 # The one version of every model the AP serves (a task, over whichever variants serve it).
 MODEL_VERSION = "1"
 
-# Which InferTensorContents field carries each datatype when not sent raw
-# (FP16 has none: it travels raw only).
-_CONTENTS_FIELD: dict[str, str] = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-}
 
 _NUMBER_KINDS = ("int64_param", "uint64_param", "double_param")
 
@@ -108,7 +93,7 @@ def _input_data(tensor: oip.ModelInferRequest.InferInputTensor, index: int, raw:
         if tensor.HasField("contents"):
             raise InvalidRequestError(f"inputs[{index}].contents", "not allowed beside raw_input_contents")
         return raw[index]
-    field = _CONTENTS_FIELD.get(tensor.datatype)
+    field = OIP_CONTENTS_FIELD.get(tensor.datatype)
     dtype = DATATYPE_TO_DTYPE.get(tensor.datatype)
     if field is None or dtype is None:
         raise InvalidRequestError(
