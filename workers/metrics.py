@@ -10,12 +10,10 @@ listed in docs/operations.md ("Metrics").
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable, Iterator, Mapping
-from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -121,29 +119,3 @@ class WorkerMetrics:
     def failed(self, model: str, exc: BaseException) -> None:
         self.in_flight -= 1
         self.requests.labels(self._model(model), status_of(exc)).inc()
-
-
-class MetricsHTTP:
-    """``/metrics`` for one registry, in a daemon thread; port 0 picks a free one."""
-
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        self.registry = registry
-        self.host = host
-        self.port = port
-        self._httpd: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> str:
-        addr = self.host.strip("[]") or "0.0.0.0"
-        self._httpd, self._thread = start_http_server(self.port, addr=addr, registry=self.registry)
-        self.port = self._httpd.server_port
-        return f"{self.host}:{self.port}"
-
-    def stop(self) -> None:
-        httpd, self._httpd = self._httpd, None
-        if httpd is not None:
-            httpd.shutdown()
-            httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5.0)
-            self._thread = None

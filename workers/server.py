@@ -39,12 +39,13 @@ from structlog.typing import FilteringBoundLogger
 from apdispatch.common.lifecycle import Lifecycle
 from apdispatch.common.logs import make_logger
 from apdispatch.common.manifest import Variant, load_manifest
+from apdispatch.common.metrics_http import MetricsServer
 from apdispatch.common.protocol import dispatcher_pb2 as dpb
 from apdispatch.common.protocol import oip_pb2_grpc as pb_grpc
 from apdispatch.common.tls import TLSFiles
 from workers.codec import Model
 from workers.config import WorkerConfig
-from workers.metrics import MetricsHTTP, WorkerMetrics
+from workers.metrics import WorkerMetrics
 from workers.registration import Announced, Registrar, register_request
 from workers.runtime import DirectScheduler, Runtime, Scheduler, Slots, parse_service_times
 from workers.servicer import InferenceServicer
@@ -110,7 +111,7 @@ class Worker:
         self._servicer: InferenceServicer | None = None
         # Prometheus /metrics (metrics_port; 0: none), from a registry of this worker's own.
         self.metrics = WorkerMetrics() if config.metrics_port else None
-        self._metrics_http: MetricsHTTP | None = None
+        self._metrics_http: MetricsServer | None = None
         self.metrics_address = ""
         self.health = health.aio.HealthServicer()
         self._stopping = False
@@ -209,7 +210,7 @@ class Worker:
         if self.metrics is not None:
             self.metrics.watch(slots, self.models, lambda: servicer.ready)
             servicer.metrics = self.metrics
-            self._metrics_http = MetricsHTTP(self.metrics.registry, host, config.metrics_port)
+            self._metrics_http = MetricsServer(self.metrics.registry, host, config.metrics_port)
             self.metrics_address = self._metrics_http.start()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -26,10 +26,11 @@ from apdispatch.ap.forwarder import Forwarder
 from apdispatch.ap.metrics import Stats
 from apdispatch.ap.oip_front import OIPServicer, add_oip_to_server
 from apdispatch.ap.overload import Overload
-from apdispatch.ap.prom import MetricsServer, ap_registry
+from apdispatch.ap.prom import ap_registry
 from apdispatch.ap.servicers import DispatcherServicer, RegistryServicer, add_dispatcher_to_server
 from apdispatch.common.lifecycle import Lifecycle
 from apdispatch.common.logs import is_enabled, make_logger
+from apdispatch.common.metrics_http import MetricsServer
 from apdispatch.common.protocol import dispatcher_pb2_grpc as pb_grpc
 from apdispatch.common.tls import TLSFiles
 from apdispatch.policies import make_policy, policy_names
