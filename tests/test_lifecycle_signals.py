@@ -257,9 +257,11 @@ async def test_ap_cut_short_by_a_second_sigterm_still_writes_its_checkpoint(tmp_
     checkpoint = tmp_path / "ck"
     weights, meta = paths(checkpoint)
     config = tmp_path / "ap.toml"
-    # No periodic save: only the shut-down writes the checkpoint.
+    # No periodic save: only the shut-down writes the checkpoint. The drain's notice
+    # keeps it waiting (open streams now end as soon as they are answered).
     config.write_text(
         f"shutdown_grace_s = {GRACE_NEVER_WAITED_S}\ncheckpoint_interval_s = {GRACE_NEVER_WAITED_S}\n"
+        f"drain_notice_s = {GRACE_NEVER_WAITED_S}\n"
     )
     address = f"127.0.0.1:{free_port()}"
     ap = await Proc.start(
@@ -272,7 +274,7 @@ async def test_ap_cut_short_by_a_second_sigterm_still_writes_its_checkpoint(tmp_
             call = dpb_grpc.DispatcherStub(channel).InferStream()
             sla = dpb.SLA(deadline_ms=100.0, min_accuracy=0.0)
             await call.write(dpb.InferRequest(task="no-such-task", request_id="r0", sla=sla))
-            # Answered (an error) and left open: the drain would wait for it all its grace period.
+            # Answered (an error) and left open.
             reply = await asyncio.wait_for(call.read(), WAIT_S)
             assert reply.request_id == "r0" and reply.outcome == dpb.FAILED
             assert not weights.exists() and not meta.exists()

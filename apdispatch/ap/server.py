@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 import time
 from pathlib import Path
@@ -126,6 +127,7 @@ class AccessPoint:
         self.metrics_address = ""
         self._background: list[asyncio.Task[None]] = []
         self._started = False
+        self._cut = asyncio.Event()  # a second signal: the drain's notice ends too
 
     async def start(self) -> str:
         # The servicer starts out with "" SERVING: not before start() completes.
@@ -176,7 +178,8 @@ class AccessPoint:
         notice_s = min(self.config.drain_notice_s, grace_s)
         if notice_s > 0:
             # The port stays open so that health checks answer NOT_SERVING meanwhile.
-            await asyncio.sleep(notice_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._cut.wait(), notice_s)
             grace_s -= notice_s
         await self._cancel_background()
         await self.server.stop(grace_s)
@@ -186,7 +189,8 @@ class AccessPoint:
             await self.health.set(service, status)
 
     async def cut(self) -> None:
-        """End a drain now: calls still in flight are cancelled."""
+        """End a drain now, its notice included: calls still in flight are cancelled."""
+        self._cut.set()
         await self.server.stop(None)
 
     async def close(self) -> None:
