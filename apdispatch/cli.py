@@ -7,6 +7,7 @@ worker edge`` never imports torch (an edge device does not have it).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import sys
 from pathlib import Path
 
@@ -382,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A crash in a native extension (gRPC, ONNX Runtime, torch) leaves every
+    # thread's Python stack on stderr rather than a bare exit status.
+    faulthandler.enable()
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         from apdispatch.ap.server import main as serve_main

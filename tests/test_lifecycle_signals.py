@@ -293,6 +293,36 @@ async def test_ap_cut_short_by_a_second_sigterm_still_writes_its_checkpoint(tmp_
     assert state and saved
 
 
+# A cut that comes when the drain has no grace left: the drain's stop and the
+# cut's ran side by side, and gRPC's stop with a grace of 0 cancels the calls of
+# a server the other stop may just have destroyed (SIGSEGV, about 1 in 150).
+RACE = """
+import asyncio, sys
+from apdispatch.ap.config import APConfig
+from apdispatch.ap.server import AccessPoint
+
+async def main(n):
+    for _ in range(n):
+        ap = AccessPoint(APConfig(listen="127.0.0.1:0", policy="fastest", log_level="error"))
+        await ap.start()
+        await asyncio.gather(ap.cut(), ap.drain(0.0))
+        await ap.close()
+    print("survived", n)
+
+asyncio.run(main(int(sys.argv[1])))
+"""
+
+
+async def test_ap_cut_while_a_drain_with_no_grace_left_stops_does_not_crash() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-X", "faulthandler", "-c", RACE, "1000",
+        cwd=REPO, env=_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 10 * WAIT_S)
+    assert proc.returncode == 0, out.decode()[-4000:]
+    assert b"survived 1000" in out
+
+
 async def test_worker_stopped_by_two_signals_deregisters_and_exits(models_dir: Path) -> None:
     ap_address = f"127.0.0.1:{free_port()}"
     ap = await Proc.start("serve", "--listen", ap_address, "--log-format", "json")

@@ -36,7 +36,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from structlog.typing import FilteringBoundLogger
 
-from apdispatch.common.lifecycle import Lifecycle
+from apdispatch.common.lifecycle import Lifecycle, stop_server
 from apdispatch.common.logs import make_logger
 from apdispatch.common.manifest import Variant, load_manifest
 from apdispatch.common.metrics_http import MetricsServer
@@ -320,7 +320,7 @@ class Worker:
         if self.registrar is not None:
             await self.registrar.stop()
         if self._server is not None:
-            await self._server.stop(grace_s)
+            await stop_server(self._server, None if self._cut else grace_s)
 
     async def _set_health(self, status: int) -> None:
         for service in HEALTH_SERVICES:
@@ -331,7 +331,7 @@ class Worker:
         self._cut = True
         self.log.warning("forced_stop")
         if self._server is not None:
-            await self._server.stop(None)
+            await stop_server(self._server, None)
 
     async def close(self) -> None:
         """The shut-down steps, whatever came before (a drain, a cut one, a failed start)."""
@@ -346,7 +346,7 @@ class Worker:
         if self.registrar is not None:
             await self.registrar.stop()
         if self._server is not None:
-            await self._server.stop(None)
+            await stop_server(self._server, None)
         for model in self.models.values():
             await model.scheduler.close()
             model.runtime.unload()

@@ -29,7 +29,7 @@ from apdispatch.ap.oip_front import OIPServicer, add_oip_to_server
 from apdispatch.ap.overload import Overload
 from apdispatch.ap.prom import ap_registry
 from apdispatch.ap.servicers import DispatcherServicer, RegistryServicer, add_dispatcher_to_server
-from apdispatch.common.lifecycle import Lifecycle
+from apdispatch.common.lifecycle import Lifecycle, stop_server
 from apdispatch.common.logs import is_enabled, make_logger
 from apdispatch.common.metrics_http import MetricsServer
 from apdispatch.common.protocol import dispatcher_pb2_grpc as pb_grpc
@@ -182,7 +182,7 @@ class AccessPoint:
                 await asyncio.wait_for(self._cut.wait(), notice_s)
             grace_s -= notice_s
         await self._cancel_background()
-        await self.server.stop(grace_s)
+        await stop_server(self.server, None if self._cut.is_set() else grace_s)
 
     async def _set_health(self, status: int) -> None:
         for service in HEALTH_SERVICES:
@@ -191,13 +191,13 @@ class AccessPoint:
     async def cut(self) -> None:
         """End a drain now, its notice included: calls still in flight are cancelled."""
         self._cut.set()
-        await self.server.stop(None)
+        await stop_server(self.server, None)
 
     async def close(self) -> None:
         """The shut-down steps, whatever came before (a drain, a cut one, a failed start)."""
         self.dispatcher.draining = True
         await self._cancel_background()
-        await self.server.stop(None)  # a no-op once drained
+        await stop_server(self.server, None)  # a no-op once drained
         await self.forwarder.close()
         if self.metrics is not None:
             self.metrics.stop()

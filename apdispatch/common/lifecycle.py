@@ -25,6 +25,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any
 
+import grpc
+
 SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
 
 # Told of every signal handled: the signal, and whether it cut the grace short.
@@ -70,6 +72,16 @@ async def cut_short(
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         raise
+
+
+async def stop_server(server: grpc.aio.Server, grace_s: float | None) -> None:
+    """``server.stop``, safe beside another stop of the same server (a drain's and a cut's).
+
+    A grace of 0 or less is passed as None, which means the same (cancel every
+    call now): gRPC's timeout path for a zero grace cancels the calls of a
+    server that a concurrent stop may just have destroyed, and crashes.
+    """
+    await server.stop(grace_s if grace_s is not None and grace_s > 0 else None)
 
 
 class Lifecycle:
