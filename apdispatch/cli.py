@@ -7,7 +7,9 @@ worker edge`` never imports torch (an edge device does not have it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
+import io
 import sys
 from pathlib import Path
 
@@ -384,8 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     # A crash in a native extension (gRPC, ONNX Runtime, torch) leaves every
-    # thread's Python stack on stderr rather than a bare exit status.
-    faulthandler.enable()
+    # thread's Python stack on stderr rather than a bare exit status. Not where
+    # stderr has no file (main called in-process under a capturing test runner).
+    with contextlib.suppress(io.UnsupportedOperation):
+        faulthandler.enable()
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         from apdispatch.ap.server import main as serve_main
