@@ -30,6 +30,12 @@ def _latencies_option(parser: argparse.ArgumentParser, extra: str = "") -> None:
     )
 
 
+GUARD_HELP = (
+    "a learned policy's or a rule's guard setting, KEY=VALUE (repeatable; the keys are "
+    "apdispatch.learned.guard_config.GuardConfig's, docs/operations.md lists them)"
+)
+
+
 def _worker_parser(sub: argparse._SubParsersAction, kind: str) -> argparse.ArgumentParser:
     p = sub.add_parser(kind, help=f"run a {kind} worker (Open Inference Protocol server)")
     p.add_argument("--listen", default="127.0.0.1:0", help="host:port (port 0: any free port)")
@@ -136,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and on shutdown (default: start from the shipped one, save nothing)",
     )
     serve.add_argument("--checkpoint-interval-s", type=float, default=None)
+    serve.add_argument("--guard", action="append", default=None, metavar="KEY=VALUE", help=GUARD_HELP)
     serve.add_argument("--tls-cert", default=None, help="PEM certificate: serve TLS")
     serve.add_argument("--tls-key", default=None, help="PEM key of --tls-cert")
     serve.add_argument("--tls-ca", default=None, help="PEM CA: every caller presents a certificate it signed")
@@ -316,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="learned policies start from this checkpoint when it exists (else the shipped one) "
         "and write it at the end of their run",
     )
+    sim.add_argument("--guard", action="append", default=None, metavar="KEY=VALUE", help=GUARD_HELP)
     sim.add_argument(
         "--seeds",
         default=None,

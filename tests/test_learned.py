@@ -34,14 +34,11 @@ from apdispatch.learned.features import (
     HIGH,
     LOW,
     N_FEATURES,
-    RISK_SPREAD,
-    SPREAD,
     Margins,
     candidate_features,
-    risk_spread,
-    risky_mask,
-    screen,
 )
+from apdispatch.learned.guard_config import GuardConfig
+from apdispatch.learned.guards import Risk, SafetyMargin, SlowerVariant
 from apdispatch.learned.policy import ActorCriticPolicy
 from apdispatch.learned.process import ProcessLearner
 from apdispatch.policies import (
@@ -54,6 +51,8 @@ from apdispatch.policies import (
 )
 from apdispatch.scenario import load_scenario
 
+SPREAD = GuardConfig().spread
+RISK_SPREAD = GuardConfig().risk_spread
 REQUEST = RequestView(task="digits", app="ar", deadline_ms=50.0, min_accuracy=0.8)
 # Generous: a learner process's start (torch's import) on a loaded machine, plus its updates.
 LEARNER_WAIT_S = 300.0
@@ -73,11 +72,27 @@ def _c(key: str, *, acc: float, rtt: float, busy: int, slots: int, predicted: fl
     )
 
 
+def _margins(margin: dict[str, float] | None = None, risk: dict[str, float] | None = None) -> Margins:
+    """Margins that hold exactly these per-key values."""
+    m = Margins()
+    m.margin.update(margin or {})
+    m.risk.update(risk or {})
+    return m
+
+
+def _screened(
+    request: RequestView, cands: list[Candidate], margins: dict[str, float] | None = None
+) -> list[int]:
+    """What the first two guards (slower variant, safety margin) leave open."""
+    open_ = SlowerVariant().open(request, cands, list(range(len(cands))))
+    return SafetyMargin(_margins(margins)).open(request, cands, open_)
+
+
 def _masked(
     request: RequestView, cands: list[Candidate], margins: dict[str, float] | None = None
 ) -> list[int]:
-    """The candidates ``screen`` masks: those it leaves out of the open ones."""
-    open_ = screen(request, cands, margins).open
+    """The candidates the first two guards close."""
+    open_ = _screened(request, cands, margins)
     return [k for k in range(len(cands)) if k not in open_]
 
 
@@ -266,7 +281,7 @@ def test_features_are_clipped() -> None:
 
 
 def test_margins_by_hand() -> None:
-    margins = Margins(alpha=0.5)
+    margins = Margins(GuardConfig(margin_alpha=0.5))
     margins.observe("t", predicted_ms=10.0, latency_ms=12.0)
     # The first residual (2) seeds the mean, no spread yet.
     assert margins.margin["t"] == pytest.approx(2.0)
@@ -289,7 +304,7 @@ def test_margins_by_hand() -> None:
 
 
 def test_an_early_outlier_weighs_as_one_reply_among_the_first() -> None:
-    margins = Margins(alpha=0.05)
+    margins = Margins(GuardConfig(margin_alpha=0.05))
     for latency in (60.0, 10.0, 10.0, 10.0):  # a cold start's 50 ms, then on time
         margins.observe("t", predicted_ms=10.0, latency_ms=latency)
     # A plain average over the first 1 / alpha = 20 replies: mean 50 / 4 = 12.5,
@@ -305,37 +320,41 @@ def test_an_early_outlier_weighs_as_one_reply_among_the_first() -> None:
 
 
 def test_the_wider_margin_of_a_target_known_from_few_replies_is_wider() -> None:
-    margins = Margins(alpha=0.5)
+    margins = Margins(GuardConfig(margin_alpha=0.5))
     for latency in (12.0, 14.0, 14.0):
         margins.observe("t", predicted_ms=10.0, latency_ms=latency)
     # mean 3 + 0.5 * (4 - 3) = 3.5; second moment 10 + 0.5 * (16 - 10) = 13; sd sqrt(0.75).
-    # From 3 replies the 2 sd become Student's t with 2 df at 97.725 %: 4.5266 sd.
-    assert margins.risk["t"] == pytest.approx(3.5 + 4.526551 * math.sqrt(0.75), abs=1e-5)
+    # From 3 replies the 2 sd become Student's t with 2 df at the normal's 2 sd
+    # quantile p = Phi(2) = 0.97724987: in closed form (2p - 1) / sqrt(2p(1 - p)) = 4.52654 sd.
+    p = 1.0 - 0.5 * math.erfc(2.0 / math.sqrt(2.0))
+    t2 = (2 * p - 1) / math.sqrt(2 * p * (1 - p))
+    assert t2 == pytest.approx(4.526537, abs=1e-6)
+    assert margins.risk["t"] == pytest.approx(3.5 + t2 * math.sqrt(0.75), abs=1e-9)
     assert margins.margin["t"] == pytest.approx(3.5 + SPREAD * math.sqrt(0.75))  # the narrow one as it was
     # The factor falls with the replies and is gone from 400 on.
-    assert risk_spread(6) == pytest.approx(2.648654, abs=1e-5)
-    assert risk_spread(40) == pytest.approx(2.066168, abs=1e-5)
+    risk_spread = margins.risk_spread
+    assert risk_spread(6) == pytest.approx(2.648649, abs=1e-6)
+    assert risk_spread(40) == pytest.approx(2.066165, abs=1e-6)
     assert risk_spread(399) > risk_spread(400) == RISK_SPREAD == risk_spread(10_000)
     # Fewer than 3: as before, so that a new target can be tried at all.
     assert risk_spread(1) == risk_spread(2) == RISK_SPREAD
     # A checkpoint's margins come back with the same factor.
-    again = Margins(alpha=0.5)
+    again = Margins(GuardConfig(margin_alpha=0.5))
     again.load(margins.state())
     assert again.risk == margins.risk
 
 
-def test_risky_mask_closes_what_the_wider_margin_puts_late_while_one_stays_open() -> None:
+def test_risk_guard_closes_what_the_wider_margin_puts_late_while_one_stays_open() -> None:
     near = _c("near", acc=0.9, rtt=2.0, busy=0, slots=1, predicted=10.0)
     cloud = _c("cloud", acc=0.95, rtt=30.0, busy=0, slots=4, predicted=32.0)
     risk = {cloud.key: 20.0, near.key: 1.0}  # 32 + 20 = 52 > 50: risky; 10 + 1: not
-    s = screen(REQUEST, [near, cloud], {}, risk)
-    assert s.risky == [1] and s.open == [0, 1]
-    assert risky_mask(s.open, s.risky) == [0]
-    # With nothing safe left open (near masked before), nothing more is closed.
-    assert risky_mask([1], s.risky) == [1]
-    both = screen(REQUEST, [near, cloud], {}, {**risk, near.key: 45.0})
-    assert both.risky == [0, 1]
-    assert risky_mask(both.open, both.risky) == [0, 1]
+    assert _screened(REQUEST, [near, cloud]) == [0, 1]
+    guard = Risk(_margins(risk=risk))
+    assert guard.open(REQUEST, [near, cloud], [0, 1]) == [0]
+    # With nothing safe left open (near closed before), nothing more is closed.
+    assert guard.open(REQUEST, [near, cloud], [1]) == [1]
+    both = Risk(_margins(risk={**risk, near.key: 45.0}))
+    assert both.open(REQUEST, [near, cloud], [0, 1]) == [0, 1]
 
 
 def test_gae_of_a_three_step_episode_by_hand() -> None:
@@ -775,13 +794,13 @@ def test_aset_reads_checkpoints_whose_windows_were_decisions(tmp_path: Path) -> 
 
 
 def test_margins_round_trip_through_a_checkpoint(tmp_path: Path) -> None:
-    margins = Margins(alpha=0.5)
+    margins = Margins(GuardConfig(margin_alpha=0.5))
     for latency in (12.0, 14.0, 11.0):
         margins.observe("e/w1/v", predicted_ms=10.0, latency_ms=latency)
     margins.observe("c/w2/v", predicted_ms=10.0, latency_ms=4.0)
     state = margins.state()
     assert state["e/w1/v"]["replies"] == 3 and state["c/w2/v"]["replies"] == 1
-    again = Margins(alpha=0.5)
+    again = Margins(GuardConfig(margin_alpha=0.5))
     again.load(json.loads(json.dumps(state)))
     assert again.margin == margins.margin and again.state() == state
     # It goes on learning from where it was, exactly as the original does.
@@ -806,8 +825,8 @@ def test_margins_round_trip_through_a_checkpoint(tmp_path: Path) -> None:
     # Every decision uses them: the same masks as the policy that learned them.
     assert min(resumed.margins.margin.values()) > 0
     for req, cands in _synthetic(np.random.default_rng(6), 50):
-        mask_before = screen(req, cands, policy.margins.margin).open
-        assert screen(req, cands, resumed.margins.margin).open == mask_before
+        mask_before = _screened(req, cands, policy.margins.margin)
+        assert _screened(req, cands, resumed.margins.margin) == mask_before
     # A checkpoint from before margins were saved has none; a broken entry is refused.
     assert make_learned_policy("learned", learn=False).margins.margin == {}  # type: ignore[attr-defined]
     meta = paths(tmp_path / "ck")[1]

@@ -219,10 +219,13 @@ def test_unread_stream_is_flow_controlled(
 
 @pytest.mark.unit
 def test_learned_reservations_forget_quiet_apps_beyond_the_cap() -> None:
-    from apdispatch.learned.reserve import MAX_APPS, REFRESH_S, Reservations
+    from apdispatch.learned.guard_config import GuardConfig
+    from apdispatch.learned.reserve import Reservations
     from apdispatch.routing.policy import Candidate, RequestView
 
-    r = Reservations()
+    config = GuardConfig()
+    MAX_APPS, REFRESH_S = config.max_apps, config.refresh_s
+    r = Reservations(config)
     cands = [Candidate("mec/mec/large", "mec", "mec", "large", 0.95, 7.0, 0, 1, 18.0)]
     for i in range(3 * MAX_APPS):
         now = i * 0.01

@@ -5,25 +5,13 @@ from __future__ import annotations
 import math
 
 import pytest
+from candidates import candidate
 
+from apdispatch.learned.guard_config import GuardConfig
 from apdispatch.learned.reserve import Reservations
 from apdispatch.routing.policy import Candidate, RequestView
 
-
-def _c(
-    worker: str, variant: str, *, rtt: float, predicted: float, slots: int = 1, in_flight: int = 0
-) -> Candidate:
-    return Candidate(
-        key=f"{worker}/{worker}/{variant}",
-        worker=worker,
-        cluster=worker,
-        variant=variant,
-        accuracy=0.95,
-        rtt_ms=rtt,
-        in_flight=in_flight,
-        slots=slots,
-        predicted_ms=predicted,
-    )
+_c = candidate
 
 
 # The MEC server: 7 ms away, 11 ms of service alone, one slot: 1000 / 11 = 90.9 requests/s.
@@ -52,7 +40,7 @@ def _feed(
 
 
 def test_rate_is_the_decayed_count_over_tau() -> None:
-    r = Reservations(tau_s=10.0)
+    r = Reservations(GuardConfig(tau_s=10.0))
     _feed(r, "a", 25.0, [MEC], qps=50.0, seconds=60.0)
     # After 6 time constants the decayed rate is within 0.3 % of the true 50/s.
     assert r.rate("a", 60.0) == pytest.approx(50.0, rel=0.01)
@@ -61,7 +49,7 @@ def test_rate_is_the_decayed_count_over_tau() -> None:
 
 
 def test_a_dependent_apps_demand_reserves_the_worker_against_others() -> None:
-    r = Reservations(load=0.25)
+    r = Reservations(GuardConfig(load=0.25))
     # App "ar": 25 ms, the cloud is out of reach (50 ms), so it depends on the MEC. 30/s is
     # 0.33 of the MEC's 90.9/s: above a quarter.
     _feed(r, "ar", 25.0, [MEC, CLOUD], qps=30.0, seconds=30.0)
@@ -76,26 +64,26 @@ def test_a_dependent_apps_demand_reserves_the_worker_against_others() -> None:
 
 
 def test_no_reservation_below_the_load_share_or_without_an_alternative() -> None:
-    r = Reservations(load=0.25)
+    r = Reservations(GuardConfig(load=0.25))
     # 15/s is 0.165 of the MEC's capacity: below a quarter.
     _feed(r, "ar", 25.0, [MEC, CLOUD], qps=15.0, seconds=30.0)
     count = _view("count", 60.0, 30.0)
     assert r.reserved(count, {"mec", "edge", "cloud"}) == {}
-    r2 = Reservations(load=0.25)
+    r2 = Reservations(GuardConfig(load=0.25))
     _feed(r2, "ar", 25.0, [MEC, CLOUD], qps=30.0, seconds=30.0)
     # The MEC is the only candidate left open: it is not taken away.
     assert r2.mask(count, [MEC, EDGE], [0]) == [0]
 
 
 def test_an_app_with_two_feasible_workers_depends_on_none() -> None:
-    r = Reservations(load=0.25)
+    r = Reservations(GuardConfig(load=0.25))
     # Deadline 60 ms: both the MEC (18) and the cloud (50) are feasible.
     _feed(r, "ar", 60.0, [MEC, CLOUD], qps=80.0, seconds=30.0)
     assert r.reserved(_view("count", 60.0, 30.0), {"mec", "edge", "cloud"}) == {}
 
 
 def test_apps_that_share_two_workers_keep_both_from_an_app_with_a_third() -> None:
-    r = Reservations(load=0.25)
+    r = Reservations(GuardConfig(load=0.25))
     a = _c("a", "small", rtt=5.0, predicted=15.0)  # 10 ms alone: 100/s
     b = _c("b", "tiny", rtt=6.0, predicted=11.0)  # 5 ms alone: 200/s
     # Two 35 ms apps can use a and b only (the cloud is too far): 40/s each
@@ -114,7 +102,7 @@ def test_apps_that_share_two_workers_keep_both_from_an_app_with_a_third() -> Non
 
 
 def test_the_dependent_apps_own_service_time_sets_the_capacity() -> None:
-    r = Reservations(load=0.25)
+    r = Reservations(GuardConfig(load=0.25))
     # One slot, 9 ms away: app "ar" needs its 8 ms variant; another app's 1 ms
     # variant on it is not what "ar" can get.
     small = _c("edge", "digits-small", rtt=9.0, predicted=17.0)
@@ -127,7 +115,7 @@ def test_the_dependent_apps_own_service_time_sets_the_capacity() -> None:
 
 
 def test_one_hopeful_prediction_does_not_make_a_worker_feasible() -> None:
-    r = Reservations(load=0.25)
+    r = Reservations(GuardConfig(load=0.25))
     near_cloud = _c("cloud", "large", rtt=24.0, predicted=26.0, slots=4)
     lucky = near_cloud._replace(predicted_ms=24.5)
     busy_mec = MEC._replace(in_flight=1, predicted_ms=40.0)
@@ -145,7 +133,7 @@ def test_one_hopeful_prediction_does_not_make_a_worker_feasible() -> None:
 
 
 def test_a_reserved_worker_stays_open_when_every_other_target_is_likelier_late() -> None:
-    r = Reservations(load=0.25)
+    r = Reservations(GuardConfig(load=0.25))
     _feed(r, "ar", 25.0, [MEC, CLOUD], qps=30.0, seconds=30.0)
     count = _view("count", 60.0, 30.0)
     pressure = r.reserved(count, {"mec", "cloud"})["mec"]
@@ -160,7 +148,7 @@ def test_a_reserved_worker_stays_open_when_every_other_target_is_likelier_late()
 
 
 def test_where_every_open_worker_is_reserved_the_least_pressed_stays_open() -> None:
-    r = Reservations(load=0.05)
+    r = Reservations(GuardConfig(load=0.05))
     edge2 = _c("edge2", "tiny", rtt=3.0, predicted=5.0)  # 2 ms alone: 500/s
     # "ar" depends on the MEC alone (30/s x 11 ms: 0.31 of it); "count" on edge2 (40/s x 2 ms: 0.08).
     _feed(r, "ar", 25.0, [MEC, CLOUD], qps=30.0, seconds=30.0)
@@ -173,7 +161,7 @@ def test_where_every_open_worker_is_reserved_the_least_pressed_stays_open() -> N
 
 
 def test_an_app_that_meets_its_sla_presses_in_proportion_to_its_misses() -> None:
-    r = Reservations(load=0.25)
+    r = Reservations(GuardConfig(load=0.25))
     _feed(r, "ar", 25.0, [MEC, CLOUD], qps=30.0, seconds=30.0)
     full = r.pressure("ar", 30.0)
     assert full == pytest.approx(WARMED * 30.0 * 11.0 / 1000.0, rel=0.01)  # no outcomes yet: in full
@@ -195,7 +183,7 @@ def test_calm_while_no_app_that_misses_its_sla_presses() -> None:
     r = Reservations()  # load 0.05
     _feed(r, "ar", 25.0, [MEC, CLOUD], qps=30.0, seconds=30.0)
     # "ar" presses on the MEC by 0.31 (30/s x 11 ms, warmed up).
-    assert not r.calm(30.0)  # no outcomes yet: its misses count as MISSES, not below
+    assert not r.calm(30.0)  # no outcomes yet: its misses count as ``misses``, not below
     r.outcome("ar", True)
     r.catch_up(30.25)  # as the policy does after each feedback
     assert r.calm(30.25)  # 1 % * (1 - 0.003) < 1 %
@@ -266,7 +254,7 @@ def test_a_refresh_due_at_a_decision_is_learned_when_caught_up() -> None:
     assert r.pressure("ar", 0.0) == 0.0  # nothing learned yet
     r.catch_up(0.0)  # after a feedback
     assert r.pressure("ar", 0.0) == pytest.approx(1.0 / 10.0 * 11.0 / 1000.0)  # 1 arrival / tau x 11 ms
-    # Within REFRESH_S of the last refresh, a decision keeps nothing.
+    # Within refresh_s of the last refresh, a decision keeps nothing.
     later = _view("ar", 25.0, 0.1)
     r.defer(later, [MEC._replace(predicted_ms=7.5), CLOUD])
     r.catch_up(0.1)
@@ -283,6 +271,6 @@ def test_decisions_refresh_the_pressures_themselves_only_when_stale() -> None:
     # "ar" now meets its SLA (misses from ~1 % to 0.05 %): it presses by a twentieth.
     for _ in range(1000):
         r.outcome("ar", True)
-    # No feedback caught up since: decisions read the table of 30.0 s until it is STALE_S (1 s) old.
+    # No feedback caught up since: decisions read the table of 30.0 s until it is stale_s (1 s) old.
     assert set(r.reserved(count._replace(now_s=30.9), {"mec", "cloud"})) == {"mec"}
     assert r.reserved(count._replace(now_s=31.0), {"mec", "cloud"}) == {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,9 @@ class APConfig:
     # that a restarted AP resumes where the last one stopped.
     checkpoint: str = ""
     checkpoint_interval_s: float = 60.0
+    # Guard settings of a learned policy or a rule (apdispatch.learned.guard_config.GuardConfig),
+    # a [guards] table: they replace the checkpoint's own, and are saved with the next checkpoint.
+    guards: dict[str, Any] = field(default_factory=dict)
     # Security (README, "Security"); all empty: plaintext and open, for local development.
     # PEM certificate and key: the AP serves TLS.
     tls_cert: str = ""
@@ -128,6 +131,14 @@ class APConfig:
             raise ConfigError("summary_interval_s: must be > 0")
         if self.checkpoint_interval_s <= 0:
             raise ConfigError("checkpoint_interval_s: must be > 0")
+        if not isinstance(self.guards, dict):
+            raise ConfigError("guards: must be a table of guard settings")
+        from apdispatch.learned.guard_config import GuardConfig
+
+        try:
+            GuardConfig().with_overrides(self.guards)
+        except ValueError as exc:
+            raise ConfigError(f"guards.{exc}") from None
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert, tls_key: give both or neither")
         if self.tls_ca and not self.tls_cert:
@@ -156,8 +167,11 @@ class APConfig:
         return OutlierConfig(**{f.name: getattr(self, f"outlier_{f.name}") for f in fields(OutlierConfig)})
 
     def with_overrides(self, **overrides: Any) -> APConfig:
-        """A copy with every override that is not None applied."""
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        """A copy with every override that is not None applied (``guards`` merge into the file's)."""
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        if "guards" in changes:
+            changes["guards"] = {**self.guards, **changes["guards"]}
+        return replace(self, **changes)
 
 
 def load_config(path: Path | None = None, **overrides: Any) -> APConfig:

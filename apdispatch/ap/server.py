@@ -34,6 +34,7 @@ from apdispatch.common.logs import is_enabled, make_logger
 from apdispatch.common.metrics_http import MetricsServer
 from apdispatch.common.protocol import dispatcher_pb2_grpc as pb_grpc
 from apdispatch.common.tls import TLSFiles
+from apdispatch.learned.guard_config import parse_guard_overrides
 from apdispatch.policies import make_policy, policy_names
 from apdispatch.routing.estimator import LatencyEstimator
 from apdispatch.routing.outlier import OutlierDetector
@@ -78,7 +79,9 @@ class AccessPoint:
         self.estimator = LatencyEstimator()
         # A deployment's checkpoint is resumed from when it is there; the first
         # run starts from the shipped one and creates it.
-        self.policy = make_policy(config.policy, seed=config.seed, resume_from=config.checkpoint or None)
+        self.policy = make_policy(
+            config.policy, seed=config.seed, resume_from=config.checkpoint or None, guards=config.guards
+        )
         self.tls = TLSFiles(ca=config.tls_ca, cert=config.tls_cert, key=config.tls_key)
         # With a CA the AP presents its own certificate to workers, and checks theirs.
         worker_credentials = self.tls.channel_credentials() if config.tls_ca else None
@@ -331,6 +334,7 @@ def main(args: argparse.Namespace) -> int:
             log_format=args.log_format,
             checkpoint=getattr(args, "checkpoint", None),
             checkpoint_interval_s=getattr(args, "checkpoint_interval_s", None),
+            guards=parse_guard_overrides(getattr(args, "guard", None)) or None,
             tls_cert=getattr(args, "tls_cert", None),
             tls_key=getattr(args, "tls_key", None),
             tls_ca=getattr(args, "tls_ca", None),
@@ -339,7 +343,7 @@ def main(args: argparse.Namespace) -> int:
         )
         if config.policy not in policy_names():
             raise KeyError(f"unknown policy {config.policy!r} (known: {', '.join(policy_names())})")
-    except (ConfigError, KeyError) as exc:
+    except (ConfigError, KeyError, ValueError) as exc:
         print(f"apdispatch serve: {exc}")
         return 2
     try:

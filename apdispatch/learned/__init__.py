@@ -21,3 +21,5 @@ from __future__ import annotations
 # simulator with a static policy never load it); the policies are built by
 # ``apdispatch.learned.factory``.
 LEARNED_POLICIES: tuple[str, ...] = ("aset", "actor-critic", "learned")
+# Rules over the same guards and margins (``slack.py``): no network, no checkpoint.
+RULE_POLICIES: tuple[str, ...] = ("slack", "slack-guarded")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -63,6 +64,7 @@ def make_learned_policy(
     learn: bool = True,
     fresh: bool = False,
     save_to: Path | str | None = None,
+    guards: Mapping[str, Any] | None = None,
     **overrides: Any,
 ) -> CheckpointedPolicy:
     """A learned policy, from ``checkpoint`` (or the shipped one), or fresh when there is none.
@@ -73,7 +75,8 @@ def make_learned_policy(
     process of their own for the actor-critic kinds (``process.py``), in a
     thread for ASET; ``"thread"``; False: inline, in ``observe``, so that a
     seeded simulation is reproducible. ``overrides`` replace config
-    entries (``explore``, ``mask_late``, ``window_s``, ...) of a fresh or loaded policy.
+    entries (``explore``, ``mask_late``, ``window_s``, ...) of a fresh or loaded policy;
+    ``guards`` replaces fields of its ``GuardConfig`` (the checkpoint's, or the defaults).
     """
     if name not in LEARNED_POLICIES:
         raise KeyError(name)
@@ -91,6 +94,8 @@ def make_learned_policy(
     if name != "learned" and kind != name:
         raise CheckpointError(f"{path}: a {kind!r} checkpoint, not {name!r}")
     meta = {**meta, **overrides}
+    if guards:
+        meta["guards"] = {**(meta.get("guards") or {}), **guards}
     try:
         policy = _restore(name, kind, state, meta, seed=seed, background=background, learn=learn)
     except (KeyError, TypeError, ValueError) as exc:
@@ -148,7 +153,12 @@ def _restore(
             raise ValueError(f"features {meta['features']}, not {list(FEATURES)}")
         algo = ActorCriticAlgo(ActorCriticConfig.from_json(meta), seed=seed)
         _resume(algo, state, meta)
-        policy = ActorCriticPolicy(name, algo, seed=seed, background=background, learn=learn, meta=meta)
+        from apdispatch.learned.guard_config import GuardConfig
+
+        guard_config = GuardConfig.from_json(meta.get("guards"))
+        policy = ActorCriticPolicy(
+            name, algo, seed=seed, background=background, learn=learn, meta=meta, guards=guard_config
+        )
         # What the AP learned of its targets before it stopped (checkpoints before these had none).
         policy.margins.load(meta.get("margins") or {})
         return policy

@@ -8,8 +8,8 @@ any number of clusters, workers, variants and apps.
 
 ``Margins`` adds what the estimator's mean prediction misses: per target, a
 running mean and spread of (observed latency - predicted latency) over the
-replies to the policy's own decisions, kept as one safety margin (mean + 1
-sd, ``SPREAD``). Network jitter, interference from requests that arrived later, a
+replies to the policy's own decisions, kept as one safety margin (mean +
+``GuardConfig.spread`` sd). Network jitter, interference from requests that arrived later, a
 batching delay: whatever makes a target's replies come later than predicted,
 or less predictably, shows up there, online, in the AP and the simulator
 alike. The moments are saved in a learned policy's checkpoint (``state``,
@@ -24,12 +24,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from math import erfc, isfinite, sqrt
-from typing import NamedTuple
 
 import numpy as np
 from scipy.special import stdtrit
 
+from apdispatch.learned.guard_config import GuardConfig
 from apdispatch.routing.policy import Candidate, RequestView
+
+DEFAULT_GUARDS = GuardConfig()
 
 FEATURES: tuple[str, ...] = (
     "slack",  # (deadline_left - predicted) / deadline_left: > 0 is predicted in time
@@ -51,37 +53,26 @@ HIGH = np.array([1.0, 2.0, 1.0, 1.0, 4.0, 1.0, 2.0, 2.0, 1.0])
 LOW.flags.writeable = False
 HIGH.flags.writeable = False
 
-# Standard deviations of a target's lateness its safety margin covers. The
-# mean corrects the estimator's bias; the spread trades a target's own late
-# replies against the load it then pushes onto the targets it is trusted
-# less than. More than 1 sd is too cautious on a jittery network: it pushes
-# requests that could use a far target onto the slots the tightest app needs.
-SPREAD = 1.0
-# A second, wider margin (mean + 2 sd): of the candidates left after every
-# other mask, those it puts past the deadline are closed too, as long as
-# one it keeps stays open (``risky_mask``). It comes last, after the
-# reservations, so that it never sends a request onto a worker another app
-# needs; as a tie-break it takes requests off a jittery target while a
-# steadier one is open.
-RISK_SPREAD = 2.0
-# The wider margin's spread is estimated from the target's own replies, and
-# from a few of them it comes out too small, which makes a little-known
-# target look safer than a well-known one. So the 2 sd become the same
-# one-sided quantile (97.7 %) of Student's t with n - 1 degrees of freedom,
-# for a target known from n replies: x2.26 at 3, x1.32 at 6, x1.03 at 40,
-# x1.003 at 400 (and exactly 1 beyond). Below 3 replies the spread is left
-# as it is (t with 1 df is 7x wider): a new target must be tried to be known.
-RISK_QUANTILE = 0.97725  # the normal's at RISK_SPREAD sd
-SMALL_SAMPLE_MAX = 400
-# Factor by replies seen: 1 below 3, t_{n-1}(RISK_QUANTILE) / RISK_SPREAD up to SMALL_SAMPLE_MAX.
-_T_QUANTILES = stdtrit(np.arange(2, SMALL_SAMPLE_MAX - 1), RISK_QUANTILE) / RISK_SPREAD
-_SMALL_SAMPLE: tuple[float, ...] = (1.0, 1.0, 1.0, *(float(q) for q in _T_QUANTILES))
+# The safety margin covers ``GuardConfig.spread`` sd of a target's lateness.
+# The mean corrects the estimator's bias; the spread trades a target's own
+# late replies against the load it then pushes onto the targets it is
+# trusted less than (more than 1 sd is too cautious on a jittery network).
+#
+# The risk guard's wider margin (``risk_spread`` sd) is estimated from the
+# target's own replies, and from a few of them it comes out too small, which
+# makes a little-known target look safer than a well-known one. So its sd
+# become the same one-sided quantile of Student's t with n - 1 degrees of
+# freedom, for a target known from n replies (at 2 sd: x2.26 at 3, x1.32 at
+# 6, x1.03 at 40, x1.003 at 400, and exactly 1 from ``small_sample_max``).
+# Below 3 replies the spread is left as it is (t with 1 df is 7x wider): a
+# new target must be tried to be known.
 
 
-def risk_spread(replies: float) -> float:
-    """The wider margin's spread, in sd, for a target known from ``replies`` replies."""
-    n = int(replies)
-    return RISK_SPREAD * _SMALL_SAMPLE[n] if n < SMALL_SAMPLE_MAX else RISK_SPREAD
+def small_sample_factors(risk_spread: float, small_sample_max: int) -> tuple[float, ...]:
+    """Per replies seen, below ``small_sample_max``: t_{n-1} at the quantile of ``risk_spread`` sd, / it."""
+    quantile = 1.0 - 0.5 * erfc(risk_spread / sqrt(2.0))
+    t = stdtrit(np.arange(2, small_sample_max - 1), quantile) / risk_spread
+    return (1.0, 1.0, 1.0, *(float(q) for q in t))
 
 
 SQRT2 = sqrt(2.0)
@@ -91,23 +82,26 @@ INF = float("inf")
 MIN_DEADLINE_MS = 1e-3
 
 
-def _margin(mean: float, sq: float, spread: float = SPREAD) -> float:
+def _margin(mean: float, sq: float, spread: float) -> float:
     """mean + ``spread`` sd of the residuals, never below 0, from their first two moments."""
     return max(0.0, mean + spread * sqrt(max(0.0, sq - mean * mean)))
 
 
 class Margins:
-    """Per target key: how much later than predicted its replies come (mean + 1 sd, >= 0).
+    """Per target key: how much later than predicted its replies come (mean + ``spread`` sd, >= 0).
 
     Updated from every feedback (O(1)); read by the features with one dict
     lookup per candidate. A late reply counts with the latency the AP saw
     (about the deadline): a lower bound, which still widens the margin.
     """
 
-    __slots__ = ("_alpha", "_moments", "margin", "risk")
+    __slots__ = ("_alpha", "_moments", "_risk_spread", "_small", "_spread", "margin", "risk")
 
-    def __init__(self, alpha: float = 0.05) -> None:
-        self._alpha = alpha
+    def __init__(self, config: GuardConfig = DEFAULT_GUARDS) -> None:
+        self._alpha = config.margin_alpha
+        self._spread = config.spread
+        self._risk_spread = config.risk_spread
+        self._small = small_sample_factors(config.risk_spread, config.small_sample_max)
         # Per key: [mean residual, mean squared residual, replies seen].
         self._moments: dict[str, list[float]] = {}
         self.margin: dict[str, float] = {}
@@ -128,8 +122,8 @@ class Margins:
             a = max(self._alpha, 1.0 / m[2])
             m[0] += a * (residual - m[0])
             m[1] += a * (residual * residual - m[1])
-        self.margin[key] = _margin(m[0], m[1])
-        self.risk[key] = _margin(m[0], m[1], risk_spread(m[2]))
+        self.margin[key] = _margin(m[0], m[1], self._spread)
+        self.risk[key] = _margin(m[0], m[1], self.risk_spread(m[2]))
 
     def state(self) -> dict[str, dict[str, float]]:
         """Per key, the moments as JSON-ready numbers (for a checkpoint).
@@ -155,8 +149,14 @@ class Margins:
             if not (isfinite(mean) and isfinite(sq) and replies >= 1):
                 raise ValueError(f"margins of {key!r}: {s}")
             self._moments[key] = [mean, sq, replies]
-            self.margin[key] = _margin(mean, sq)
-            self.risk[key] = _margin(mean, sq, risk_spread(replies))
+            self.margin[key] = _margin(mean, sq, self._spread)
+            self.risk[key] = _margin(mean, sq, self.risk_spread(replies))
+
+    def risk_spread(self, replies: float) -> float:
+        """The wider margin's spread, in sd, for a target known from ``replies`` replies."""
+        n = int(replies)
+        small = self._small
+        return self._risk_spread * small[n] if n < len(small) else self._risk_spread
 
     def late_chance(self, key: str, predicted_ms: float, deadline_ms: float) -> float:
         """The chance that a reply of ``key`` predicted at ``predicted_ms`` comes past the deadline.
@@ -176,16 +176,6 @@ class Margins:
         """How many replies the margin of ``key`` was learned from (0: none yet)."""
         m = self._moments.get(key)
         return 0 if m is None else int(m[2])
-
-
-class Screen(NamedTuple):
-    """Which candidates a decision may take, and which of them the last mask may close."""
-
-    open: list[int]  # indices of the candidates the masks of ``screen`` leave open, in order
-    risky: list[int]  # those the wider margin puts past the deadline, open or not (``risky_mask``)
-
-
-_NONE: dict[str, float] = {}
 
 
 def candidate_features(
@@ -245,68 +235,3 @@ def candidate_features(
         )
     x = np.array(flat, dtype=np.float64).reshape(-1, N_FEATURES)
     return x
-
-
-def screen(
-    request: RequestView,
-    candidates: Sequence[Candidate],
-    margins: dict[str, float] | None = None,
-    risk: dict[str, float] | None = None,
-) -> Screen:
-    """The candidates a decision may take (those it must not are masked), and the risky ones.
-
-    Masked are:
-
-    - on a worker with several variants that meet the request's floor and
-      are predicted in time, every one but the soonest predicted (the first
-      of equals): a slower variant on the same worker meets the SLA no
-      better and holds the slot longer. The margins are left out of this
-      comparison: the variants share the worker's network and queue, and
-      their margins differ mostly by how often each was chosen (comparing
-      only the variants the margins trust lets a rarely chosen variant,
-      its margin learned from few replies, stand in for the worker's
-      soonest).
-    - of the workers' soonest, the *unsafe* ones (prediction plus the
-      target's safety margin past the deadline) when at least one is
-      safe, else those predicted past the deadline (slack < 0). The
-      network then chooses among the candidates the margins trust, which
-      is where its choice generalizes. The margins act through this mask
-      only, not as a feature: as an input, a margin larger than any seen
-      in training (a network far noisier than the training scenarios')
-      pushes the network's scores off targets the mask trusts.
-
-    Risky are the candidates whose prediction plus the wider margin
-    (``risk``, ``Margins.risk``) is past the deadline: the last mask
-    (``risky_mask``) closes those still open.
-    """
-    deadline = request.deadline_ms
-    inv = 1.0 / max(deadline, MIN_DEADLINE_MS)
-    margin = (margins or _NONE).get
-    wide = (risk or _NONE).get
-    risky: list[int] = []
-    # Per worker, its soonest predicted candidate among those predicted in time.
-    timely: dict[str, int] = {}
-    for k, c in enumerate(candidates):
-        predicted = c.predicted_ms
-        key = c.key
-        if predicted + wide(key, 0.0) > deadline:
-            risky.append(k)
-        p = predicted * inv
-        if p > 1.0:
-            continue  # late
-        worker = c.worker
-        first = timely.get(worker)
-        if first is None or predicted < candidates[first].predicted_ms:
-            timely[worker] = k
-    soonest = sorted(timely.values())
-    safe = [k for k in soonest if candidates[k].predicted_ms + margin(candidates[k].key, 0.0) <= deadline]
-    return Screen(safe or soonest, risky)
-
-
-def risky_mask(open_: list[int], risky: list[int]) -> list[int]:
-    """Of the open candidates, those left once the ``risky`` ones are closed, if any is left."""
-    if not risky:
-        return open_
-    shut = set(risky)
-    kept = [k for k in open_ if k not in shut]
-    return kept if kept else open_

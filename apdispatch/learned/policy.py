@@ -1,14 +1,12 @@
 """The per-request learned policy (``actor-critic``, and ``learned`` built on it).
 
-Hot path, per decision: the masks (``features.screen``, the reservations,
-the risk mask, and, while no app needs room, all but the soonest predicted:
-``Reservations.calm``), features of the candidates they leave open (plain
-floats, one ``np.array``), the actor's numpy forward pass on the current
-snapshot when more than one is open, a softmax draw, and a note of the decision for
-when its feedback comes back.
+Hot path, per decision: the guards (``guards.Guards``), features of the
+candidates they leave open (plain floats, one ``np.array``), the actor's
+numpy forward pass on the current snapshot when more than one is open, a
+softmax draw, and a note of the decision for when its feedback comes back.
 No torch, no locks, no waiting. ``observe`` turns a feedback into a reward and
-hands the transition to the learner's queue; the reservations' periodic
-walks over a candidate set run there too, not in a decision.
+hands the transition to the learner's queue; the guards learn from it too
+(margins, reservations), off the decision path.
 """
 
 from __future__ import annotations
@@ -27,10 +25,11 @@ from apdispatch.learned.actor_critic import (
     Transition,
 )
 from apdispatch.learned.checkpoint import CheckpointedPolicy
-from apdispatch.learned.features import FEATURES, Margins, candidate_features, risky_mask, screen
+from apdispatch.learned.features import FEATURES, candidate_features
+from apdispatch.learned.guard_config import GuardConfig
+from apdispatch.learned.guards import Guards
 from apdispatch.learned.learner import Learner, RewardMean
 from apdispatch.learned.process import ProcessLearner
-from apdispatch.learned.reserve import Reservations
 from apdispatch.routing.policy import Candidate, Feedback, RequestView
 
 if TYPE_CHECKING:
@@ -54,6 +53,7 @@ class ActorCriticPolicy(CheckpointedPolicy):
         background: bool | str = True,
         learn: bool = True,
         meta: dict[str, Any] | None = None,
+        guards: GuardConfig | None = None,
     ) -> None:
         self.name = name
         self.algo = algo
@@ -65,12 +65,13 @@ class ActorCriticPolicy(CheckpointedPolicy):
         self._explore = algo.config.explore
         self._mask_late = algo.config.mask_late
         self._pending: dict[int, tuple[RequestView, int, np.ndarray, int, np.ndarray]] = {}
-        # Learned here, in the deciding process, whatever runs the updates; saved with the checkpoint.
-        self.margins = Margins()
-        # Workers other apps cannot do without (learned online, not checkpointed).
-        self.reserve = Reservations()
+        # Which candidates the network may score. Learned here, in the deciding
+        # process, whatever runs the updates; the margins are saved with the
+        # checkpoint, the reservations are learned again.
+        self.guards = Guards(guards)
+        self.margins = self.guards.margins
+        self.reserve = self.guards.reserve
         self._seq = 0
-        self._now = 0.0  # the latest decision's clock (``RequestView.now_s``)
         self.rewards = RewardMean()
         # How many candidates the network scored in the last decision (0 when
         # the masks, or calm, left one): what ``apdispatch bench --decisions``
@@ -95,27 +96,14 @@ class ActorCriticPolicy(CheckpointedPolicy):
         return self._snapshot
 
     def choose(self, request: RequestView, candidates: Sequence[Candidate]) -> Candidate:
-        reserve = self.reserve
-        margins = self.margins
-        reserve.arrive(request)
-        # The refresh this may be due is learned in ``observe``, after the decision.
-        reserve.defer(request, candidates)
-        self._now = request.now_s
+        guards = self.guards
+        guards.arrive(request, candidates)
         n = len(candidates)
         if n == 1:
             self.scored = 0
             return candidates[0]
         snapshot = self._snapshot  # one read: the whole decision uses one set of parameters
-        if self._mask_late:
-            open_, risky = screen(request, candidates, margins.margin, margins.risk)
-            open_ = reserve.mask(request, candidates, open_, margins.late_chance)
-            open_ = risky_mask(open_, risky) or list(range(n))
-            if len(open_) > 1 and reserve.calm(request.now_s):
-                # Nobody to make room for: spending slack would only add
-                # risk, so the soonest predicted of what is open it is.
-                open_ = [min(open_, key=lambda k: candidates[k].predicted_ms)]
-        else:
-            open_ = list(range(n))
+        open_ = guards.open(request, candidates) if self._mask_late else list(range(n))
         # Features and scores of the open candidates only: the learner never
         # reads a masked one (its logit is MASKED, out of every softmax and
         # of the critic's pooling), so the transition keeps these rows alone
@@ -156,17 +144,10 @@ class ActorCriticPolicy(CheckpointedPolicy):
 
     def rejected(self, request: RequestView) -> None:
         """Admission rejected ``request``: it still counts in its app's demand, and as a miss."""
-        self.reserve.arrive(request)
-        self.reserve.outcome(request.app, False)
+        self.guards.rejected(request)
 
     def observe(self, feedback: Feedback) -> None:
-        chosen = feedback.chosen
-        margins = self.margins
-        margins.observe(chosen.key, chosen.predicted_ms, feedback.latency_ms)
-        reserve = self.reserve
-        reserve.outcome(feedback.request.app, feedback.outcome == "ok")
-        # The reservations' periodic walks, off the decision path (``Reservations.defer``).
-        reserve.catch_up(self._now, margins.margin)
+        self.guards.observe(feedback)
         if self.learner is None:
             return
         record = self._pending.pop(id(feedback.request), None)
@@ -197,6 +178,7 @@ class ActorCriticPolicy(CheckpointedPolicy):
             **self.algo.config.to_json(),
             "updates": self.algo.updates,
             "samples": self.algo.samples,
+            "guards": self.guards.config.to_json(),
             "margins": self.margins.state(),
         }
 

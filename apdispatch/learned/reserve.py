@@ -26,8 +26,8 @@ Everything is learned online from what the policy sees, per deployment:
 An app's *pressure* is its arrival rate over the capacity of its feasible
 workers for it (sum of slots / service time): about the share of its
 requests that would find them busy, counted in full only while the app
-misses its SLA on ``MISSES`` (1 %) of its requests or more (an average
-over its last ~300 outcomes, ``MISS_ALPHA``), and scaled down in
+misses its SLA on ``misses`` (1 %) of its requests or more (an average
+over its last ~300 outcomes, ``miss_alpha``), and scaled down in
 proportion below: finding a worker busy costs an app nothing when its
 slack absorbs the wait. A worker is *reserved* against a request when
 the other apps that could use it, and could not use some other worker open
@@ -38,15 +38,16 @@ and is reserved against nobody; a one-slot MEC server running the large
 variants is.
 
 The same miss averages say when nobody needs room (``calm``): while every
-app that sends requests misses its SLA on less than ``MISSES`` of them, or
+app that sends requests misses its SLA on less than ``misses`` of them, or
 presses below ``load``, the policy takes the soonest predicted of its open
 candidates, as `fastest` does: with nobody short of near, fast targets,
 spending slack only adds the risk of a far or queued one. An app that
 misses but presses below ``load`` does not count against calm: making
 room would not help it (no worker is reserved for it either).
 
-Nothing of this is saved in checkpoints: it describes a deployment's
-current apps, and is learned again in seconds. The scenarios behind each
+The thresholds are ``GuardConfig`` fields, saved with a learned policy's
+checkpoint. What is learned is not: it describes a deployment's current
+apps, and is learned again in seconds. The scenarios behind each
 rule are in docs/experiments.md.
 """
 
@@ -55,32 +56,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence, Set
 from math import exp
 
+from apdispatch.learned.guard_config import GuardConfig
 from apdispatch.routing.policy import Candidate, RequestView
 
-# The pressure from which a worker is reserved: low enough that an app
-# needing a fraction of one slot still holds it.
-LOAD = 0.05
-TAU_S = 10.0
-# The dependencies and capacities are refreshed at most this often per app,
-# and the pressures of all apps as decisions read them. A refresh walks a
-# request's candidates (~10-20 us for 16), after a feedback (``defer``,
-# ``catch_up``); the rates they feed decay over TAU_S.
-REFRESH_S = 0.2
-# Decisions read the pressures ``catch_up`` refreshes after each feedback,
-# every REFRESH_S; they recompute them on their own path only once they are
-# this old (no feedback for that long, such as at the very start).
-STALE_S = 1.0
-# Weight of a refresh in a target's typical prediction: about the last 5
-# refreshes (one second of a busy app). An average, not the least ever
-# seen, so that one hopeful prediction does not make a worker feasible.
-TYPICAL_ALPHA = 0.2
-# The miss ratio from which an app's pressure counts in full, and the weight
-# of one outcome in the app's average (about its last 300).
-MISSES = 0.01
-MISS_ALPHA = 0.003
-# Past this many apps, those gone quiet (under one request per tau_s) are
-# forgotten: app names come from clients, who could otherwise grow every table.
-MAX_APPS = 1000
 INF = float("inf")
 
 
@@ -95,20 +73,33 @@ class Reservations:
         "_deferred",
         "_feasible",
         "_load",
+        "_max_apps",
+        "_miss_alpha",
         "_misses",
+        "_misses_full",
         "_pressed_at",
         "_pressures",
+        "_refresh_s",
         "_refreshed",
         "_service",
         "_slots",
+        "_stale_s",
         "_tau",
         "_total",
         "_typical",
+        "_typical_alpha",
     )
 
-    def __init__(self, load: float = LOAD, tau_s: float = TAU_S) -> None:
-        self._load = load
-        self._tau = tau_s
+    def __init__(self, config: GuardConfig | None = None) -> None:
+        config = config or GuardConfig()
+        self._load = config.load
+        self._tau = config.tau_s
+        self._refresh_s = config.refresh_s
+        self._stale_s = config.stale_s
+        self._typical_alpha = config.typical_alpha
+        self._misses_full = config.misses
+        self._miss_alpha = config.miss_alpha
+        self._max_apps = config.max_apps
         self._arrivals: dict[str, tuple[float, float]] = {}  # app -> (decayed count, at now_s)
         # app -> target key -> its prediction when a slot is free, averaged, ms
         self._typical: dict[str, dict[str, float]] = {}
@@ -120,11 +111,11 @@ class Reservations:
         # app -> the request and candidate set its due refresh learns from (``defer``)
         self._deferred: dict[str, tuple[RequestView, Sequence[Candidate]]] = {}
         # The pressures as decisions read them, recomputed at most every
-        # REFRESH_S: app -> (feasible workers, pressure), and their sum.
+        # refresh_s: app -> (feasible workers, pressure), and their sum.
         self._pressures: dict[str, tuple[frozenset[str], float]] = {}
         self._total = 0.0
         self._pressed_at: float | None = None
-        # app -> its share of requests that missed the SLA, averaged; from MISSES (in full) at first
+        # app -> its share of requests that missed the SLA, averaged; from ``misses`` (in full) at first
         self._misses: dict[str, float] = {}
         self._calm = False  # no app that sends requests needs room (``calm``)
 
@@ -135,8 +126,8 @@ class Reservations:
 
     def outcome(self, app: str, ok: bool) -> None:
         """Count an outcome of the app's: ``ok`` when its SLA was met (an admission rejection is a miss)."""
-        m = self._misses.get(app, MISSES)
-        self._misses[app] = m + MISS_ALPHA * ((0.0 if ok else 1.0) - m)
+        m = self._misses.get(app, self._misses_full)
+        self._misses[app] = m + self._miss_alpha * ((0.0 if ok else 1.0) - m)
 
     def rate(self, app: str, now_s: float) -> float:
         """The app's arrivals per second, decayed to ``now_s``."""
@@ -183,11 +174,11 @@ class Reservations:
         self._press(now_s)
 
     def _due(self, request: RequestView) -> bool:
-        """Whether the request's app was last refreshed REFRESH_S ago or more (marks it refreshed if so)."""
+        """Whether the app was last refreshed ``refresh_s`` ago or more (marks it refreshed if so)."""
         app = request.app
         now = request.now_s
         last = self._refreshed.get(app)
-        if last is not None and 0.0 <= now - last < REFRESH_S:
+        if last is not None and 0.0 <= now - last < self._refresh_s:
             return False
         self._refreshed[app] = now
         return True
@@ -204,6 +195,7 @@ class Reservations:
         typical = self._typical.setdefault(app, {})
         service = self._service.setdefault(app, {})
         slots = self._slots
+        alpha = self._typical_alpha
         feasible: set[str] = set()
         hopeful: set[str] = set()  # typically predicted in time, margins aside
         least: dict[str, float] = {}  # worker -> its fastest variant's compute in this set
@@ -222,7 +214,7 @@ class Reservations:
                 # free. From free slots alone, a worker that other apps keep
                 # full would never be feasible for an app that sees it only busy.
                 own = c.rtt_ms + (predicted - c.rtt_ms) * c.slots / (in_flight + 1)
-            typical[key] = b = own if b is None else b + TYPICAL_ALPHA * (own - b)
+            typical[key] = b = own if b is None else b + alpha * (own - b)
             if b <= deadline:
                 hopeful.add(worker)
                 if b + margin(key, 0.0) <= deadline:
@@ -233,7 +225,7 @@ class Reservations:
             slots[worker] = c.slots
         for worker, alone in least.items():
             s = service.get(worker)
-            service[worker] = alone if s is None else s + TYPICAL_ALPHA * (alone - s)
+            service[worker] = alone if s is None else s + alpha * (alone - s)
         # As in the features' mask: when the margins leave nothing, the app
         # still uses what is predicted in time (a worker whose margin grows
         # under load may be all a tight app has).
@@ -247,21 +239,22 @@ class Reservations:
         needs = self._feasible.get(app)
         if needs is None:
             return 0.0
-        return self.rate(app, now_s) * needs[1] * min(1.0, self._misses.get(app, MISSES) / MISSES)
+        full = self._misses_full
+        return self.rate(app, now_s) * needs[1] * min(1.0, self._misses.get(app, full) / full)
 
-    def _press(self, now_s: float, every_s: float = REFRESH_S) -> None:
+    def _press(self, now_s: float, every_s: float | None = None) -> None:
         """Recompute every app's pressure when the last were computed ``every_s`` ago or more.
 
         Rates decay over ``tau_s`` (10 s) and feasible sets change at most
-        every REFRESH_S: ``catch_up`` keeps the pressures a decision reads
+        every ``refresh_s``: ``catch_up`` keeps the pressures a decision reads
         at most that old, and the decisions in between skip an exp() per
-        app. Decisions recompute them only once they are STALE_S old.
+        app. Decisions recompute them only once they are ``stale_s`` old.
         """
         last = self._pressed_at
-        if last is not None and 0.0 <= now_s - last < every_s:
+        if last is not None and 0.0 <= now_s - last < (self._refresh_s if every_s is None else every_s):
             return
         self._pressed_at = now_s
-        if len(self._refreshed) > MAX_APPS or len(self._arrivals) > MAX_APPS:
+        if len(self._refreshed) > self._max_apps or len(self._arrivals) > self._max_apps:
             self._forget_quiet(now_s)
         pressures = {
             app: (feasible, self.pressure(app, now_s))
@@ -273,9 +266,10 @@ class Reservations:
         # Apps that sent nothing for a while (rate below one per tau_s) do
         # not count: an app that left while missing would hold it forever.
         misses = self._misses
+        full = self._misses_full
         load = self._load
         self._calm = all(
-            misses.get(app, MISSES) < MISSES or (app in pressures and pressures[app][1] < load)
+            misses.get(app, full) < full or (app in pressures and pressures[app][1] < load)
             for app in self._arrivals
             if self.rate(app, now_s) * self._tau >= 1.0
         )
@@ -304,19 +298,19 @@ class Reservations:
     def calm(self, now_s: float) -> bool:
         """Whether no app that sends requests needs room: each meets its SLA or presses below ``load``.
 
-        An app meets its SLA when it misses on less than ``MISSES`` of its
+        An app meets its SLA when it misses on less than ``misses`` of its
         requests. One that misses more but presses below ``load`` (its
         demand is a small share of what its feasible workers serve) loses
         its requests to something other requests cannot free it from, such
         as a cloud's jitter: no worker is reserved for it either.
-        Refreshed with the pressures: by ``catch_up``, or here once STALE_S old.
+        Refreshed with the pressures: by ``catch_up``, or here once ``stale_s`` old.
         """
-        self._press(now_s, STALE_S)
+        self._press(now_s, self._stale_s)
         return self._calm
 
     def _others_press(self, request: RequestView) -> bool:
         """Whether the apps other than the request's press by ``load`` or more in all."""
-        self._press(request.now_s, STALE_S)
+        self._press(request.now_s, self._stale_s)
         own = self._pressures.get(request.app)
         return self._total - (own[1] if own is not None else 0.0) >= self._load
 

@@ -17,7 +17,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from apdispatch.learned.guard_config import parse_guard_overrides
 from apdispatch.policies import LEARNED_POLICIES, STATIC_POLICIES, Policy, make_policy, policy_names
 from apdispatch.scenario import Scenario, ScenarioError, load_scenario
 from apdispatch.sim.calibration import parse_calibration
@@ -47,21 +49,30 @@ def resolve_policies(text: str) -> list[str]:
     return names
 
 
-def _checkpointed(checkpoint: Path | None) -> Callable[[str, int], Policy] | None:
-    """With ``--checkpoint``: learned policies resume from it and write it when their run ends."""
+def _checkpointed(
+    checkpoint: Path | None, guards: dict[str, Any] | None = None
+) -> Callable[[str, int], Policy] | None:
+    """With ``--checkpoint``: learned policies resume from it and write it when their run ends.
+
+    ``guards``: ``--guard`` overrides, for every policy that has guards or margins.
+    """
     if checkpoint is None:
-        return None
+        if not guards:
+            return None
+        from apdispatch.sim.seeds import guarded_maker
+
+        return guarded_maker(guards)
     from apdispatch.learned.factory import checkpoint_kind, uses_checkpoint
 
     kind = checkpoint_kind(checkpoint)
 
     def make(name: str, seed: int) -> Policy:
         if name not in LEARNED_POLICIES:
-            return make_policy(name, seed)
+            return make_policy(name, seed, guards=guards)
         if not uses_checkpoint(name, kind):
-            return make_policy(name, seed, background=False)
+            return make_policy(name, seed, background=False, guards=guards)
         start = checkpoint if kind is not None else None
-        return make_policy(name, seed, start, background=False, save_to=checkpoint)
+        return make_policy(name, seed, start, background=False, save_to=checkpoint, guards=guards)
 
     return make
 
@@ -76,7 +87,8 @@ def main(args: argparse.Namespace) -> int:
         latencies = parse_latencies(getattr(args, "latencies", None))
         model = load_model(scenario, args.models, parse_calibration(args.calibration), latencies)
         policies = resolve_policies(args.policies)
-    except (ScenarioError, OSError, KeyError) as exc:
+        guards = parse_guard_overrides(getattr(args, "guard", None))
+    except (ScenarioError, OSError, KeyError, ValueError) as exc:
         print(f"apdispatch sim: {exc}", file=sys.stderr)
         return 2
     if args.bench:
@@ -87,7 +99,7 @@ def main(args: argparse.Namespace) -> int:
 
     seed = scenario.seed if args.seed is None else args.seed
     if getattr(args, "seeds", None) is not None:
-        return _main_seeds(args, scenario, model, policies, seed)
+        return _main_seeds(args, scenario, model, policies, seed, guards)
     print(
         f"scenario {scenario.name}: {scenario.duration_s:g} s, seed {seed}, "
         f"{len(model.workers)} workers in {len(model.clusters)} clusters, {model.latencies} latencies",
@@ -110,7 +122,7 @@ def main(args: argparse.Namespace) -> int:
         window_s=args.window,
         progress=progress,
         bound=not args.no_bound,
-        make=_checkpointed(getattr(args, "checkpoint", None)),
+        make=_checkpointed(getattr(args, "checkpoint", None), guards),
     )
     print(f"\n{format_table(report)}")
     print(f"\n{len(policies)} policies x {report.queries} queries in {time.perf_counter() - started:.1f} s")
@@ -127,7 +139,12 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _main_seeds(
-    args: argparse.Namespace, scenario: Scenario, model: SimModel, policies: list[str], seed: int
+    args: argparse.Namespace,
+    scenario: Scenario,
+    model: SimModel,
+    policies: list[str],
+    seed: int,
+    guards: dict[str, Any],
 ) -> int:
     """``--seeds``: every policy on every seed; means, intervals and paired gaps."""
     from apdispatch.sim import seeds as multi
@@ -157,6 +174,7 @@ def _main_seeds(
         window_s=args.window,
         bound=not args.no_bound,
         latencies=getattr(args, "latencies", None),
+        guards=tuple(guards.items()),
     )
     started = time.perf_counter()
 

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from apdispatch.policies import LEARNED_POLICIES, STATIC_POLICIES
+from apdispatch.policies import LEARNED_POLICIES, STATIC_POLICIES, Policy, make_policy
 from apdispatch.sim.engine import OUTCOMES
 from apdispatch.sim.results import DEFAULT_WINDOW_S, SimReport, ratios, run_policies
 
@@ -91,6 +91,7 @@ class RunSpec:
     window_s: float
     bound: bool
     latencies: str | None = None  # --latencies (None: the reference profile)
+    guards: tuple[tuple[str, object], ...] = ()  # --guard KEY=VALUE overrides
 
 
 def run_seed(spec: RunSpec, seed: int) -> SimReport:
@@ -106,7 +107,17 @@ def run_seed(spec: RunSpec, seed: int) -> SimReport:
     model = load_model(
         scenario, spec.models, parse_calibration(spec.calibration), parse_latencies(spec.latencies)
     )
-    return run_policies(model, spec.policies, seed=seed, window_s=spec.window_s, bound=spec.bound)
+    make = guarded_maker(dict(spec.guards)) if spec.guards else None
+    return run_policies(model, spec.policies, seed=seed, window_s=spec.window_s, bound=spec.bound, make=make)
+
+
+def guarded_maker(guards: dict[str, object]) -> Callable[[str, int], Policy]:
+    """``make_policy`` as the simulator calls it (learning inline), with ``--guard`` overrides."""
+
+    def make(name: str, seed: int) -> Policy:
+        return make_policy(name, seed, background=False, guards=guards)
+
+    return make
 
 
 def run_seeds(

@@ -6,7 +6,7 @@ Two phases, on the given scenarios in turn:
    decision's candidate features and the teacher's choice are recorded; the
    actor is fitted to those choices (behaviour cloning), so that learning
    starts from a good policy instead of a random one. The default teacher is
-   ``SlackTeacher``: among the targets predicted to answer well within the
+   ``slack`` (``apdispatch.learned.slack``): among the targets predicted to answer well within the
    deadline, the farthest, which leaves the near, fast targets to the
    requests that cannot go anywhere else. (ASET: its agent is fitted to pick
    ``fastest``, the best static policy on most scenarios.)
@@ -44,37 +44,6 @@ if TYPE_CHECKING:
 # scorer), and in all: with many scenarios each gives a share.
 IMITATION_SAMPLES = 20_000
 IMITATION_TOTAL = 160_000
-
-
-class SlackTeacher(Policy):
-    """Deadline-aware: the farthest target safely within ``fraction`` of the deadline.
-
-    Greedy ``fastest`` gives every request the best target, so requests with
-    time to spare take the near, fast targets from those that have none (the
-    AP then rejects those or they come back late). This teacher spends slack
-    instead: a request goes as far (by round trip) as its deadline allows,
-    ties to the faster, and to the fastest target when none qualifies. Safely:
-    a target's prediction plus its observed safety margin (``Margins``: how
-    much later than predicted its replies come) must be within the fraction.
-    """
-
-    name = "slack-teacher"
-
-    def __init__(self, fraction: float = 1.0) -> None:
-        self.fraction = fraction
-        self.margins = Margins()
-
-    def choose(self, request: RequestView, candidates: Sequence[Candidate]) -> Candidate:
-        limit = self.fraction * request.deadline_ms
-        margin = self.margins.margin.get
-        within = [c for c in candidates if c.predicted_ms + margin(c.key, 0.0) <= limit]
-        if not within:
-            return min(candidates, key=lambda c: c.predicted_ms)
-        return max(within, key=lambda c: (c.rtt_ms, -c.predicted_ms))
-
-    def observe(self, feedback: Feedback) -> None:
-        chosen = feedback.chosen
-        self.margins.observe(chosen.key, chosen.predicted_ms, feedback.latency_ms)
 
 
 TEACHERS = ("slack", "fastest")
@@ -188,7 +157,7 @@ def train(
     for i, (_, scenario, model) in enumerate(loaded):
         arrivals = plan_arrivals(scenario, seed + 1000 + i)
         if kind == "actor-critic":
-            teach: Policy = SlackTeacher() if teacher == "slack" else make_policy(teacher)
+            teach: Policy = make_policy(teacher)
             recorder = Recorder(teach, per_scenario, seed + i)
             simulate(model, recorder, arrivals)
             xs += recorder.xs
@@ -250,7 +219,7 @@ def train(
     if isinstance(learner, ActorCriticPolicy):
         # The margins describe the training scenarios' targets, not a
         # deployment's: a pre-trained checkpoint ships none.
-        learner.margins = Margins()
+        learner.margins = Margins(learner.guards.config)
     learner.save(out)
     learner.close()
     log(f"checkpoint: {paths(out)[0]} + {paths(out)[1].name} ({time.perf_counter() - started:.0f} s)")
