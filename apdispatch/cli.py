@@ -352,6 +352,24 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="model zoo folder")
     _latencies_option(evaluate)
 
+    ablate = sub.add_parser(
+        "ablate",
+        help="what each layer of the learned policy adds (slack, guards, network, online learning), "
+        "paired seed by seed",
+    )
+    ablate.add_argument("scenarios", type=Path, nargs="+", metavar="SCENARIO")
+    ablate.add_argument("--out", type=Path, default=Path("docs/ablation"), help="JSON per scenario, table.md")
+    ablate.add_argument(
+        "--statics", default="", help="comma-separated static policies the best is taken from (default: all)"
+    )
+    ablate.add_argument("--seeds", default="5", metavar="N|A-B|A,B,..", help="seeds (N: N from --seed)")
+    ablate.add_argument("--seed", type=int, default=None, help="first seed (default: the first scenario's)")
+    ablate.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes")
+    ablate.add_argument("--duration", type=float, default=None, help="compress each scenario into S seconds")
+    ablate.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="model zoo folder")
+    ablate.add_argument("--guard", action="append", default=None, metavar="KEY=VALUE", help=GUARD_HELP)
+    _latencies_option(ablate)
+
     generate = sub.add_parser(
         "generate", help="write random scenarios (topology, SLAs, load pattern) drawn from seeds"
     )
@@ -448,6 +466,10 @@ def main(argv: list[str] | None = None) -> int:
         from apdispatch.sim.evaluate import main as evaluate_main
 
         return evaluate_main(args)
+    if args.command == "ablate":
+        from apdispatch.sim.ablation import main as ablate_main
+
+        return ablate_main(args)
     if args.command == "sim":
         from apdispatch.sim.command import main as sim_main
 

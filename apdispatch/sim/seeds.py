@@ -107,15 +107,22 @@ def run_seed(spec: RunSpec, seed: int) -> SimReport:
     model = load_model(
         scenario, spec.models, parse_calibration(spec.calibration), parse_latencies(spec.latencies)
     )
-    make = guarded_maker(dict(spec.guards)) if spec.guards else None
+    make = guarded_maker(dict(spec.guards))
     return run_policies(model, spec.policies, seed=seed, window_s=spec.window_s, bound=spec.bound, make=make)
 
 
+# Policies the simulator builds besides the deployable ones: ``learned`` with
+# its network frozen (no online updates; its guards still learn), for the ablations.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"learned-frozen": ("learned", {"learn": False})}
+
+
 def guarded_maker(guards: dict[str, object]) -> Callable[[str, int], Policy]:
-    """``make_policy`` as the simulator calls it (learning inline), with ``--guard`` overrides."""
+    """``make_policy`` as the simulator calls it (learning inline), with ``--guard`` overrides
+    and the ``VARIANTS``."""
 
     def make(name: str, seed: int) -> Policy:
-        return make_policy(name, seed, background=False, guards=guards)
+        base, options = VARIANTS.get(name, (name, {}))
+        return make_policy(base, seed, background=False, guards=guards, **options)
 
     return make
 
