@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 MODELS := build/models
 SCENARIO ?= scenarios/demo.toml
 
-.PHONY: env models demo test test-venvs lint generate bench k6 chaos eval eval-generated compose-demo compose-clean clean
+.PHONY: env models demo test test-venvs lint generate bench k6 chaos eval eval-generated ablate compose-demo compose-clean clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -92,6 +92,12 @@ LATENCIES ?= reference
 eval: models
 	$(BIN)/apdispatch evaluate scenarios/sim/*.toml scenarios/held-out/*.toml --models $(MODELS) \
 		--latencies $(LATENCIES) --seeds $(SEEDS) --jobs $(JOBS) --out docs/evaluation
+
+# What each layer of the learned policy adds (docs/evaluation.md, "What each layer adds"):
+# slack, slack-guarded, learned-frozen, learned beside the two best static policies.
+ablate: models
+	$(BIN)/apdispatch ablate scenarios/sim/*.toml scenarios/held-out/*.toml --models $(MODELS) \
+		--latencies $(LATENCIES) --statics fastest,least-loaded --seeds 3 --jobs $(JOBS) --out docs/ablation
 
 # The same on thirty random scenarios (apdispatch generate, seeds 100-129, 150 s
 # each): deployments nobody chose. Each is run on arrival seeds 100-104, so that

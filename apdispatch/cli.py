@@ -388,7 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--out", type=Path, required=True, help="checkpoint: writes OUT.pt and OUT.json")
     train.add_argument("--policy", default="learned", choices=["learned", "actor-critic", "aset"])
-    train.add_argument("--teacher", default="slack", choices=["slack", "fastest"], help="imitated first")
+    train.add_argument(
+        "--teacher",
+        default="slack",
+        choices=["slack", "slack-guarded", "fastest"],
+        help="imitated first (ASET: the action its agent starts on)",
+    )
     train.add_argument("--episodes", type=int, default=6, help="reinforcement episodes, scenarios in turn")
     train.add_argument(
         "--energy-weight",

@@ -203,3 +203,16 @@ def test_sim_takes_guard_overrides_and_names_a_bad_one(capsys: pytest.CaptureFix
     assert cli_main([*args, "--guard", "calm=false"]) == 0
     out = capsys.readouterr().out
     assert "[slack]" in out and "[slack-guarded]" in out
+
+
+def test_aset_has_the_rules_among_its_actions_and_tells_them_of_rejections() -> None:
+    from apdispatch.learned.aset import ACTIONS, AsetPolicy
+
+    assert ACTIONS[-2:] == ("slack", "slack-guarded")
+    policy = make_learned_policy("aset", seed=0, fresh=True, background=False, learn=False)
+    assert isinstance(policy, AsetPolicy)
+    guarded = policy._statics[ACTIONS.index("slack-guarded")]
+    assert isinstance(guarded, GuardedSlackPolicy)
+    assert guarded.guards.reserve.rate("ar", REQUEST.now_s) == 0.0
+    policy.rejected(REQUEST)  # whatever runs: the rule's guards count the app's demand
+    assert guarded.guards.reserve.rate("ar", REQUEST.now_s) > 0.0

@@ -695,7 +695,7 @@ def test_aset_switches_static_policies_per_window_and_round_trips(tmp_path: Path
     assert policy.active in ACTIONS
     policy.save(tmp_path / "aset")
     saved = json.loads(paths(tmp_path / "aset")[1].read_text())
-    assert saved["window_s"] == 1.0 and saved["actions"] == list(STATIC_POLICIES)
+    assert saved["window_s"] == 1.0 and saved["actions"] == [*STATIC_POLICIES, "slack", "slack-guarded"]
     again = make_learned_policy("aset", checkpoint=tmp_path / "aset", learn=False)
     assert isinstance(again, AsetPolicy)
     obs = np.linspace(0, 1, len(again.observation(again._window)))

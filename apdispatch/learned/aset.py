@@ -1,7 +1,8 @@
-"""ASET: every time window, an RL agent picks which static policy dispatches the next one.
+"""ASET: every time window, an RL agent picks which fixed policy dispatches the next one.
 
 The agent observes the window that just ended and picks one of the static
-policies for the coming window; its reward is that window's success ratio.
+policies or rules (``slack``, ``slack-guarded``) for the coming window; its
+reward is that window's success ratio.
 A window is ``window_s`` seconds of the driver's clock (``RequestView.now_s``:
 the AP's monotonic clock, the simulator's simulated time), so that it means
 the same span in both. A window opens with the first request that comes
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 from torch.distributions import Categorical
 
+from apdispatch.learned import RULE_POLICIES
 from apdispatch.learned.actor_critic import compute_gae, init_linear
 from apdispatch.learned.checkpoint import CheckpointedPolicy
 from apdispatch.learned.learner import Learner, RewardMean
@@ -42,7 +44,7 @@ from apdispatch.routing.static import STATIC_POLICIES
 
 # The agent's actions, in the order its output layer scores them: a
 # checkpoint records them ("actions") and loads only where they are the same.
-ACTIONS: tuple[str, ...] = STATIC_POLICIES
+ACTIONS: tuple[str, ...] = STATIC_POLICIES + RULE_POLICIES
 OBSERVATIONS: tuple[str, ...] = (
     "tightness",  # mean over decisions of the fastest prediction / deadline
     "load_mean",  # in_flight / slots over candidates seen
@@ -359,6 +361,8 @@ class AsetPolicy(CheckpointedPolicy):
 
     def rejected(self, request: RequestView) -> None:
         """Admission rejected ``request`` (the router tells): it counts against the window."""
+        for p in self._statics:
+            p.rejected(request)  # the rules' guards count it in its app's demand
         w = self._window
         if not self._start_s <= request.now_s < self._end_s:
             w = self._roll(request.now_s)

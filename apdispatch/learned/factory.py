@@ -135,13 +135,19 @@ def _restore(
     """The policy of ``kind`` from a checkpoint's ``state`` and config ``meta`` (with the overrides)."""
     if kind == "aset":
         from apdispatch.learned.aset import ACTIONS, AsetAlgo, AsetConfig, AsetPolicy
+        from apdispatch.learned.guard_config import GuardConfig
+        from apdispatch.learned.slack import RULE_POLICIES, make_rule_policy
         from apdispatch.routing.static import make_static_policy
 
         if meta.get("actions", list(ACTIONS)) != list(ACTIONS):
             raise ValueError(f"ASET actions {meta['actions']}, not {list(ACTIONS)}")
         aset_algo = AsetAlgo(AsetConfig.from_json(meta), seed=seed)
         _resume(aset_algo, state, meta)
-        statics = [make_static_policy(a, seed=seed) for a in ACTIONS]
+        guards = GuardConfig.from_json(meta.get("guards"))
+        statics = [
+            make_rule_policy(a, guards) if a in RULE_POLICIES else make_static_policy(a, seed=seed)
+            for a in ACTIONS
+        ]
         return AsetPolicy(name, aset_algo, statics, seed=seed, background=background, learn=learn, meta=meta)
     if kind == "actor-critic":
         from apdispatch.learned.actor_critic import ActorCriticAlgo, ActorCriticConfig

@@ -6,10 +6,10 @@ Two phases, on the given scenarios in turn:
    decision's candidate features and the teacher's choice are recorded; the
    actor is fitted to those choices (behaviour cloning), so that learning
    starts from a good policy instead of a random one. The default teacher is
-   ``slack`` (``apdispatch.learned.slack``): among the targets predicted to answer well within the
-   deadline, the farthest, which leaves the near, fast targets to the
-   requests that cannot go anywhere else. (ASET: its agent is fitted to pick
-   ``fastest``, the best static policy on most scenarios.)
+   ``slack`` (``apdispatch.learned.slack``): among the targets predicted to
+   answer well within the deadline, the farthest, which leaves the near, fast
+   targets to the requests that cannot go anywhere else. (ASET: its agent is
+   fitted to pick the teacher's action.)
 2. Reinforcement: episodes of the simulator with the policy learning online,
    exactly as it does in the AP (updates inline, so a seeded run is
    reproducible), each episode on fresh arrivals (seed + episode).
@@ -46,7 +46,7 @@ IMITATION_SAMPLES = 20_000
 IMITATION_TOTAL = 160_000
 
 
-TEACHERS = ("slack", "fastest")
+TEACHERS = ("slack", "slack-guarded", "fastest")
 
 
 class Recorder(Policy):
@@ -151,7 +151,7 @@ def train(
         # Kept in the checkpoint's hyperparameters: online learning goes on with it.
         learner.algo.hyper.energy_weight = energy_weight
 
-    # Phase 1: imitation of fastest.
+    # Phase 1: imitation of the teacher.
     xs: list[np.ndarray] = []
     ys: list[int] = []
     for i, (_, scenario, model) in enumerate(loaded):
@@ -170,8 +170,8 @@ def train(
         log(f"imitation of {teacher}: {len(xs)} decisions, loss {imitation_loss:.4f}")
     elif kind == "aset":
         assert isinstance(learner, AsetPolicy)
-        _imitate_aset(learner, ACTIONS.index("fastest"))
-        log("imitation: ASET agent starts on fastest")
+        _imitate_aset(learner, ACTIONS.index(teacher))
+        log(f"imitation: ASET agent starts on {teacher}")
 
     # Phase 2: reinforcement, online as in the AP.
     history: list[Episode] = []
@@ -227,7 +227,7 @@ def train(
 
 
 def _imitate_aset(policy: Any, action: int, steps: int = 300) -> None:
-    """Bias a fresh ASET agent towards one static policy (its safest start)."""
+    """Bias a fresh ASET agent towards one of its actions (the teacher: its safest start)."""
     from apdispatch.learned.aset import N_OBS
 
     algo = policy.algo
