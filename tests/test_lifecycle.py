@@ -26,6 +26,15 @@ def test_config_file_then_flags(tmp_path: Path) -> None:
     path.write_text("forward_mode = 'carrier-pigeon'\n")
     with pytest.raises(ConfigError, match="forward_mode"):
         load_config(path)
+    path.write_text("estimator_alpha = 0.2\n")
+    assert load_config(path).estimator_alpha == 0.2
+    # The AP's estimator runs with it: one reply moves a worker's round trip by a fifth of the gap.
+    from apdispatch.ap.server import AccessPoint
+
+    assert AccessPoint(load_config(path)).estimator._alpha == 0.2
+    path.write_text("estimator_alpha = 0\n")
+    with pytest.raises(ConfigError, match="estimator_alpha"):
+        load_config(path)
 
 
 # Generous, for what takes well under a second on an idle machine (and the

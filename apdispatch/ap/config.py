@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from apdispatch.ap.overload import OverloadConfig
+from apdispatch.routing.estimator import ALPHA as ESTIMATOR_ALPHA
 from apdispatch.routing.outlier import OutlierConfig
 
 _OUTLIER = OutlierConfig()
@@ -25,6 +26,8 @@ class APConfig:
     seed: int = 0
     # A worker that has not sent a heartbeat for this long is forgotten.
     lease_s: float = 5.0
+    # Weight of one reply in the latency estimator's running means (network, compute fit).
+    estimator_alpha: float = ESTIMATOR_ALPHA
     # How the AP talks to workers that serve ModelStreamInfer: "stream" keeps one
     # bidirectional stream per worker (cheaper per request than a unary call in
     # Python gRPC); "unary" sends one ModelInfer per request.
@@ -101,6 +104,8 @@ class APConfig:
     def validate(self) -> APConfig:
         if self.lease_s <= 0:
             raise ConfigError("lease_s: must be > 0")
+        if not 0 < self.estimator_alpha <= 1:
+            raise ConfigError("estimator_alpha: must be in (0, 1]")
         if self.forward_mode not in ("stream", "unary"):
             raise ConfigError("forward_mode: must be 'stream' or 'unary'")
         if self.max_tensor_bytes <= 0:
