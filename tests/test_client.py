@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import socket
 import threading
 import time
@@ -355,21 +356,21 @@ def test_result_is_frozen_with_slots() -> None:
 
 
 def test_infer_round_trip(client: Client, server: ServerThread) -> None:
-    r = client.infer("digits", X, deadline_ms=50, min_accuracy=0.9, app="ar", variant="v1")
+    r = client.infer("digits", X, deadline_ms=5000, min_accuracy=0.9, app="ar", variant="v1")
     assert r.outcome == "ok"
     np.testing.assert_array_equal(r.output, X)
     assert r.served_by is not None and r.served_by.worker == "w1"
     assert r.timings.total_ms == 3.5
     sent = server.servicer.requests[-1]
-    assert (sent.app, sent.variant, sent.sla.deadline_ms) == ("ar", "v1", 50.0)
+    assert (sent.app, sent.variant, sent.sla.deadline_ms) == ("ar", "v1", 5000.0)
     assert sent.request_id and sent.request_id == r.request_id
 
 
 def test_infer_request_ids(client: Client, server: ServerThread) -> None:
-    a = client.infer("digits", X, deadline_ms=50)
-    b = client.infer("digits", X, deadline_ms=50)
+    a = client.infer("digits", X, deadline_ms=5000)
+    b = client.infer("digits", X, deadline_ms=5000)
     assert a.request_id != b.request_id
-    c = client.infer("digits", {"x": X, "y": X[:, :3]}, deadline_ms=50, request_id="mine")
+    c = client.infer("digits", {"x": X, "y": X[:, :3]}, deadline_ms=5000, request_id="mine")
     assert c.request_id == "mine" and set(c.outputs) == {"output0", "output1"}
     assert server.servicer.requests[-1].variant == ""
 
@@ -392,7 +393,7 @@ def test_infer_late_without_outputs(client: Client) -> None:
 )
 def test_infer_errors(client: Client, task: str, exc_type: type[Exception]) -> None:
     with pytest.raises(exc_type) as err:
-        client.infer(task, X, deadline_ms=50, request_id="rid")
+        client.infer(task, X, deadline_ms=5000, request_id="rid")
     assert type(err.value) is exc_type
     assert err.value.request_id == "rid"  # type: ignore[attr-defined]
     if task == "invalid":
@@ -403,7 +404,7 @@ def test_infer_errors(client: Client, task: str, exc_type: type[Exception]) -> N
 
 def test_infer_timeout_is_deadline_plus_margin(server: ServerThread) -> None:
     with Client(server.address, timeout_margin_ms=100) as c:
-        c.infer("digits", X, deadline_ms=50)  # connect first
+        c.infer("digits", X, deadline_ms=5000)  # connect first
         start = time.perf_counter()
         with pytest.raises(ApdispatchError) as err:
             c.infer("hang", X, deadline_ms=50)
@@ -423,7 +424,7 @@ def test_infer_timeout_is_deadline_plus_margin(server: ServerThread) -> None:
 
 def test_infer_unreachable_is_unavailable() -> None:
     with Client(free_address()) as c, pytest.raises(UnavailableError):
-        c.infer("digits", X, deadline_ms=50)
+        c.infer("digits", X, deadline_ms=5000)
     with Client(free_address()) as c, pytest.raises(UnavailableError):
         c.wait_ready(0.2)
 
@@ -445,11 +446,11 @@ def test_timeout_margin_must_not_be_negative() -> None:
 
 def test_stream_mixed_items_and_completion_order(client: Client) -> None:
     requests = [
-        StreamRequest("slow", X, 500.0, request_id="s1"),
-        ("digits", X, 50.0, 0.5, "ar", "f1"),
-        StreamRequest("reject", X, 50.0, request_id="rej"),
-        StreamRequest("invalid", X, 50.0, request_id="bad"),
-        build_request("digits", X, deadline_ms=50),  # no id: the client adds one
+        StreamRequest("slow", X, 5000.0, request_id="s1"),
+        ("digits", X, 5000.0, 0.5, "ar", "f1"),
+        StreamRequest("reject", X, 5000.0, request_id="rej"),
+        StreamRequest("invalid", X, 5000.0, request_id="bad"),
+        build_request("digits", X, deadline_ms=5000),  # no id: the client adds one
     ]
     results = list(client.stream(requests))
     assert len(results) == 5
@@ -466,7 +467,7 @@ def test_stream_mixed_items_and_completion_order(client: Client) -> None:
 
 def test_stream_reraises_errors_of_the_request_iterator(client: Client) -> None:
     def requests() -> Iterator[tuple[str, np.ndarray, float]]:
-        yield ("digits", X, 50.0)
+        yield ("digits", X, 5000.0)
         raise RuntimeError("camera unplugged")
 
     with pytest.raises(RuntimeError, match="camera unplugged"):
@@ -480,7 +481,7 @@ def test_stream_bad_item_raises_client_side(client: Client) -> None:
 
 def test_stream_ended_by_the_server(client: Client) -> None:
     with pytest.raises(UnavailableError, match="shutting down"):
-        list(client.stream([("digits", X, 50.0), ("abort", X, 50.0)]))
+        list(client.stream([("digits", X, 5000.0), ("abort", X, 5000.0)]))
 
 
 # --------------------------------------------------------------------- async
@@ -489,16 +490,16 @@ def test_stream_ended_by_the_server(client: Client) -> None:
 async def test_async_infer_and_errors(server: ServerThread) -> None:
     async with AsyncClient(server.address, timeout_margin_ms=300) as c:
         await c.wait_ready(5)
-        r = await c.infer("digits", X, deadline_ms=50, app="ar")
+        r = await c.infer("digits", X, deadline_ms=5000, app="ar")
         assert r.outcome == "ok"
         np.testing.assert_array_equal(r.output, X)
         with pytest.raises(RejectedError):
-            await c.infer("reject", X, deadline_ms=50)
+            await c.infer("reject", X, deadline_ms=5000)
         with pytest.raises(InvalidRequestError) as err:
-            await c.infer("invalid", X, deadline_ms=50)
+            await c.infer("invalid", X, deadline_ms=5000)
         assert err.value.field == "sla.deadline_ms"
         with pytest.raises(NotFoundError):
-            await c.infer("unknown", X, deadline_ms=50)
+            await c.infer("unknown", X, deadline_ms=5000)
         with pytest.raises(ApdispatchError) as timeout:
             await c.infer("hang", X, deadline_ms=10)
         assert timeout.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
@@ -507,7 +508,7 @@ async def test_async_infer_and_errors(server: ServerThread) -> None:
 async def test_async_unreachable() -> None:
     async with AsyncClient(free_address()) as c:
         with pytest.raises(UnavailableError):
-            await c.infer("digits", X, deadline_ms=50)
+            await c.infer("digits", X, deadline_ms=5000)
         with pytest.raises(UnavailableError):
             await c.wait_ready(0.2)
 
@@ -515,9 +516,9 @@ async def test_async_unreachable() -> None:
 async def test_async_open_stream_sends_without_waiting(server: ServerThread) -> None:
     async with AsyncClient(server.address) as c, c.open_stream() as s:
         # Everything is sent before any reply is read: the writer never waits.
-        ids = [await s.send(("slow", X, 500.0)) for _ in range(3)]
-        ids.append(await s.send(StreamRequest("digits", X, 50.0, request_id="fast")))
-        ids.append(await s.send(("reject", X, 50.0)))
+        ids = [await s.send(("slow", X, 5000.0)) for _ in range(3)]
+        ids.append(await s.send(StreamRequest("digits", X, 5000.0, request_id="fast")))
+        ids.append(await s.send(("reject", X, 5000.0)))
         await s.done_writing()
         results = [r async for r in s]
     assert sorted(r.request_id for r in results) == sorted(ids)
@@ -528,37 +529,37 @@ async def test_async_open_stream_sends_without_waiting(server: ServerThread) -> 
 async def test_async_stream_from_async_iterable(server: ServerThread) -> None:
     async def frames() -> AsyncIterator[StreamRequest]:
         for i in range(5):
-            yield StreamRequest("digits", X * i, 50.0, request_id=f"f{i}")
+            yield StreamRequest("digits", X * i, 5000.0, request_id=f"f{i}")
 
     async with AsyncClient(server.address) as c:
         results = [r async for r in c.stream(frames())]
         assert sorted(r.request_id for r in results) == [f"f{i}" for i in range(5)]
         by_id = {r.request_id: r for r in results}
         np.testing.assert_array_equal(by_id["f3"].output, X * 3)
-        plain = [r async for r in c.stream([("reject", X, 50.0)])]
+        plain = [r async for r in c.stream([("reject", X, 5000.0)])]
         assert plain[0].outcome == "rejected"
 
 
 async def test_async_stream_errors(server: ServerThread) -> None:
     async def broken() -> AsyncIterator[StreamRequest]:
-        yield StreamRequest("slow", X, 500.0)
+        yield StreamRequest("slow", X, 5000.0)
         raise RuntimeError("camera unplugged")
 
     async with AsyncClient(server.address) as c:
         with pytest.raises(RuntimeError, match="camera unplugged"):
             _ = [r async for r in c.stream(broken())]
         with pytest.raises(UnavailableError, match="shutting down"):
-            _ = [r async for r in c.stream([("digits", X, 50.0), ("abort", X, 50.0)])]
+            _ = [r async for r in c.stream([("digits", X, 5000.0), ("abort", X, 5000.0)])]
 
 
 async def test_async_send_after_the_stream_ended(server: ServerThread) -> None:
     async with AsyncClient(server.address) as c, c.open_stream() as s:
-        await s.send(("abort", X, 50.0))
+        await s.send(("abort", X, 5000.0))
         with pytest.raises(UnavailableError):
             while await s.read() is not None:
                 pass
         with pytest.raises(UnavailableError):
-            await s.send(("digits", X, 50.0))
+            await s.send(("digits", X, 5000.0))
 
 
 async def test_async_cancelled_stream_read_is_an_error_not_a_cancellation(
@@ -566,7 +567,7 @@ async def test_async_cancelled_stream_read_is_an_error_not_a_cancellation(
 ) -> None:
     async with AsyncClient(server.address) as c:
         s = c.open_stream()
-        await s.send(("slow", X, 500.0))
+        await s.send(("slow", X, 5000.0))
         reader = asyncio.create_task(s.read())
         await asyncio.sleep(0.05)
         s.cancel()
@@ -576,7 +577,7 @@ async def test_async_cancelled_stream_read_is_an_error_not_a_cancellation(
 
 
 async def test_async_send_copies_a_template_without_id(server: ServerThread) -> None:
-    template = build_request("digits", X, deadline_ms=50)
+    template = build_request("digits", X, deadline_ms=5000)
     async with AsyncClient(server.address) as c, c.open_stream() as s:
         first = await s.send(template)
         second = await s.send(template)
@@ -584,3 +585,44 @@ async def test_async_send_copies_a_template_without_id(server: ServerThread) -> 
         results = [r async for r in s]
     assert first != second and template.request_id == ""
     assert sorted(r.request_id for r in results) == sorted([first, second])
+
+
+# ------------------------------------------------------- the client's deadline
+
+
+def stepping_clock(step_s: float) -> Any:
+    """A clock that moves ``step_s`` on every reading: each reply is judged one step after its send."""
+    ticks = itertools.count()
+    return lambda: next(ticks) * step_s
+
+
+def test_ok_after_the_deadline_at_the_client_is_late(server: ServerThread) -> None:
+    # Each request is judged 1 s after it was sent: an ok with a 500 ms deadline
+    # arrived too late for its application, one with 5 s did not.
+    with Client(server.address, clock=stepping_clock(1.0)) as c:
+        late = c.infer("digits", X, deadline_ms=500)
+        in_time = c.infer("digits", X, deadline_ms=5000)
+        results = {r.request_id: r for r in c.stream([
+            StreamRequest("digits", X, 500.0, request_id="too-late"),
+            StreamRequest("reject", X, 500.0, request_id="rejected"),
+        ])}  # fmt: skip
+    assert late.outcome == "late" and late.late_at_client
+    assert "after the deadline" in late.error and late.output.shape == X.shape  # the answer is kept
+    assert in_time.outcome == "ok" and not in_time.late_at_client and in_time.error == ""
+    assert results["too-late"].outcome == "late" and results["too-late"].late_at_client
+    assert results["rejected"].outcome == "rejected" and not results["rejected"].late_at_client
+
+
+async def test_async_ok_after_the_deadline_at_the_client_is_late(server: ServerThread) -> None:
+    async with AsyncClient(server.address, clock=stepping_clock(1.0)) as c:
+        late = await c.infer("digits", X, deadline_ms=500)
+        in_time = await c.infer("digits", X, deadline_ms=5000)
+        async with c.open_stream() as s:
+            await s.send(StreamRequest("digits", X, 500.0, request_id="too-late"))
+            await s.send(StreamRequest("digits", X, 5000.0, request_id="in-time"))
+            await s.done_writing()
+            results = {r.request_id: r for r in [r async for r in s]}
+    assert late.outcome == "late" and late.late_at_client
+    assert in_time.outcome == "ok" and not in_time.late_at_client
+    assert results["too-late"].outcome == "late" and results["too-late"].late_at_client
+    assert results["in-time"].outcome == "ok"

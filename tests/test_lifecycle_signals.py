@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -438,3 +439,25 @@ async def test_load_generator_cut_short_by_a_second_signal_still_reports(tmp_pat
     assert doc["sent"] > 0 and doc["counts_add_up"]
     assert doc["failed"] == doc["sent"] and silent.received > 0
     assert doc["errors"] == {"failed: no reply": doc["sent"]}
+
+
+async def test_ap_freezes_its_startup_heap_and_uses_the_configured_young_threshold(tmp_path: Path) -> None:
+    config = tmp_path / "ap.toml"
+    config.write_text("gc_young_threshold = 12345\n")
+    ap = await Proc.start(
+        "serve", "--listen", f"127.0.0.1:{free_port()}", "--config", str(config), "--log-format", "json"
+    )  # fmt: skip
+    try:
+        settled = await ap.event("gc settled")
+    finally:
+        await ap.kill()
+    # Read back from the collector of the AP's own process.
+    assert settled["young_threshold"] == 12345, settled
+    assert settled["frozen_objects"] > 1000, settled  # modules, the policy, the server
+
+
+def test_settle_with_zero_keeps_cpythons_threshold() -> None:
+    code = "from apdispatch.common.gc_tuning import settle; print(*settle(0))"
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, check=True)
+    threshold, frozen = map(int, out.stdout.split())
+    assert threshold == 700 and frozen > 0

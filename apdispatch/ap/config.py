@@ -73,6 +73,10 @@ class APConfig:
     outlier_max_ejection_ms: float = _OUTLIER.max_ejection_ms
     outlier_max_ejection_percent: float = _OUTLIER.max_ejection_percent
     outlier_probe_timeout_ms: float = _OUTLIER.probe_timeout_ms
+    # Once started, the AP freezes its start-up heap out of garbage collection and
+    # collects its young generation every gc_young_threshold allocations (CPython:
+    # 700), so that collections stop its loop less often (docs/operations.md); 0: CPython's.
+    gc_young_threshold: int = 20_000
     log_level: str = "info"
     log_format: str = "json"
     summary_interval_s: float = 10.0
@@ -128,6 +132,8 @@ class APConfig:
             self.outlier().validate()
         except ValueError as exc:
             raise ConfigError(f"outlier_{exc}") from None
+        if self.gc_young_threshold < 0:
+            raise ConfigError("gc_young_threshold: must be >= 0 (0: CPython's default)")
         if self.log_format not in ("json", "console"):
             raise ConfigError("log_format: must be 'json' or 'console'")
         if not 0 <= self.metrics_port <= 65535:

