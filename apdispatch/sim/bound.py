@@ -31,17 +31,21 @@ in a batch of b:
    interference only add to the service time.
 2. Its batch makes progress only while q is at the worker, inside
    [a_q, a_q + deadline_k], so only in windows i .. i + ceil(deadline_k / L).
-3. The batch needs s(b) units of progress; q's share s(b) / b >= c_kt, the minimum of
-   s(b) / b over the sizes b <= max_batch_size with r_k + s(b) <= deadline_k, r_k a
-   least RTT of k's queries at w's cluster (a longer execution makes q late). The
-   executions running on w (n <= slots of them) progress at total
-   rate n / (1 + interference (n - 1)) <= kappa_w, its maximum over n <= slots, so
-   at most kappa_w L units of progress happen on w in one window.
+3. The batch needs s(b) units of progress and must end within d_q = deadline_k - r_k of
+   its start, r_k a least RTT of k's queries at w's cluster. A worker's time is shared
+   by the executions running on it: with n of them, each holds 1 / n of it and
+   progresses at 1 / (1 + interference (n - 1)). Whatever the schedule, the batch holds
+   at least s(b) g(d_q / s(b)) of w's time, g the lower convex envelope of the points
+   (1 + interference (n - 1), (1 + interference (n - 1)) / n), n <= slots: the least
+   worker time per unit of progress at a slowdown no larger than d_q / s(b) (a query
+   that barely fits alone must run alone). q's share of it, a b-th, is at least c_kt,
+   the minimum over b <= max_batch_size of s(b) / b * g(d_q / s(b)). A worker has L
+   of its time in one window.
 
-Let f_qj be the share of q's batch's progress made in window j (sum_j f_qj = 1) and
+Let f_qj be the share of q's batch's worker time spent in window j (sum_j f_qj = 1) and
 x_gtj = sum of f_qj over the ok queries of g served by t. Then sum_tj x_gtj (the ok
-queries of g) <= n_g, and sum over g and t on w of c_kt x_gtj <= kappa_w L for every
-worker w and window j: x is feasible for the LP "maximize sum x subject to these", so
+queries of g) <= n_g, and sum over g and t on w of c_kt x_gtj <= L for every worker w
+and window j: x is feasible for the LP "maximize sum x subject to these", so
 the run's ok count is at most the LP's optimum. Workers of one group (same device,
 cluster, variants) are pooled, their capacity rows added: a relaxation, and no looser,
 since an optimum of the pooled LP split evenly is feasible for the workers. The
@@ -70,10 +74,9 @@ and service is divisible; near capacity, windows longer than the deadlines let i
 count queries that bursts make late in any schedule (smaller windows are tighter and
 slower); a query may use its arrival window from the window's start; batches are
 credited at their best per-query cost whether or not enough queries of one variant
-are waiting, and count as one slot each; a worker is credited its best total rate
-under interference even where the slowdown would make deadline-tight queries late
-(a query that barely fits alone cannot share the worker); the RTT rules targets out
-but does not shorten the time left for the work.
+are waiting; the interference a query can bear is read from its deadline and the least
+RTT of its app, not from the work its worker is actually sharing at the time; the RTT
+rules targets out but does not shorten the time left for the work.
 """
 
 from __future__ import annotations
@@ -140,7 +143,8 @@ class PoolTarget:
     """A variant on a pool of identical workers (one worker group of one cluster).
 
     One execution of a batch of b takes ``s(b) = max(0, s1 - overhead + slope (b - 1))
-    + overhead`` ms alone, 1 <= b <= max_batch.
+    + overhead`` ms alone, 1 <= b <= max_batch. With n executions running on a worker
+    (n <= slots), each progresses at ``1 / (1 + interference (n - 1))``.
     """
 
     pool: int
@@ -150,6 +154,9 @@ class PoolTarget:
     slope: float
     overhead: float
     max_batch: int
+    slots: int = 1
+    interference: float = 0.0
+    workers: int = 1  # in the pool
 
     def service_ms(self, b: int) -> float:
         return max(0.0, self.s1 - self.overhead + self.slope * (b - 1)) + self.overhead
@@ -159,21 +166,37 @@ class PoolTarget:
         """Least service time of one query (no queueing, no interference)."""
         return min(self.service_ms(1), self.service_ms(self.max_batch))
 
-    def work_ms(self, budget_ms: float = math.inf) -> float:
-        """Least slot-time per query over the batch sizes whose execution fits in ``budget_ms``.
+    def share(self, slowdown: float) -> float:
+        """Least worker time per ms of solo work, for an execution that may take ``slowdown`` times
+        its solo time.
 
-        s(b) and s(b) / b are monotone in b: with slope <= 0 both fall, and the largest
-        batch is best if it fits (and nothing fits otherwise); with slope > 0 the sizes
-        that fit are 1 .. b_max, and the best is at one end. inf when nothing fits.
+        At n executions at once, a ms of solo work takes ``d_n = 1 + interference (n - 1)`` ms
+        and ``d_n / n`` of the worker's time. An execution may change n as others start and
+        end: the least it can spend is the lower convex envelope of the points (d_n, d_n / n)
+        at its slowdown, a mix of two levels at most (a linear program with two rows).
         """
-        big = self.max_batch
-        if self.slope <= 0 or big == 1 or budget_ms == math.inf:
-            fits = [b for b in (1, big) if self.service_ms(b) <= budget_ms + _EPS]
-        elif self.s1 > budget_ms + _EPS:
-            fits = []
-        else:  # s(b) = s1 + slope (b - 1), no clamp with slope > 0
-            fits = [1, max(1, min(big, math.floor(1 + (budget_ms + _EPS - self.s1) / self.slope)))]
-        return min((self.service_ms(b) / b for b in fits), default=math.inf)
+        points = [(1.0 + self.interference * (n - 1), (1.0 + self.interference * (n - 1)) / n)
+                  for n in range(1, self.slots + 1)]  # fmt: skip
+        best = min((c for d, c in points if d <= slowdown + _EPS), default=math.inf)
+        for d_fast, c_fast in points:
+            for d_slow, c_slow in points:
+                if d_fast <= slowdown < d_slow and c_slow < c_fast:
+                    mix = (slowdown - d_fast) / (d_slow - d_fast)
+                    best = min(best, c_fast + mix * (c_slow - c_fast))
+        return best
+
+    def work_ms(self, budget_ms: float = math.inf) -> float:
+        """Least worker time one query takes, over the batch sizes and the concurrency at which
+        its execution fits in ``budget_ms``: ``s(b) / b * share(budget / s(b))``. inf when
+        nothing fits."""
+        best = math.inf
+        for b in range(1, self.max_batch + 1):
+            solo = self.service_ms(b)
+            if solo > budget_ms + _EPS:
+                continue
+            slowdown = budget_ms / solo if solo > 0 else math.inf
+            best = min(best, solo / b * self.share(slowdown))
+        return best
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,27 +230,20 @@ class BoundResult:
 def _targets(
     scenario: Scenario, variants: Mapping[str, VariantCost], use_interference: bool
 ) -> tuple[list[PoolTarget], list[float]]:
-    """Targets, and the progress rate (slot-ms per ms) each pool can sustain."""
+    """Targets, and the worker time (worker-ms per ms: its worker count) each pool has."""
     targets: list[PoolTarget] = []
-    rates: list[float] = []
+    capacities: list[float] = []
     for ci, cluster in enumerate(scenario.clusters):
         for group in cluster.workers:
             if group.count <= 0:
                 continue
             dev = scenario.devices[group.device]
-            if use_interference:
-                rate = 0.0
-                for n in range(1, dev.slots + 1):
-                    denom = 1.0 + dev.interference * (n - 1)
-                    if denom <= 0:
-                        raise ValueError(
-                            f"device {dev.name}: interference {dev.interference} makes rates <= 0"
-                        )
-                    rate = max(rate, n / denom)
-            else:
-                rate = float(dev.slots)
-            pool = len(rates)
-            rates.append(rate * group.count)
+            interference = dev.interference if use_interference else 0.0
+            for n in range(1, dev.slots + 1):
+                if 1.0 + interference * (n - 1) <= 0:
+                    raise ValueError(f"device {dev.name}: interference {dev.interference} makes rates <= 0")
+            pool = len(capacities)
+            capacities.append(float(group.count))
             big_b = max(1, dev.max_batch_size)
             for name in group.variants:
                 if name not in variants:
@@ -238,8 +254,21 @@ def _targets(
                 t1 = v.latency_ms / dev.speed
                 t8 = (v.latency_ms if v.latency_ms_batch8 is None else v.latency_ms_batch8) / dev.speed
                 overhead = max(0.0, v.overhead_ms)
-                targets.append(PoolTarget(pool, ci, name, t1 + overhead, (t8 - t1) / 7.0, overhead, big_b))
-    return targets, rates
+                targets.append(
+                    PoolTarget(
+                        pool,
+                        ci,
+                        name,
+                        t1 + overhead,
+                        (t8 - t1) / 7.0,
+                        overhead,
+                        big_b,
+                        dev.slots,
+                        interference,
+                        group.count,
+                    )
+                )
+    return targets, capacities
 
 
 def _rtt_cdf(rtt_ms: float, jitter_ms: float, x_ms: float) -> float:
@@ -306,6 +335,58 @@ def _floats(parts: Sequence[FloatArray]) -> FloatArray:
     return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
 
 
+def schedulable(times_ms: FloatArray, work_ms: float, within_ms: float) -> int:
+    """The most of these queries one machine can run, each taking ``work_ms`` without a break,
+    each whole inside [its arrival, its arrival + ``within_ms``].
+
+    The windows are all as long and the work all the same, so taking each query in order of
+    arrival if it still fits, as early as it can start, is optimal: of any schedule's first
+    m queries, this one's first m end no later.
+    """
+    count = 0
+    free = -math.inf
+    for t in np.sort(times_ms).tolist():
+        end = max(free, t) + work_ms
+        if end <= t + within_ms + _EPS:
+            free = end
+            count += 1
+    return count
+
+
+def _queue_cuts(
+    scenario: Scenario,
+    app_index: int,
+    times_ms: FloatArray,
+    tids: Sequence[int],
+    targets: Sequence[PoolTarget],
+    least_rtt_ms: FloatArray,
+) -> list[tuple[int, int, float]]:
+    """(app, pool, most of the app's queries the pool can serve in time were it serving nothing
+    else), for the pools where that is fewer than the app's queries.
+
+    A pool of m one-query executions at a time (slots x workers, no batching, no speed-up
+    from sharing) does no more than one machine m times as fast: at each query's start on
+    the pool, at most m - 1 others are running, so the fast machine, taking them in order
+    of start, ends each no later. Its queries must end within deadline - RTT of arrival.
+    """
+    app = scenario.apps[app_index]
+    by_pool: dict[int, tuple[float, float]] = {}  # pool -> (least work, least RTT)
+    for j, i in enumerate(tids):
+        tg = targets[i]
+        if tg.max_batch > 1 or tg.interference < 0:
+            continue
+        work, rtt = by_pool.get(tg.pool, (math.inf, math.inf))
+        by_pool[tg.pool] = (min(work, tg.service_ms(1)), min(rtt, float(least_rtt_ms[j])))
+    cuts = []
+    for pool, (work, rtt) in by_pool.items():
+        tg = next(targets[i] for i in tids if targets[i].pool == pool)
+        machines = tg.slots * tg.workers
+        most = schedulable(times_ms, work / machines, app.deadline_ms - rtt)
+        if most < len(times_ms):
+            cuts.append((app_index, pool, float(most)))
+    return cuts
+
+
 @dataclass(frozen=True, slots=True)
 class _Solution:
     ok: float  # certified bound on the LP's optimum
@@ -330,10 +411,11 @@ def _solve(
     pr_work: FloatArray,
     span: IntArray,
     targets: Sequence[PoolTarget],
-    pool_rates: Sequence[float],
+    pool_capacity: Sequence[float],
     window_s: float,
+    cuts: Sequence[tuple[int, int, float]] = (),
 ) -> _Solution:
-    """max sum x: demand rows sum_tj x_gtj / p_gt <= n_g, capacity rows sum c_t x_gtj <= kappa_w L."""
+    """max sum x: demand rows sum_tj x_gtj / p_gt <= n_g; capacity rows sum c_t x_gtj <= workers x L."""
     started = time.perf_counter()
     # Variables: (group, target) pairs, each spread over the windows its work may use.
     pr_span = span[g_app[pr_g]] + 1
@@ -348,9 +430,28 @@ def _solve(
     rows = np.concatenate([pr_g[var_pair], n_groups + t_pool[var_t] * n_windows + var_win])
     cols = np.concatenate([np.arange(n_var), np.arange(n_var)])
     vals = np.concatenate([1.0 / pr_p[var_pair], pr_work[var_pair]])
-    n_rows = n_groups + len(pool_rates) * n_windows
+    n_rows = n_groups + len(pool_capacity) * n_windows
+    # Queue rows: an app's ok queries on a pool, at most what the pool could serve of them alone.
+    var_app = g_app[pr_g[var_pair]]
+    var_pool = t_pool[var_t]
+    cut_rows, cut_cols = [], []
+    for c, (app, pool, _) in enumerate(cuts):
+        mine = np.flatnonzero((var_app == app) & (var_pool == pool))
+        cut_rows.append(np.full(len(mine), n_rows + c, dtype=np.int64))
+        cut_cols.append(mine)
+    if cuts:
+        rows = np.concatenate([rows, *cut_rows])
+        cols = np.concatenate([cols, *cut_cols])
+        vals = np.concatenate([vals, np.ones(sum(len(c) for c in cut_cols))])
+    n_rows += len(cuts)
     a_ub = sp.csr_matrix((vals, (rows, cols)), shape=(n_rows, n_var))
-    b_ub = np.concatenate([g_cnt, np.repeat(np.asarray(pool_rates) * window_s * 1000.0, n_windows)])
+    b_ub = np.concatenate(
+        [
+            g_cnt,
+            np.repeat(np.asarray(pool_capacity) * window_s * 1000.0, n_windows),
+            np.array([most for _, _, most in cuts], dtype=np.float64),
+        ]
+    )
     built = time.perf_counter()
     res = linprog(-np.ones(n_var), A_ub=a_ub, b_ub=b_ub, bounds=(0, None), method="highs")
     solved = time.perf_counter()
@@ -424,7 +525,7 @@ def upper_bound(
     if mode not in ("realized", "certain", "expected"):
         raise ValueError(f"rtt must be 'expected' or 'certain', not {rtt!r}")
 
-    targets, pool_rates = _targets(scenario, variants, use_interference)
+    targets, pool_capacity = _targets(scenario, variants, use_interference)
     times = {
         a.name: np.asarray(arrivals.get(a.name, ()), dtype=np.float64).reshape(-1) for a in scenario.apps
     }
@@ -434,6 +535,7 @@ def upper_bound(
     n_clusters = len(scenario.clusters)
 
     groups = _Groups()
+    cuts: list[tuple[int, int, float]] = []
     span = np.zeros(len(scenario.apps), dtype=np.int64)  # windows after the arrival's that work may use
     usable = np.zeros(len(scenario.apps))
     small_p = 0.0  # what targets with p < P_MIN could add (expected mode)
@@ -465,6 +567,7 @@ def upper_bound(
             least = r[:, cl].min(axis=0, initial=math.inf)  # no query of the app has a shorter RTT
             groups.add(k, keys[:, 0], counts.astype(np.float64), tids, p, _work(app, tids, targets, least))
             usable[k] = float(counts[p.max(axis=1, initial=0.0) > 0].sum())
+            cuts += _queue_cuts(scenario, k, t * 1000.0, tids, targets, least)
             continue
         p_app = np.zeros(len(tids))
         least_rtt = np.zeros(len(tids))
@@ -483,6 +586,7 @@ def upper_bound(
         work = _work(app, tids, targets, least_rtt)
         groups.add(k, win_u, counts.astype(np.float64), tids, np.tile(p_lp, (len(win_u), 1)), work)
         usable[k] = len(t) * float(min(1.0, p_app.max(initial=0.0)))
+        cuts += _queue_cuts(scenario, k, t * 1000.0, tids, targets, least_rtt)
 
     g_app = _ints(groups.app)
     g_win = _ints(groups.window)
@@ -499,7 +603,9 @@ def upper_bound(
     build_s = time.perf_counter() - started
 
     if len(pr_g):
-        sol = _solve(g_app, g_win, g_cnt, pr_g, pr_t, pr_p, pr_work, span, targets, pool_rates, window_s)
+        sol = _solve(
+            g_app, g_win, g_cnt, pr_g, pr_t, pr_p, pr_work, span, targets, pool_capacity, window_s, cuts
+        )
         build_s += sol.build_s
     else:
         sol = _Solution(0.0, 0.0, None, np.zeros(0, dtype=np.int64), 0, "no usable target", 0, 0, 0.0, 0.0)
