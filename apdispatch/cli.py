@@ -30,6 +30,9 @@ def _latencies_option(parser: argparse.ArgumentParser, extra: str = "") -> None:
     )
 
 
+# apdispatch.routing.estimator.QUEUE_MODELS, named here so that the CLI imports nothing heavy.
+QUEUE_MODELS = ("count", "work")
+
 GUARD_HELP = (
     "a learned policy's or a rule's guard setting, KEY=VALUE (repeatable; the keys are "
     "apdispatch.learned.guard_config.GuardConfig's, docs/operations.md lists them)"
@@ -323,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _latencies_option(sim)
     sim.add_argument("--no-bound", action="store_true", help="skip the upper bound")
+    sim.add_argument(
+        "--queue-model",
+        choices=QUEUE_MODELS,
+        default="count",
+        help="how the AP predicts the wait for a worker's slot (the AP's queue_model; docs/operations.md)",
+    )
     sim.add_argument(
         "--checkpoint",
         type=Path,

@@ -77,3 +77,40 @@ def test_network_mean_moves_towards_observations() -> None:
     estimator.observe(target, in_flight_at_dispatch=0, network_ms=2.3, compute_ms=4.0)
     # 0.3 + 0.5 * (2.3 - 0.3) = 1.3
     assert estimator.network_ms(target.worker) == pytest.approx(1.3)
+
+
+def test_work_queue_model_counts_what_is_left_of_the_running_request() -> None:
+    # One slot, 4 ms a request, 10.3 ms round trip: a request dispatched at 0 reaches the
+    # worker at 5.15 ms and frees the slot at 9.15 ms.
+    registry = _registry(slots=1, latency_ms=4.0)
+    (target,) = registry.targets("t") or []
+    work = LatencyEstimator(queue_model="work")
+    work.dispatched(target, now_s=0.0)
+    target.worker.in_flight = 1
+    # At 6 ms, a new request would reach the worker at 11.15 ms: the slot is free by then.
+    assert work.predict(target, now_s=0.006) == pytest.approx(10.3 + 4.0)
+    # At 1 ms it would arrive at 6.15 ms and wait 3 ms for the slot.
+    assert work.predict(target, now_s=0.001) == pytest.approx(10.3 + 3.0 + 4.0)
+    # "count" takes a whole compute for the request ahead, however far along it is.
+    assert LatencyEstimator().predict(target) == pytest.approx(10.3 + 4.0 + 4.0)
+
+
+def test_work_queue_model_takes_the_slot_that_frees_first() -> None:
+    registry = _registry(slots=2, latency_ms=4.0, link_delay_ms=0.0)  # round trip 0.3 ms
+    (target,) = registry.targets("t") or []
+    work = LatencyEstimator(queue_model="work")
+    for now_s, in_flight in ((0.0, 0), (0.002, 1), (0.0021, 2)):
+        target.worker.in_flight = in_flight
+        work.dispatched(target, now_s)
+    target.worker.in_flight = 3
+    # Slots free at 4.15 (first) and 6.15 ms (second); the third request queued behind the
+    # first, to 8.15 ms. A fourth at 3 ms reaches the worker at 3.15 ms and waits for 6.15 ms.
+    assert work.predict(target, now_s=0.003) == pytest.approx(0.3 + 3.0 + 4.0)
+    # Once nothing is in flight the plan is forgotten: no wait.
+    target.worker.in_flight = 0
+    assert work.predict(target, now_s=0.003) == pytest.approx(0.3 + 4.0)
+
+
+def test_unknown_queue_model_is_an_error_naming_it() -> None:
+    with pytest.raises(ValueError, match="queue_model"):
+        LatencyEstimator(queue_model="fifo")

@@ -29,6 +29,9 @@ def test_config_file_then_flags(tmp_path: Path) -> None:
     path.write_text("estimator_alpha = 0\n")
     with pytest.raises(ConfigError, match="estimator_alpha"):
         load_config(path)
+    path.write_text("queue_model = 'fifo'\n")
+    with pytest.raises(ConfigError, match="queue_model"):
+        load_config(path)
 
 
 async def test_the_ap_estimator_takes_estimator_alpha(tmp_path: Path) -> None:
@@ -39,6 +42,15 @@ async def test_the_ap_estimator_takes_estimator_alpha(tmp_path: Path) -> None:
     config = load_config(path)
     assert config.estimator_alpha == 0.2
     assert AccessPoint(config).estimator._alpha == 0.2  # built in the loop, as the AP is
+    path.write_text("queue_model = 'work'\n")
+    assert AccessPoint(load_config(path)).estimator.queue_model == "work"
+
+
+def test_the_cli_offers_the_estimators_queue_models() -> None:
+    from apdispatch import cli
+    from apdispatch.routing import estimator
+
+    assert cli.QUEUE_MODELS == estimator.QUEUE_MODELS
 
 
 # Generous, for what takes well under a second on an idle machine (and the

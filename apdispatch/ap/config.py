@@ -10,6 +10,7 @@ from typing import Any
 
 from apdispatch.ap.overload import OverloadConfig
 from apdispatch.routing.estimator import ALPHA as ESTIMATOR_ALPHA
+from apdispatch.routing.estimator import QUEUE_MODELS
 from apdispatch.routing.outlier import OutlierConfig
 
 _OUTLIER = OutlierConfig()
@@ -28,6 +29,9 @@ class APConfig:
     lease_s: float = 5.0
     # Weight of one reply in the latency estimator's running means (network, compute fit).
     estimator_alpha: float = ESTIMATOR_ALPHA
+    # How the wait for a busy worker's slot is predicted (apdispatch.routing.estimator.QUEUE_MODELS):
+    # "count", every request ahead at a whole compute; "work", when each slot is predicted free.
+    queue_model: str = "count"
     # How the AP talks to workers that serve ModelStreamInfer: "stream" keeps one
     # bidirectional stream per worker (cheaper per request than a unary call in
     # Python gRPC); "unary" sends one ModelInfer per request.
@@ -110,6 +114,8 @@ class APConfig:
             raise ConfigError("lease_s: must be > 0")
         if not 0 < self.estimator_alpha <= 1:
             raise ConfigError("estimator_alpha: must be in (0, 1]")
+        if self.queue_model not in QUEUE_MODELS:
+            raise ConfigError(f"queue_model: must be one of {', '.join(QUEUE_MODELS)}")
         if self.forward_mode not in ("stream", "unary"):
             raise ConfigError("forward_mode: must be 'stream' or 'unary'")
         if self.max_tensor_bytes <= 0:

@@ -77,7 +77,7 @@ class AccessPoint:
         self.config = config
         self.log = log or structlog.get_logger()
         self.registry = Registry(lease_s=config.lease_s)
-        self.estimator = LatencyEstimator(config.estimator_alpha)
+        self.estimator = LatencyEstimator(config.estimator_alpha, config.queue_model)
         # A deployment's checkpoint is resumed from when it is there; the first
         # run starts from the shipped one and creates it.
         self.policy = make_policy(

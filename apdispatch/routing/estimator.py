@@ -18,6 +18,7 @@ Everything is O(1) per prediction and per observation.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from apdispatch.routing.registry import Target, Worker
@@ -25,6 +26,10 @@ from apdispatch.routing.registry import Target, Worker
 # Weight of a new observation in the running means. 0.05 tracks a change of
 # load within a few dozen replies, yet smooths single outliers.
 ALPHA = 0.05
+# How the wait for a slot is predicted: "count", the requests ahead each at a full
+# compute; "work", the compute dispatched and not yet worked off (an execution half
+# done counts half).
+QUEUE_MODELS = ("count", "work")
 # Base round trip of a loopback gRPC hop before anything was measured.
 DEFAULT_NETWORK_MS = 0.3
 
@@ -63,10 +68,34 @@ class ComputeModel:
 
 
 class LatencyEstimator:
-    def __init__(self, alpha: float = ALPHA) -> None:
+    def __init__(self, alpha: float = ALPHA, queue_model: str = "count") -> None:
+        if queue_model not in QUEUE_MODELS:
+            raise ValueError(f"queue_model: must be one of {', '.join(QUEUE_MODELS)}")
         self._alpha = alpha
         self._network: dict[str, float] = {}
         self._compute: dict[str, ComputeModel] = {}
+        self.queue_model = queue_model
+        # "work": per worker, when each of its slots is predicted to be free (the driver's
+        # clock, s), from the requests dispatched to it while it had any in flight.
+        self._free_at: dict[str, list[float]] = {}
+
+    def _slots_free_at(self, worker: Worker) -> list[float]:
+        free_at = self._free_at.get(worker.worker_id)
+        if free_at is None or worker.in_flight == 0 or len(free_at) != worker.slots:
+            free_at = [-math.inf] * worker.slots
+            self._free_at[worker.worker_id] = free_at
+        return free_at
+
+    def dispatched(self, target: Target, now_s: float) -> None:
+        """``target`` was given one more request at ``now_s`` (its worker's in_flight not yet counting it)."""
+        if self.queue_model != "work":
+            return
+        worker = target.worker
+        free_at = self._slots_free_at(worker)
+        compute = self.compute_ms(target, min(worker.in_flight + 1, worker.slots))
+        first = min(range(len(free_at)), key=free_at.__getitem__)
+        there = now_s + self.network_ms(worker) / 2000.0
+        free_at[first] = max(there, free_at[first]) + compute / 1000.0
 
     def network_ms(self, worker: Worker) -> float:
         value = self._network.get(worker.worker_id)
@@ -85,7 +114,7 @@ class LatencyEstimator:
     def compute_ms(self, target: Target, running: int) -> float:
         return self._model(target).predict(max(1, running))
 
-    def predict(self, target: Target, in_flight: int | None = None) -> float:
+    def predict(self, target: Target, in_flight: int | None = None, now_s: float | None = None) -> float:
         """Predicted ms from dispatch to reply if ``target`` got one more request now."""
         # Runs for every candidate of every request: the lookups of
         # network_ms() and compute_ms() are inlined, and compute(slots) is
@@ -100,6 +129,10 @@ class LatencyEstimator:
         if n <= slots:
             return network + model.predict(n if n > 1 else 1)
         compute = model.predict(slots)
+        if self.queue_model == "work" and now_s is not None and in_flight is None:
+            # The wait for a slot: until the first is predicted free, from the request's arrival there.
+            soonest = min(self._slots_free_at(worker))
+            return network + max(0.0, (soonest - now_s) * 1000.0 - network / 2.0) + compute
         return network + (n - slots) * compute / slots + compute
 
     def observe(

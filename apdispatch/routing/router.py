@@ -48,7 +48,7 @@ class Decision:
 
 
 def build_candidates(
-    targets: Sequence[Target], min_accuracy: float, estimator: LatencyEstimator
+    targets: Sequence[Target], min_accuracy: float, estimator: LatencyEstimator, now_s: float | None = None
 ) -> list[Candidate]:
     """Every target accurate enough, as a policy sees it now."""
     network_ms = estimator.network_ms
@@ -65,7 +65,7 @@ def build_candidates(
                 network_ms(t.worker),  # rtt_ms
                 t.worker.in_flight,  # in_flight
                 t.worker.slots,  # slots
-                predict(t),  # predicted_ms
+                predict(t, None, now_s),  # predicted_ms
                 t,  # ref
             ),
         )
@@ -115,7 +115,7 @@ class Router:
         The chosen worker counts the request in flight from here on; every
         decision must be released exactly once.
         """
-        candidates = build_candidates(targets, view.min_accuracy, self.estimator)
+        candidates = build_candidates(targets, view.min_accuracy, self.estimator, view.now_s)
         try:
             admit(view, targets, candidates)
         except RejectedError:
@@ -125,6 +125,7 @@ class Router:
         target: Target = chosen.ref  # type: ignore[assignment]
         worker = target.worker
         decision = Decision(view, chosen, target, worker.in_flight)
+        self.estimator.dispatched(target, view.now_s)
         worker.in_flight += 1
         return decision
 

@@ -123,6 +123,7 @@ def main(args: argparse.Namespace) -> int:
         progress=progress,
         bound=not args.no_bound,
         make=_checkpointed(getattr(args, "checkpoint", None), guards),
+        queue_model=args.queue_model,
     )
     print(f"\n{format_table(report)}")
     print(f"\n{len(policies)} policies x {report.queries} queries in {time.perf_counter() - started:.1f} s")
@@ -175,6 +176,7 @@ def _main_seeds(
         bound=not args.no_bound,
         latencies=getattr(args, "latencies", None),
         guards=tuple(guards.items()),
+        queue_model=args.queue_model,
     )
     started = time.perf_counter()
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from apdispatch.policies import Policy, make_policy
+from apdispatch.routing.estimator import LatencyEstimator
 from apdispatch.sim.arrivals import Queries, plan_arrivals
 from apdispatch.sim.engine import OUTCOMES, Simulation
 from apdispatch.sim.model import SimModel
@@ -93,9 +94,14 @@ def simulate(
     arrivals: Queries,
     *,
     window_s: float = DEFAULT_WINDOW_S,
+    queue_model: str = "count",
 ) -> PolicyResult:
-    """One run of ``model`` under ``policy`` (a fresh policy object: it keeps state)."""
-    sim = Simulation(model, policy, arrivals, window_s=window_s)
+    """One run of ``model`` under ``policy`` (a fresh policy object: it keeps state).
+
+    ``queue_model`` is the latency estimator's (``apdispatch.routing.estimator.QUEUE_MODELS``).
+    """
+    estimator = LatencyEstimator(queue_model=queue_model)
+    sim = Simulation(model, policy, arrivals, window_s=window_s, estimator=estimator)
     sim.finish()
     return result_of(sim, policy.name)
 
@@ -125,6 +131,7 @@ def run_policies(
     make: Callable[[str, int], Policy] | None = None,
     progress: Callable[[str, PolicyResult], None] | None = None,
     bound: bool = True,
+    queue_model: str = "count",
 ) -> SimReport:
     """Each policy on the same arrivals (``seed``, default the scenario's), plus the upper bound.
 
@@ -149,7 +156,7 @@ def run_policies(
     for name in policies:
         policy = make(name, seed) if make is not None else make_policy(name, seed, background=False)
         try:
-            result = simulate(model, policy, arrivals, window_s=window_s)
+            result = simulate(model, policy, arrivals, window_s=window_s, queue_model=queue_model)
         finally:
             policy.close()  # learned policies stop their learner threads
         report.results[name] = result

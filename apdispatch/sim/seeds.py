@@ -92,6 +92,7 @@ class RunSpec:
     bound: bool
     latencies: str | None = None  # --latencies (None: the reference profile)
     guards: tuple[tuple[str, object], ...] = ()  # --guard KEY=VALUE overrides
+    queue_model: str = "count"  # the latency estimator's (--queue-model)
 
 
 def run_seed(spec: RunSpec, seed: int) -> SimReport:
@@ -108,7 +109,15 @@ def run_seed(spec: RunSpec, seed: int) -> SimReport:
         scenario, spec.models, parse_calibration(spec.calibration), parse_latencies(spec.latencies)
     )
     make = guarded_maker(dict(spec.guards))
-    return run_policies(model, spec.policies, seed=seed, window_s=spec.window_s, bound=spec.bound, make=make)
+    return run_policies(
+        model,
+        spec.policies,
+        seed=seed,
+        window_s=spec.window_s,
+        bound=spec.bound,
+        make=make,
+        queue_model=spec.queue_model,
+    )
 
 
 # Policies the simulator builds besides the deployable ones: ``learned`` with
