@@ -114,3 +114,16 @@ def test_work_queue_model_takes_the_slot_that_frees_first() -> None:
 def test_unknown_queue_model_is_an_error_naming_it() -> None:
     with pytest.raises(ValueError, match="queue_model"):
         LatencyEstimator(queue_model="fifo")
+
+
+def test_work_queue_model_waits_no_longer_than_count_says() -> None:
+    # Five dispatched at once to one slot plan it busy to 20.15 ms; when four replies are back at
+    # 1 ms (a batch served them), the plan is stale: "count" (one request ahead, 4 ms) caps it.
+    registry = _registry(slots=1, latency_ms=4.0, link_delay_ms=0.0)
+    (target,) = registry.targets("t") or []
+    work = LatencyEstimator(queue_model="work")
+    for in_flight in range(5):
+        target.worker.in_flight = in_flight
+        work.dispatched(target, 0.0)
+    target.worker.in_flight = 1
+    assert work.predict(target, now_s=0.001) == pytest.approx(0.3 + 4.0 + 4.0)

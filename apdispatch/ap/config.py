@@ -30,7 +30,8 @@ class APConfig:
     # Weight of one reply in the latency estimator's running means (network, compute fit).
     estimator_alpha: float = ESTIMATOR_ALPHA
     # How the wait for a busy worker's slot is predicted (apdispatch.routing.estimator.QUEUE_MODELS):
-    # "count", every request ahead at a whole compute; "work", when each slot is predicted free.
+    # "count", every request ahead at a whole compute; "work", when each slot is predicted free
+    # (no longer than "count" says).
     queue_model: str = "count"
     # How the AP talks to workers that serve ModelStreamInfer: "stream" keeps one
     # bidirectional stream per worker (cheaper per request than a unary call in

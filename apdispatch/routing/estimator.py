@@ -11,7 +11,9 @@ completion = network + queue + compute, where
   weighted least squares on (n, compute) pairs from replies, seeded from the
   latency the worker announced;
 - queue is the wait for a slot when every slot is busy: the requests ahead,
-  served ``slots`` at a time, each taking compute(slots).
+  served ``slots`` at a time, each taking compute(slots) ("count"); or, with
+  ``queue_model="work"``, until the first slot is predicted free, by a plan of
+  the worker's slots kept from the requests dispatched since it was last idle.
 
 Everything is O(1) per prediction and per observation.
 """
@@ -27,8 +29,8 @@ from apdispatch.routing.registry import Target, Worker
 # load within a few dozen replies, yet smooths single outliers.
 ALPHA = 0.05
 # How the wait for a slot is predicted: "count", the requests ahead each at a full
-# compute; "work", the compute dispatched and not yet worked off (an execution half
-# done counts half).
+# compute; "work", until the first slot is predicted free (an execution half done
+# counts half), and no longer than "count" says.
 QUEUE_MODELS = ("count", "work")
 # Base round trip of a loopback gRPC hop before anything was measured.
 DEFAULT_NETWORK_MS = 0.3
@@ -131,8 +133,10 @@ class LatencyEstimator:
         compute = model.predict(slots)
         if self.queue_model == "work" and now_s is not None and in_flight is None:
             # The wait for a slot: until the first is predicted free, from the request's arrival there.
+            # No longer than "count" says: the plan drifts late when batches serve several at once.
             soonest = min(self._slots_free_at(worker))
-            return network + max(0.0, (soonest - now_s) * 1000.0 - network / 2.0) + compute
+            wait = min(max(0.0, (soonest - now_s) * 1000.0 - network / 2.0), (n - slots) * compute / slots)
+            return network + wait + compute
         return network + (n - slots) * compute / slots + compute
 
     def observe(
