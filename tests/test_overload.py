@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -262,3 +263,20 @@ async def test_during_the_drain_notice_a_health_check_answers_not_serving(models
             await stub.Infer(build_request("digits", x, deadline_ms=5_000), timeout=WAIT_S)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         drain.cancel()
+
+
+def test_overload_bench_accounts_for_every_request_and_loses_none(models_dir: Path, tmp_path: Path) -> None:
+    from apdispatch.tools.overload import MULTIPLES, run
+
+    out = tmp_path / "overload.json"
+    run(models_dir, 0.5, out, runs=1)
+    doc = json.loads(out.read_text())
+    steps = doc["ladders"][0]["steps"]
+    assert [s["multiple"] for s in steps] == list(MULTIPLES)
+    buckets = ("ok", "ok_after_deadline", "late_at_client", "late", "rejected", "failed", "lost", "not_sent")
+    for step in steps:
+        assert sum(step[b] for b in buckets) == step["sent"] > 0, step
+        assert step["lost"] == 0, step  # every request answered, whatever the load
+    summary = doc["summary"]
+    assert summary["runs"] == 1 and summary["lost"] == 0
+    assert summary["ok"] == steps[-1]["ok"] > 0
