@@ -297,29 +297,39 @@ def decode_response(response: pb.InferResponse) -> Result:
     )
 
 
+def _due(request: pb.InferRequest, clock: Callable[[], float]) -> float:
+    """When ``request``, sent now, falls due on the client's clock."""
+    return clock() + request.sla.deadline_ms / 1000.0
+
+
+def _judged(result: Result, due: float, clock: Callable[[], float]) -> Result:
+    """``result`` as the application sees it: an ok that arrived after ``due`` is late."""
+    if result.outcome is not Outcome.OK:
+        return result
+    over_ms = (clock() - due) * 1000.0
+    if over_ms <= 0:
+        return result
+    return replace(
+        result,
+        outcome=Outcome.LATE,
+        late_at_client=True,
+        error=f"answered ok by the AP; the reply arrived {over_ms:.1f} ms after the deadline",
+    )
+
+
 class _Deadlines:
-    """When each request sent falls due on the client's clock; an ok after that is late here."""
+    """A stream's requests sent and not answered yet, with when each falls due."""
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self._due: dict[str, float] = {}
 
     def sent(self, request: pb.InferRequest) -> None:
-        self._due.setdefault(request.request_id, self._clock() + request.sla.deadline_ms / 1000.0)
+        self._due.setdefault(request.request_id, _due(request, self._clock))
 
     def judge(self, result: Result) -> Result:
         due = self._due.pop(result.request_id, None)
-        if due is None or result.outcome is not Outcome.OK:
-            return result
-        over_ms = (self._clock() - due) * 1000.0
-        if over_ms <= 0:
-            return result
-        return replace(
-            result,
-            outcome=Outcome.LATE,
-            late_at_client=True,
-            error=f"answered ok by the AP; the reply arrived {over_ms:.1f} ms after the deadline",
-        )
+        return result if due is None else _judged(result, due, self._clock)
 
 
 def _stream_request(item: StreamItem, new_id: _IdFactory) -> pb.InferRequest:
@@ -394,9 +404,8 @@ class _Client:
         )
         return req, (deadline_ms + self.timeout_margin_ms) / 1000.0
 
-    @staticmethod
-    def _unary_result(response: pb.InferResponse, deadlines: _Deadlines) -> Result:
-        result = deadlines.judge(decode_response(response))
+    def _unary_result(self, response: pb.InferResponse, due: float) -> Result:
+        result = _judged(decode_response(response), due, self._clock)
         # Unary calls raise for rejected/failed; an AP that answers them as a
         # reply instead of a status still gets the same treatment.
         exc = result.exception()
@@ -467,15 +476,14 @@ class Client(_Client):
     ) -> Result:
         """Run one request; a Result for ok/late/inaccurate, an exception otherwise."""
         req, timeout = self._request(task, inputs, deadline_ms, min_accuracy, app, request_id, variant)
-        deadlines = _Deadlines(self._clock)
-        deadlines.sent(req)
+        due = _due(req, self._clock)
         try:
             response = self._infer(req, timeout=timeout)
         except grpc.RpcError as exc:
             if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:  # type: ignore[attr-defined]
                 raise _timeout_error(deadline_ms, self.timeout_margin_ms, req.request_id) from exc
             raise _rpc_error(exc, req.request_id) from exc
-        return self._unary_result(response, deadlines)
+        return self._unary_result(response, due)
 
     def stream(self, requests: Iterable[StreamItem], *, timeout_s: float | None = None) -> Iterator[Result]:
         """One client stream: Results in completion order, matched by ``request_id``.
@@ -678,15 +686,14 @@ class AsyncClient(_Client):
     ) -> Result:
         """Run one request; a Result for ok/late/inaccurate, an exception otherwise."""
         req, timeout = self._request(task, inputs, deadline_ms, min_accuracy, app, request_id, variant)
-        deadlines = _Deadlines(self._clock)
-        deadlines.sent(req)
+        due = _due(req, self._clock)
         try:
             response = await self._infer(req, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise _timeout_error(deadline_ms, self.timeout_margin_ms, req.request_id) from exc
             raise _rpc_error(exc, req.request_id) from exc
-        return self._unary_result(response, deadlines)
+        return self._unary_result(response, due)
 
     def open_stream(self, *, timeout_s: float | None = None) -> AsyncStream:
         """A new client stream to write to and read from (see AsyncStream)."""

@@ -20,18 +20,15 @@ def test_config_file_then_flags(tmp_path: Path) -> None:
     path.write_text('[ap]\nlisten = "127.0.0.1:6000"\npolicy = "p2c"\nlease_s = 1.5\n')
     config = load_config(path, policy="closest", listen=None)
     assert (config.listen, config.policy, config.lease_s) == ("127.0.0.1:6000", "closest", 1.5)
-    path.write_text("lease_sec = 3\n")
-    with pytest.raises(ConfigError, match="lease_sec"):
-        load_config(path)
-    path.write_text("forward_mode = 'carrier-pigeon'\n")
-    with pytest.raises(ConfigError, match="forward_mode"):
-        load_config(path)
-    path.write_text("estimator_alpha = 0\n")
-    with pytest.raises(ConfigError, match="estimator_alpha"):
-        load_config(path)
-    path.write_text("queue_model = 'fifo'\n")
-    with pytest.raises(ConfigError, match="queue_model"):
-        load_config(path)
+    for bad, key in (
+        ("lease_sec = 3", "lease_sec"),
+        ("forward_mode = 'carrier-pigeon'", "forward_mode"),
+        ("estimator_alpha = 0", "estimator_alpha"),
+        ("queue_model = 'fifo'", "queue_model"),
+    ):
+        path.write_text(bad + "\n")
+        with pytest.raises(ConfigError, match=key):
+            load_config(path)
 
 
 async def test_the_ap_estimator_takes_estimator_alpha(tmp_path: Path) -> None:

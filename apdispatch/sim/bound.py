@@ -370,17 +370,19 @@ def _queue_cuts(
     of start, ends each no later. Its queries must end within deadline - RTT of arrival.
     """
     app = scenario.apps[app_index]
-    by_pool: dict[int, tuple[float, float]] = {}  # pool -> (least work, least RTT)
+    by_pool: dict[int, tuple[float, float, int]] = {}  # pool -> (least work, least RTT, machines)
     for j, i in enumerate(tids):
         tg = targets[i]
         if tg.max_batch > 1 or tg.interference < 0:
             continue
-        work, rtt = by_pool.get(tg.pool, (math.inf, math.inf))
-        by_pool[tg.pool] = (min(work, tg.service_ms(1)), min(rtt, float(least_rtt_ms[j])))
+        work, rtt, _ = by_pool.get(tg.pool, (math.inf, math.inf, 0))
+        by_pool[tg.pool] = (
+            min(work, tg.service_ms(1)),
+            min(rtt, float(least_rtt_ms[j])),
+            tg.slots * tg.workers,
+        )
     cuts = []
-    for pool, (work, rtt) in by_pool.items():
-        tg = next(targets[i] for i in tids if targets[i].pool == pool)
-        machines = tg.slots * tg.workers
+    for pool, (work, rtt, machines) in by_pool.items():
         most = schedulable(times_ms, work / machines, app.deadline_ms - rtt)
         if most < len(times_ms):
             cuts.append((app_index, pool, float(most)))

@@ -334,6 +334,7 @@ def run(
     )
     ladders: list[dict[str, object]] = []
     tops: list[OverloadStep] = []
+    ratios: list[float] = []
     for i in range(runs):
         print(f"run {i + 1}:", flush=True)
         steps, run_dir = ladder(models, x, duration_s, load, ap_config)
@@ -343,7 +344,7 @@ def run(
             {"goodput_ratio_at_max": ratio, "steps": [asdict(s) for s in steps], "logs": str(run_dir)}
         )
         tops.append(steps[-1])
-    ratios = [float(str(r["goodput_ratio_at_max"])) for r in ladders]
+        ratios.append(ratio)
     summary = {
         "runs": runs,
         "goodput_ratio_median": round(float(np.median(ratios)), 3),
