@@ -32,6 +32,7 @@ def _latencies_option(parser: argparse.ArgumentParser, extra: str = "") -> None:
 
 # apdispatch.routing.estimator.QUEUE_MODELS, named here so that the CLI imports nothing heavy.
 QUEUE_MODELS = ("count", "work")
+DEFAULT_QUEUE_MODEL = "work"
 
 GUARD_HELP = (
     "a learned policy's or a rule's guard setting, KEY=VALUE (repeatable; the keys are "
@@ -329,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--queue-model",
         choices=QUEUE_MODELS,
-        default="count",
+        default=DEFAULT_QUEUE_MODEL,
         help="how the AP predicts the wait for a worker's slot (the AP's queue_model; docs/operations.md)",
     )
     sim.add_argument(
@@ -381,6 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--seeds", default="5", metavar="N|A-B|A,B,..", help="seeds (N: N from --seed)")
     ablate.add_argument("--seed", type=int, default=None, help="first seed (default: the first scenario's)")
     ablate.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes")
+    ablate.add_argument(
+        "--stop-learning-s",
+        type=float,
+        default=None,
+        metavar="S",
+        help="learned-stopped learns this long (s of the run), then nothing more (default 60)",
+    )
     ablate.add_argument("--duration", type=float, default=None, help="compress each scenario into S seconds")
     ablate.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="model zoo folder")
     ablate.add_argument("--guard", action="append", default=None, metavar="KEY=VALUE", help=GUARD_HELP)

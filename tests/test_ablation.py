@@ -31,6 +31,7 @@ def test_each_step_compares_a_layer_with_the_one_below() -> None:
         "slack": [0.80, 0.80],
         "slack-guarded": [0.85, 0.84],
         "learned-frozen": [0.85, 0.84],
+        "learned-stopped": [0.80, 0.83],
         "learned": [0.86, 0.86],
     }
     doc = {
@@ -43,7 +44,8 @@ def test_each_step_compares_a_layer_with_the_one_below() -> None:
     steps = out["steps"]
     assert steps["the guards"]["per_seed"] == [pytest.approx(5.0), pytest.approx(4.0)]
     assert steps["the network"]["per_seed"] == [0.0, 0.0] and steps["the network"]["wins"] == 0
-    assert steps["online learning"]["mean"] == pytest.approx(1.5)
+    assert steps["the network's updates"]["mean"] == pytest.approx(1.5)
+    assert steps["learning after the first minute"]["per_seed"] == [pytest.approx(6.0), pytest.approx(3.0)]
     assert steps["`learned` over the best static"]["per_seed"] == [pytest.approx(11.0), pytest.approx(13.0)]
 
 
@@ -57,7 +59,12 @@ def test_ablate_command_writes_the_table_and_names_a_bad_static(
     assert cli_main([*args, "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "demo.json").read_text())
     assert set(doc["policies"]) == {"fastest", *LAYERS}
-    assert doc["ablation"]["best_static"] == "fastest" and len(doc["ablation"]["steps"]) == 5
+    assert doc["ablation"]["best_static"] == "fastest" and len(doc["ablation"]["steps"]) == 6
     assert doc["command"].startswith("apdispatch ablate ") and "--duration 4" in doc["command"]
+    assert doc["stop_learning_s"] == 60.0 and "--stop-learning-s" not in doc["command"]
     table = (tmp_path / "table.md").read_text()
-    assert "| [demo](" in table and "online learning" in table
+    assert "| [demo](" in table and "learning after the first minute" in table
+    # A shorter warm-up is kept in the report and its command.
+    assert cli_main([*args, "--stop-learning-s", "2", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "demo.json").read_text())
+    assert doc["stop_learning_s"] == 2.0 and "--stop-learning-s 2" in doc["command"]

@@ -293,7 +293,8 @@ def test_edge_contention_needs_slack_spent(models_dir: Path) -> None:
         scenario.scaled(30.0), models_dir, {"fastest": 0.0, "learned": 0.0}, 5, Calibration(13.0), None, 2.0
     )
     pct = runs[0].sim_pct
-    assert pct["fastest"] < 97.0 and pct["learned"] > pct["fastest"] + 2.0, pct
+    # With the wait for a slot predicted from when it frees (queue_model "work"), 98.3 and 99.9 %.
+    assert pct["fastest"] < 99.0 and pct["learned"] > pct["fastest"] + 1.0, pct
 
 
 def test_make_demo_runs_learned_beside_the_static_policies_on_the_demo_scenario(models_dir: Path) -> None:

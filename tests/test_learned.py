@@ -303,6 +303,47 @@ def test_margins_by_hand() -> None:
     assert margins.late_chance("never", 10.0, 10.0) == 0.0
 
 
+def test_frozen_margins_stay_as_they_were() -> None:
+    margins = Margins(GuardConfig(margin_alpha=0.5))
+    margins.observe("t", predicted_ms=10.0, latency_ms=12.0)
+    margins.freeze()
+    margins.observe("t", predicted_ms=10.0, latency_ms=30.0)
+    margins.observe("new", predicted_ms=10.0, latency_ms=30.0)
+    assert margins.margin == {"t": pytest.approx(2.0)} and margins.state()["t"]["replies"] == 1
+
+
+def test_a_policy_that_stops_learning_keeps_what_it_learned() -> None:
+    policy = make_learned_policy("learned", seed=0, background=False)
+    assert isinstance(policy, ActorCriticPolicy) and policy.learner is not None
+    chosen = policy.choose(REQUEST, [A, B, C])
+    policy.observe(Feedback(REQUEST, chosen, "ok", chosen.predicted_ms + 3.0))
+    learned = dict(policy.margins.margin)
+    assert learned == {chosen.key: pytest.approx(3.0)}
+    policy.stop_learning()
+    assert policy.learner is None
+    for _ in range(20):
+        chosen = policy.choose(REQUEST, [A, B, C])
+        policy.observe(Feedback(REQUEST, chosen, "late", chosen.predicted_ms + 40.0))
+    assert policy.margins.margin == learned
+
+
+def test_learned_stopped_stops_learning_at_its_time_on_the_runs_clock() -> None:
+    from apdispatch.sim.seeds import StopsLearning, guarded_maker
+
+    policy = guarded_maker({}, stop_learning_s=5.0)("learned-stopped", 0)
+    assert isinstance(policy, StopsLearning) and policy.name == "learned"
+    inner = policy.policy
+    for now, late_by in ((4.9, 3.0), (5.0, 40.0), (9.0, 40.0)):
+        request = REQUEST._replace(now_s=now)
+        chosen = policy.choose(request, [A, B, C])
+        policy.observe(Feedback(request, chosen, "ok", chosen.predicted_ms + late_by))
+        assert policy.stopped == (now >= 5.0)
+    # Only the reply to the decision before 5 s was learned from.
+    assert list(inner.margins.margin.values()) == [pytest.approx(3.0)]
+    assert inner.learner is None
+    policy.close()
+
+
 def test_an_early_outlier_weighs_as_one_reply_among_the_first() -> None:
     margins = Margins(GuardConfig(margin_alpha=0.05))
     for latency in (60.0, 10.0, 10.0, 10.0):  # a cold start's 50 ms, then on time

@@ -39,8 +39,8 @@ async def test_the_ap_estimator_takes_estimator_alpha(tmp_path: Path) -> None:
     config = load_config(path)
     assert config.estimator_alpha == 0.2
     assert AccessPoint(config).estimator._alpha == 0.2  # built in the loop, as the AP is
-    path.write_text("queue_model = 'work'\n")
-    assert AccessPoint(load_config(path)).estimator.queue_model == "work"
+    path.write_text("queue_model = 'count'\n")
+    assert AccessPoint(load_config(path)).estimator.queue_model == "count"
 
 
 def test_the_cli_offers_the_estimators_queue_models() -> None:
@@ -48,6 +48,7 @@ def test_the_cli_offers_the_estimators_queue_models() -> None:
     from apdispatch.routing import estimator
 
     assert cli.QUEUE_MODELS == estimator.QUEUE_MODELS
+    assert cli.DEFAULT_QUEUE_MODEL == estimator.DEFAULT_QUEUE_MODEL
 
 
 # Generous, for what takes well under a second on an idle machine (and the

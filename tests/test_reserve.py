@@ -274,3 +274,23 @@ def test_decisions_refresh_the_pressures_themselves_only_when_stale() -> None:
     # No feedback caught up since: decisions read the table of 30.0 s until it is stale_s (1 s) old.
     assert set(r.reserved(count._replace(now_s=30.9), {"mec", "cloud"})) == {"mec"}
     assert r.reserved(count._replace(now_s=31.0), {"mec", "cloud"}) == {}
+
+
+def test_frozen_reservations_keep_the_pressures_of_when_they_froze() -> None:
+    r = Reservations(GuardConfig(load=0.25))
+    # As in the dependent-app case: "ar" at 30/s on the MEC (0.33 of it) reserves it against "count".
+    _feed(r, "ar", 25.0, [MEC, CLOUD], qps=30.0, seconds=30.0)
+    count = _view("count", 60.0, 30.0)
+    r.freeze(30.0)
+    assert r.mask(count, [MEC, EDGE, CLOUD], [0, 1, 2]) == [1, 2]
+    # Learning on, 30 quiet seconds would decay "ar"'s rate to 30/e^3 = 1.5/s and free the MEC.
+    # Frozen, the pressures of 30 s stay, whatever arrives or is missed since.
+    _feed(r, "count", 60.0, [MEC], qps=5.0, seconds=2.0)
+    r.outcome("ar", True)
+    r.catch_up(60.0)
+    assert r.mask(_view("count", 60.0, 60.0), [MEC, EDGE, CLOUD], [0, 1, 2]) == [1, 2]
+    assert r.rate("count", 60.0) == 0.0  # its arrivals were not counted
+    live = Reservations(GuardConfig(load=0.25))
+    _feed(live, "ar", 25.0, [MEC, CLOUD], qps=30.0, seconds=30.0)
+    live.catch_up(60.0)
+    assert live.mask(_view("count", 60.0, 60.0), [MEC, EDGE, CLOUD], [0, 1, 2]) == [0, 1, 2]

@@ -10,7 +10,7 @@ from typing import Any
 
 from apdispatch.ap.overload import OverloadConfig
 from apdispatch.routing.estimator import ALPHA as ESTIMATOR_ALPHA
-from apdispatch.routing.estimator import QUEUE_MODELS
+from apdispatch.routing.estimator import DEFAULT_QUEUE_MODEL, QUEUE_MODELS
 from apdispatch.routing.outlier import OutlierConfig
 
 _OUTLIER = OutlierConfig()
@@ -32,7 +32,7 @@ class APConfig:
     # How the wait for a busy worker's slot is predicted (apdispatch.routing.estimator.QUEUE_MODELS):
     # "count", every request ahead at a whole compute; "work", when each slot is predicted free
     # (no longer than "count" says).
-    queue_model: str = "count"
+    queue_model: str = DEFAULT_QUEUE_MODEL
     # How the AP talks to workers that serve ModelStreamInfer: "stream" keeps one
     # bidirectional stream per worker (cheaper per request than a unary call in
     # Python gRPC); "unary" sends one ModelInfer per request.

@@ -95,7 +95,7 @@ class Margins:
     (about the deadline): a lower bound, which still widens the margin.
     """
 
-    __slots__ = ("_alpha", "_moments", "_risk_spread", "_small", "_spread", "margin", "risk")
+    __slots__ = ("_alpha", "_moments", "_risk_spread", "_small", "_spread", "frozen", "margin", "risk")
 
     def __init__(self, config: GuardConfig = DEFAULT_GUARDS) -> None:
         self._alpha = config.margin_alpha
@@ -106,8 +106,15 @@ class Margins:
         self._moments: dict[str, list[float]] = {}
         self.margin: dict[str, float] = {}
         self.risk: dict[str, float] = {}  # the wider margin: mean + risk_spread() sd
+        self.frozen = False  # ``freeze``: the margins stay as they are
+
+    def freeze(self) -> None:
+        """Learn nothing more: every margin stays as it is now."""
+        self.frozen = True
 
     def observe(self, key: str, predicted_ms: float, latency_ms: float) -> None:
+        if self.frozen:
+            return
         residual = latency_ms - predicted_ms
         m = self._moments.get(key)
         if m is None:

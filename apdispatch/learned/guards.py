@@ -178,6 +178,11 @@ class Guards:
             open_ = guard.open(request, candidates, open_)
         return open_
 
+    def freeze(self) -> None:
+        """Learn nothing more: the margins and the reservations stay as they are at the latest decision."""
+        self.margins.freeze()
+        self.reserve.freeze(self._now, self.margins.margin)
+
     def rejected(self, request: RequestView) -> None:
         """Admission rejected ``request``: it still counts in its app's demand, and as a miss."""
         self.reserve.arrive(request)

@@ -142,6 +142,15 @@ class ActorCriticPolicy(CheckpointedPolicy):
             pending[id(request)] = (request, self._seq, x, i, z)
         return candidates[open_[i]]
 
+    def stop_learning(self) -> None:
+        """Learn nothing more online: the network's updates, the margins and the reservations stop,
+        and what they learned until now stays in force (a deployment that stops learning)."""
+        self.guards.freeze()
+        if self.learner is not None:
+            self.learner.close()
+            self.learner = None
+        self._pending.clear()
+
     def rejected(self, request: RequestView) -> None:
         """Admission rejected ``request``: it still counts in its app's demand, and as a miss."""
         self.guards.rejected(request)

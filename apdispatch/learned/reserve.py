@@ -72,6 +72,7 @@ class Reservations:
         "_calm",
         "_deferred",
         "_feasible",
+        "_frozen",
         "_load",
         "_max_apps",
         "_miss_alpha",
@@ -118,14 +119,29 @@ class Reservations:
         # app -> its share of requests that missed the SLA, averaged; from ``misses`` (in full) at first
         self._misses: dict[str, float] = {}
         self._calm = False  # no app that sends requests needs room (``calm``)
+        self._frozen = False  # ``freeze``: the pressures stay as they are
+
+    def freeze(self, now_s: float, margins: Mapping[str, float] | None = None) -> None:
+        """Learn nothing more: the pressures, refreshed once at ``now_s`` (``catch_up``), stay as they are.
+
+        Arrivals, outcomes and candidate sets are no longer counted, and the
+        decisions read the pressures, the reservations and calm of ``now_s``.
+        """
+        self.catch_up(now_s, margins)
+        self._press(now_s, 0.0)
+        self._frozen = True
 
     def arrive(self, request: RequestView) -> None:
         """Count a request of its app: every decision, and every admission rejection."""
+        if self._frozen:
+            return
         count, at = self._arrivals.get(request.app, (0.0, request.now_s))
         self._arrivals[request.app] = (count * exp((at - request.now_s) / self._tau) + 1.0, request.now_s)
 
     def outcome(self, app: str, ok: bool) -> None:
         """Count an outcome of the app's: ``ok`` when its SLA was met (an admission rejection is a miss)."""
+        if self._frozen:
+            return
         m = self._misses.get(app, self._misses_full)
         self._misses[app] = m + self._miss_alpha * ((0.0 if ok else 1.0) - m)
 
@@ -157,7 +173,7 @@ class Reservations:
         and costs about a decision: on the decision path it would set the
         decisions' tail latency.
         """
-        if self._due(request):
+        if not self._frozen and self._due(request):
             self._deferred[request.app] = (request, candidates)
 
     def catch_up(self, now_s: float, margins: Mapping[str, float] | None = None) -> None:
@@ -167,6 +183,8 @@ class Reservations:
         the next decision that needs it is done there: the pressures by
         ``calm`` and ``reserved``; the kept sets wait (one per app).
         """
+        if self._frozen:
+            return
         deferred = self._deferred
         while deferred:
             _, (request, candidates) = deferred.popitem()
@@ -250,6 +268,8 @@ class Reservations:
         at most that old, and the decisions in between skip an exp() per
         app. Decisions recompute them only once they are ``stale_s`` old.
         """
+        if self._frozen:
+            return
         last = self._pressed_at
         if last is not None and 0.0 <= now_s - last < (self._refresh_s if every_s is None else every_s):
             return

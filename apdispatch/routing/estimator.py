@@ -32,6 +32,7 @@ ALPHA = 0.05
 # compute; "work", until the first slot is predicted free (an execution half done
 # counts half), and no longer than "count" says.
 QUEUE_MODELS = ("count", "work")
+DEFAULT_QUEUE_MODEL = "work"
 # Base round trip of a loopback gRPC hop before anything was measured.
 DEFAULT_NETWORK_MS = 0.3
 
@@ -70,7 +71,7 @@ class ComputeModel:
 
 
 class LatencyEstimator:
-    def __init__(self, alpha: float = ALPHA, queue_model: str = "count") -> None:
+    def __init__(self, alpha: float = ALPHA, queue_model: str = DEFAULT_QUEUE_MODEL) -> None:
         if queue_model not in QUEUE_MODELS:
             raise ValueError(f"queue_model: must be one of {', '.join(QUEUE_MODELS)}")
         self._alpha = alpha

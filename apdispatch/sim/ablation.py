@@ -8,6 +8,9 @@ the other:
 - ``learned-frozen``: the guards and the shipped network, whose updates are
   off (the guards still learn their margins and reservations);
 - ``learned``: the same, learning online;
+- ``learned-stopped``: ``learned`` until ``--stop-learning-s`` (60 s), then
+  nothing more learned, by the network or the guards: what it learned until
+  then stays in force;
 
 beside the best of the static policies given (``--statics``). Each layer's
 gain is the paired difference of success ratios, in points, with its 95 %
@@ -33,7 +36,7 @@ from apdispatch.sim import seeds as multi
 from apdispatch.sim.profile import REFERENCE, parse_latencies
 from apdispatch.sim.results import DEFAULT_WINDOW_S
 
-LAYERS: tuple[str, ...] = ("slack", "slack-guarded", "learned-frozen", "learned")
+LAYERS: tuple[str, ...] = ("slack", "slack-guarded", "learned-frozen", "learned-stopped", "learned")
 BEST_STATIC = "best static"
 
 
@@ -49,7 +52,8 @@ class Step:
 STEPS: tuple[Step, ...] = (
     Step("the guards", "slack-guarded", "slack"),
     Step("the network", "learned-frozen", "slack-guarded"),
-    Step("online learning", "learned", "learned-frozen"),
+    Step("the network's updates", "learned", "learned-frozen"),
+    Step("learning after the first minute", "learned", "learned-stopped"),
     Step("`learned` over `slack-guarded`", "learned", "slack-guarded"),
     Step("`learned` over the best static", "learned", BEST_STATIC),
 )
@@ -118,6 +122,9 @@ def main(args: argparse.Namespace) -> int:
         guards = parse_guard_overrides(getattr(args, "guard", None))
         if args.jobs < 1:
             raise ValueError("--jobs: must be >= 1")
+        stop_learning_s = multi.STOP_LEARNING_S if args.stop_learning_s is None else args.stop_learning_s
+        if not stop_learning_s >= 0.0:
+            raise ValueError("--stop-learning-s: must be >= 0")
     except (ScenarioError, OSError, ValueError) as exc:
         print(f"apdispatch ablate: {exc}", file=sys.stderr)
         return 2
@@ -137,14 +144,17 @@ def main(args: argparse.Namespace) -> int:
             bound=False,
             latencies=latencies,
             guards=tuple(guards.items()),
+            stop_learning_s=stop_learning_s,
         )
         doc = multi.to_json(multi.run_seeds(spec, seeds, jobs=args.jobs))
         doc["ablation"] = ablate(doc, statics)
+        doc["stop_learning_s"] = stop_learning_s
         doc["command"] = " ".join(
             ["apdispatch ablate", path.as_posix(), f"--statics {','.join(statics)}", f"--seeds {args.seeds}"]
             + ([] if args.seed is None else [f"--seed {args.seed}"])
             + ([] if args.duration is None else [f"--duration {args.duration:g}"])
             + [f"--guard {k}={v}" for k, v in guards.items()]
+            + ([] if args.stop_learning_s is None else [f"--stop-learning-s {stop_learning_s:g}"])
         )
         (out / f"{scenario.name}.json").write_text(json.dumps(doc, indent=2) + "\n")
         rows.append(table_row(doc, path))

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from apdispatch.policies import Policy, make_policy
-from apdispatch.routing.estimator import LatencyEstimator
+from apdispatch.routing.estimator import DEFAULT_QUEUE_MODEL, LatencyEstimator
 from apdispatch.sim.arrivals import Queries, plan_arrivals
 from apdispatch.sim.engine import OUTCOMES, Simulation
 from apdispatch.sim.model import SimModel
@@ -94,7 +94,7 @@ def simulate(
     arrivals: Queries,
     *,
     window_s: float = DEFAULT_WINDOW_S,
-    queue_model: str = "count",
+    queue_model: str = DEFAULT_QUEUE_MODEL,
 ) -> PolicyResult:
     """One run of ``model`` under ``policy`` (a fresh policy object: it keeps state).
 
@@ -131,7 +131,7 @@ def run_policies(
     make: Callable[[str, int], Policy] | None = None,
     progress: Callable[[str, PolicyResult], None] | None = None,
     bound: bool = True,
-    queue_model: str = "count",
+    queue_model: str = DEFAULT_QUEUE_MODEL,
 ) -> SimReport:
     """Each policy on the same arrivals (``seed``, default the scenario's), plus the upper bound.
 

@@ -38,13 +38,25 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from apdispatch.policies import LEARNED_POLICIES, STATIC_POLICIES, Policy, make_policy
+from apdispatch.policies import (
+    LEARNED_POLICIES,
+    STATIC_POLICIES,
+    Candidate,
+    Feedback,
+    Policy,
+    RequestView,
+    make_policy,
+)
+from apdispatch.routing.estimator import DEFAULT_QUEUE_MODEL
 from apdispatch.sim.engine import OUTCOMES
 from apdispatch.sim.results import DEFAULT_WINDOW_S, SimReport, ratios, run_policies
+
+if TYPE_CHECKING:
+    from apdispatch.learned.policy import ActorCriticPolicy
 
 
 def parse_seeds(text: str, default: int) -> list[int]:
@@ -79,6 +91,10 @@ def ci95(values: Sequence[float]) -> float | None:
     return float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
 
 
+# ``learned-stopped`` learns this long (s of the run's clock), then nothing more.
+STOP_LEARNING_S = 60.0
+
+
 @dataclass(frozen=True, slots=True)
 class RunSpec:
     """What a worker process needs to rebuild and run one seed (picklable, no live objects)."""
@@ -92,7 +108,8 @@ class RunSpec:
     bound: bool
     latencies: str | None = None  # --latencies (None: the reference profile)
     guards: tuple[tuple[str, object], ...] = ()  # --guard KEY=VALUE overrides
-    queue_model: str = "count"  # the latency estimator's (--queue-model)
+    queue_model: str = DEFAULT_QUEUE_MODEL  # the latency estimator's (--queue-model)
+    stop_learning_s: float = STOP_LEARNING_S  # when ``learned-stopped`` stops learning (run's clock)
 
 
 def run_seed(spec: RunSpec, seed: int) -> SimReport:
@@ -108,7 +125,7 @@ def run_seed(spec: RunSpec, seed: int) -> SimReport:
     model = load_model(
         scenario, spec.models, parse_calibration(spec.calibration), parse_latencies(spec.latencies)
     )
-    make = guarded_maker(dict(spec.guards))
+    make = guarded_maker(dict(spec.guards), spec.stop_learning_s)
     return run_policies(
         model,
         spec.policies,
@@ -120,18 +137,60 @@ def run_seed(spec: RunSpec, seed: int) -> SimReport:
     )
 
 
-# Policies the simulator builds besides the deployable ones: ``learned`` with
-# its network frozen (no online updates; its guards still learn), for the ablations.
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"learned-frozen": ("learned", {"learn": False})}
+# Policies the simulator builds besides the deployable ones, for the ablations:
+# ``learned`` with its network frozen (no online updates; its guards still
+# learn), and ``learned`` that stops learning altogether after a warm-up.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "learned-frozen": ("learned", {"learn": False}),
+    "learned-stopped": ("learned", {}),
+}
+STOPS_LEARNING = frozenset({"learned-stopped"})
 
 
-def guarded_maker(guards: dict[str, object]) -> Callable[[str, int], Policy]:
+class StopsLearning(Policy):
+    """``policy``, whose online learning (network, margins, reservations) stops at ``at_s`` (run's clock).
+
+    What it learned until then stays in force: a deployment that learned
+    through its first minute and was then fixed, on the same run.
+    """
+
+    def __init__(self, policy: ActorCriticPolicy, at_s: float) -> None:
+        self.policy = policy
+        self.name = policy.name
+        self.at_s = at_s
+        self.stopped = False
+
+    def choose(self, request: RequestView, candidates: Sequence[Candidate]) -> Candidate:
+        if not self.stopped and request.now_s >= self.at_s:
+            self.policy.stop_learning()
+            self.stopped = True
+        return self.policy.choose(request, candidates)
+
+    def observe(self, feedback: Feedback) -> None:
+        self.policy.observe(feedback)
+
+    def rejected(self, request: RequestView) -> None:
+        self.policy.rejected(request)
+
+    def close(self) -> None:
+        self.policy.close()
+
+
+def guarded_maker(
+    guards: dict[str, object], stop_learning_s: float = STOP_LEARNING_S
+) -> Callable[[str, int], Policy]:
     """``make_policy`` as the simulator calls it (learning inline), with ``--guard`` overrides
     and the ``VARIANTS``."""
 
     def make(name: str, seed: int) -> Policy:
         base, options = VARIANTS.get(name, (name, {}))
-        return make_policy(base, seed, background=False, guards=guards, **options)
+        policy = make_policy(base, seed, background=False, guards=guards, **options)
+        if name in STOPS_LEARNING:
+            from apdispatch.learned.policy import ActorCriticPolicy
+
+            assert isinstance(policy, ActorCriticPolicy)
+            return StopsLearning(policy, stop_learning_s)
+        return policy
 
     return make
 

@@ -118,6 +118,7 @@ def train(
     from apdispatch.learned.factory import make_learned_policy
     from apdispatch.learned.policy import ActorCriticPolicy
     from apdispatch.policies import make_policy
+    from apdispatch.routing.estimator import DEFAULT_QUEUE_MODEL
     from apdispatch.scenario import load_scenario
     from apdispatch.sim.arrivals import plan_arrivals
     from apdispatch.sim.generate import DURATION_S, generated_scenario
@@ -209,6 +210,7 @@ def train(
             "teacher": teacher if kind == "actor-critic" else "fastest",
             "duration_s": duration_s,
             "latencies": loaded[0][2].latencies if loaded else None,
+            "queue_model": DEFAULT_QUEUE_MODEL,
             "imitation_samples": len(xs),
             "imitation_loss": imitation_loss,
             "history": [vars(h) for h in history],
