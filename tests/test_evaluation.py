@@ -151,3 +151,22 @@ def test_standing_counts_ahead_level_and_behind() -> None:
         "`learned` against the best static policy, of 5 scenarios: ahead on 1, level on 1 "
         "(equal on every seed), behind on 2 (1 of them at the 95 % level), even on average on 1"
     )
+
+
+@pytest.mark.unit
+def test_bound_gap_is_the_mean_distance_to_the_bound_in_points() -> None:
+    from apdispatch.sim.evaluate import bound_gap
+
+    def doc(name: str, bound: float | None, learned: float) -> dict[str, object]:
+        return {
+            "scenario": name,
+            "upper_bound": None if bound is None else {"success_ratio": bound},
+            "policies": {"learned": {"success_ratio": learned}},
+        }
+
+    # 2 and 6 points below the bound: 4 on average; "c" has no bound and is left out.
+    docs = [doc("a", 1.0, 0.98), doc("b", 0.9, 0.84), doc("c", None, 0.5)]
+    assert bound_gap(docs) == (
+        "`learned` against the upper bound, of 2 scenarios: 4.00 points below it on average, 6.00 at most (b)"
+    )
+    assert "no scenario" in bound_gap([doc("c", None, 0.5)])

@@ -113,6 +113,25 @@ def standing(docs: Sequence[dict[str, Any]], policy: str = "learned") -> str:
     return line + (f", even on average on {even}" if even else "")
 
 
+def bound_gap(docs: Sequence[dict[str, Any]], policy: str = "learned") -> str:
+    """One line: the mean gap, in points, between the upper bound and ``policy``, and the widest."""
+    gaps = [
+        (
+            100.0 * (doc["upper_bound"]["success_ratio"] - doc["policies"][policy]["success_ratio"]),
+            doc["scenario"],
+        )
+        for doc in docs
+        if doc.get("upper_bound") is not None and policy in doc["policies"]
+    ]
+    if not gaps:
+        return f"`{policy}` against the upper bound: no scenario with both"
+    widest, name = max(gaps)
+    return (
+        f"`{policy}` against the upper bound, of {len(gaps)} scenarios: "
+        f"{sum(g for g, _ in gaps) / len(gaps):.2f} points below it on average, {widest:.2f} at most ({name})"
+    )
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         scenarios = [(path, load_scenario(path)) for path in args.scenarios]
@@ -167,9 +186,9 @@ def main(args: argparse.Namespace) -> int:
         f"(`apdispatch evaluate`, {latencies} latencies).\n"
     )
     (out / "table.md").write_text(table + "\n" + note)
-    print(f"{table}\n{note}\n{standing(docs)}")
+    print(f"{table}\n{note}\n{standing(docs)}\n{bound_gap(docs)}")
     print(f"{len(scenarios)} scenarios in {time.perf_counter() - started:.0f} s")
     return 0
 
 
-__all__ = ["load_pattern", "main", "markdown", "standing", "table_row", "trained_on"]
+__all__ = ["bound_gap", "load_pattern", "main", "markdown", "standing", "table_row", "trained_on"]
