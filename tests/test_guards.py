@@ -82,6 +82,10 @@ def test_slower_variant_keeps_each_workers_soonest_in_time() -> None:
     # Of what is open only: with small closed before, large is edge's soonest.
     assert SlowerVariant().open(REQUEST, CANDIDATES, [1, 2, 3]) == [1, 2]
     assert SlowerVariant().open(REQUEST, CANDIDATES, [3]) == []
+    # One candidate per worker: only the late close.
+    assert SlowerVariant().open(REQUEST, CANDIDATES, [0, 2, 3]) == [0, 2]
+    # A worker's sooner variant listed after another worker's: still in candidate order.
+    assert SlowerVariant().open(REQUEST, [SLOW, FAR, FAST], [0, 1, 2]) == [1, 2]
 
 
 def test_safety_margin_closes_the_unsafe_while_one_is_safe() -> None:

@@ -11,6 +11,7 @@ import pytest
 from apdispatch.policies import STATIC_POLICIES, Candidate, RequestView, make_policy
 from apdispatch.routing.static import FastestPolicy
 from apdispatch.scenario import load_scenario
+from apdispatch.tools.decision_bench import candidate_sets, measure
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -152,3 +153,19 @@ def test_router_tells_rejections_in_the_live_ap(models_dir: Path) -> None:
     ap.submit(build_request("digits", x[0, :1], deadline_ms=100.0), time.monotonic(), replies.append)
     assert len(replies) == 2 and not isinstance(replies[1], RejectedError)
     assert len(policy.rejections) == 1
+
+
+def test_decision_bench_times_further_passes_while_asked() -> None:
+    # ``bench --decisions`` goes on until the learner has published an update:
+    # here, until a counter says so, one pass over the sets at a time.
+    sets = candidate_sets(8, 5, seed=3)
+    asked = []
+
+    def more() -> bool:
+        asked.append(1)
+        return len(asked) < 3
+
+    report = measure(make_policy("fastest"), sets, repeats=2, more=more)
+    assert report["decisions"] == 5 * 4  # 2 passes, then 2 more while asked
+    assert len(asked) == 3
+    assert measure(make_policy("fastest"), sets, repeats=2)["decisions"] == 10

@@ -69,16 +69,17 @@ class SlowerVariant:
 
     def open(self, request: RequestView, candidates: Sequence[Candidate], open_: Open) -> Open:
         inv = 1.0 / max(request.deadline_ms, MIN_DEADLINE_MS)
-        timely: dict[str, int] = {}
-        for k in open_:
+        timely = [k for k in open_ if not candidates[k].predicted_ms * inv > 1.0]
+        # The common case, one candidate per worker, in two passes without a dict.
+        if len({candidates[k].worker for k in timely}) == len(timely):
+            return timely
+        soonest: dict[str, int] = {}
+        for k in timely:
             c = candidates[k]
-            predicted = c.predicted_ms
-            if predicted * inv > 1.0:
-                continue  # late
-            first = timely.get(c.worker)
-            if first is None or predicted < candidates[first].predicted_ms:
-                timely[c.worker] = k
-        return sorted(timely.values())
+            first = soonest.get(c.worker)
+            if first is None or c.predicted_ms < candidates[first].predicted_ms:
+                soonest[c.worker] = k
+        return sorted(soonest.values())
 
 
 class SafetyMargin:

@@ -8,7 +8,11 @@ timed alone (``perf_counter_ns`` around ``choose``), and so is the
 ``observe`` of its feedback, which the AP also calls on its event loop. The
 learned policy runs as in the AP: its background learner trains on the
 feedback while the decisions are timed, at the pace of a busy AP (2,000
-decisions/s, ``--rate``; 0 for back to back).
+decisions/s, ``--rate``; 0 for back to back). The AP's learner takes at most
+``max_learn_per_s`` samples a second, so a batch takes it many seconds to
+fill: the timing goes on, a pass over the sets at a time, until
+``MIN_UPDATES`` updates have been published while decisions were timed (or
+``MAX_WAIT_S`` has passed, which the report shows as fewer updates).
 
 A decision of the learned policy takes one of two paths: the masks alone
 (one candidate left open, or every app meets its SLA or presses too little
@@ -24,6 +28,7 @@ import argparse
 import gc
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +43,10 @@ from apdispatch.tools.bench import percentiles
 # per second) would have it train many times more, alongside, than in an AP.
 RATE = 2000.0
 SIZES: tuple[int | str, ...] = (4, 8, 16, "4-16")  # "4-16": sizes drawn uniformly per decision
+# Learner updates published while decisions are timed, at the least: a
+# window without one would time the decisions beside an idle learner.
+MIN_UPDATES = 1
+MAX_WAIT_S = 120.0
 FEEDBACK_MIX = (
     Outcome.OK,
     Outcome.OK,
@@ -81,9 +90,16 @@ def candidate_sets(n: int | str, count: int, seed: int) -> list[tuple[RequestVie
 
 
 def measure(
-    policy: Policy, sets: list[tuple[RequestView, list[Candidate]]], repeats: int, rate: float = 0.0
+    policy: Policy,
+    sets: list[tuple[RequestView, list[Candidate]]],
+    repeats: int,
+    rate: float = 0.0,
+    more: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
-    """Time ``choose`` and ``observe`` per decision; ``rate`` > 0 paces decisions (per second)."""
+    """Time ``choose`` and ``observe`` per decision; ``rate`` > 0 paces decisions (per second).
+
+    After ``repeats`` passes over ``sets``, further passes while ``more()`` says so.
+    """
     choose_ns: list[int] = []
     observe_ns: list[int] = []
     scored_ns: list[int] = []  # the decisions the network scored (``ActorCriticPolicy.scored``)
@@ -92,7 +108,11 @@ def measure(
     gap = int(1e9 / rate) if rate > 0 else 0
     due = clock()
     # A fresh RequestView per decision, as the AP makes one per request.
-    for r in range(repeats):
+    r = -1
+    while True:
+        r += 1
+        if r >= repeats and (more is None or not more()):
+            break
         for i, (req, cands) in enumerate(sets):
             if gap:
                 # The AP's own work between decisions, as a busy wait: the
@@ -124,6 +144,13 @@ def measure(
     return result
 
 
+def _too_few_updates(learner: Any) -> Callable[[], bool]:
+    """Whether ``learner`` has published fewer than ``MIN_UPDATES`` updates since now (for ``MAX_WAIT_S``)."""
+    before = learner.updates
+    give_up = time.monotonic() + MAX_WAIT_S
+    return lambda: learner.updates - before < MIN_UPDATES and time.monotonic() < give_up
+
+
 def _percentiles(ns: list[int]) -> dict[str, float]:
     if not ns:
         return {"p50": float("nan"), "p99": float("nan")}
@@ -153,7 +180,8 @@ def run(
             measure(policy, sets[:200], 1)  # warm-up: caches, first allocations
             gc.collect()
             before = getattr(learner, "updates", 0)
-            result = measure(policy, sets, repeats, rate)
+            more = None if learner is None else _too_few_updates(learner)
+            result = measure(policy, sets, repeats, rate, more)
             if learner is not None:
                 result["learner_updates"] = learner.updates - before  # while decisions were timed
             policy.close()
