@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -27,6 +28,7 @@ import numpy as np
 import pytest
 
 from apdispatch.cli import build_parser
+from apdispatch.common.confidence import is_classifier, top_probability
 from apdispatch.common.logs import make_logger
 from apdispatch.common.manifest import Manifest, Variant, load_manifest
 from apdispatch.common.protocol import dispatcher_pb2 as dpb
@@ -254,6 +256,37 @@ async def test_edge_predictions_match_manifest_accuracy(zoo: Zoo, which: str) ->
             preds.append(logits(reply).argmax(axis=1))
     accuracy = float((np.concatenate(preds) == zoo.y).mean())
     assert accuracy == pytest.approx(variant.accuracy, abs=0.02)
+
+
+def test_confidence_is_the_top_softmax_probability_by_hand() -> None:
+    # softmax([0, 0]) = (1/2, 1/2); softmax([ln 3, 0]) = (3/4, 1/4); [1000, 0]: 1, without overflow.
+    got = top_probability(np.array([[0.0, 0.0], [math.log(3.0), 0.0], [1000.0, 0.0]]))
+    np.testing.assert_allclose(got, [0.5, 0.75, 1.0])
+    # softmax([ln 3, 0, 0]) = (3/5, 1/5, 1/5).
+    np.testing.assert_allclose(top_probability(np.array([[math.log(3.0), 0.0, 0.0]])), [0.6])
+    with pytest.raises(ValueError, match="logits"):
+        top_probability(np.zeros(3))
+
+
+async def test_classification_replies_carry_their_confidence(zoo: Zoo) -> None:
+    assert is_classifier(zoo.tiny) and is_classifier(zoo.large)
+    confidence, answers = [], []
+    async with serving(zoo, "edge", [zoo.tiny]) as (_, stub):
+        for i in range(0, len(zoo.x), MAX_BATCH):
+            reply = await stub.ModelInfer(request(zoo.tiny, zoo.x[i : i + MAX_BATCH]))
+            rows = top_probability(logits(reply))
+            # A reply of several rows carries its least confident row's.
+            assert param(reply, "confidence") == pytest.approx(rows.min(), rel=1e-6)
+            confidence.append(rows)
+            answers.append(logits(reply).argmax(axis=1))
+        one = await stub.ModelInfer(request(zoo.tiny, zoo.x[:1]))
+        assert param(one, "confidence") == pytest.approx(float(top_probability(logits(one))[0]), rel=1e-6)
+        assert 0.1 <= param(one, "confidence") <= 1.0  # ten classes
+    # The more confident half of the answers is right more often than the rest.
+    sure_of = np.concatenate(confidence)
+    right = np.concatenate(answers) == zoo.y
+    sure = sure_of >= np.median(sure_of)
+    assert right[sure].mean() > right[~sure].mean() + 0.05
 
 
 async def test_typed_contents_match_raw(zoo: Zoo) -> None:
@@ -556,6 +589,9 @@ async def test_cloud_worker_batches_and_predicts(zoo: Zoo) -> None:
         assert max(param(r, "batch_size") for r in replies) > 1
         for i, reply in enumerate(replies):
             assert reply.id == str(i) and logits(reply).shape == (1, 10)
+            # Each request's own row, whatever batch it was served in.
+            own = float(top_probability(logits(reply))[0])
+            assert param(reply, "confidence") == pytest.approx(own, rel=1e-6)
         # Requests of different sizes are split back correctly.
         sizes = [1, 3, 2, 2]
         starts = np.cumsum([0, *sizes])

@@ -5,8 +5,11 @@ look like on the wire. ``decode`` checks a ``ModelInferRequest``'s inputs and
 turns them into arrays (raw contents become read-only views, typed contents are
 copied); ``encode`` writes a reply with every output in
 ``raw_output_contents`` (the only thing tritonclient reads) and the parameters
-``queue_ms``, ``compute_ms`` (double) and ``batch_size`` (int64). A request the
-model cannot run raises :class:`InvalidInputError`, worded as Triton words it.
+``queue_ms``, ``compute_ms`` (double) and ``batch_size`` (int64); a classifier's
+reply also ``confidence`` (double): the top softmax probability of its answer,
+the lowest over the request's rows (``apdispatch.common.confidence``). A
+request the model cannot run raises :class:`InvalidInputError`, worded as
+Triton words it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from apdispatch.common import confidence
 from apdispatch.common.errors import InvalidInputError
 from apdispatch.common.manifest import Variant
 from apdispatch.common.protocol import oip_pb2 as pb
@@ -64,6 +68,7 @@ class Model:
         self._output_specs = runtime.outputs
         self._output_dtypes = [DATATYPE_TO_DTYPE[t.datatype] for t in runtime.outputs]
         self._all_outputs = list(range(len(runtime.outputs)))
+        self._classifier = confidence.is_classifier(self.variant)
         self.metadata = pb.ModelMetadataResponse(
             name=self.name,
             versions=[MODEL_VERSION],
@@ -225,15 +230,20 @@ class Model:
                 )
             )
             raw.append(array.tobytes())  # row-major, whatever the array's strides
+        parameters = {
+            "queue_ms": pb.InferParameter(double_param=result.queue_ms),
+            "compute_ms": pb.InferParameter(double_param=result.compute_ms),
+            "batch_size": pb.InferParameter(int64_param=result.batch_size),
+        }
+        if self._classifier:
+            # Whichever outputs were asked for: the answer's confidence is the logits'.
+            lowest = float(confidence.top_probability(result.outputs[0]).min())
+            parameters[confidence.PARAMETER] = pb.InferParameter(double_param=lowest)
         return pb.ModelInferResponse(
             model_name=self.name,
             model_version=MODEL_VERSION,
             id=request.id,
-            parameters={
-                "queue_ms": pb.InferParameter(double_param=result.queue_ms),
-                "compute_ms": pb.InferParameter(double_param=result.compute_ms),
-                "batch_size": pb.InferParameter(int64_param=result.batch_size),
-            },
+            parameters=parameters,
             outputs=tensors,
             raw_output_contents=raw,
         )
