@@ -6,6 +6,7 @@ import grpc
 import numpy as np
 import pytest
 
+from apdispatch.common.binomial import lower_bound
 from apdispatch.common.errors import (
     ApdispatchError,
     DeadlineExceededError,
@@ -94,3 +95,16 @@ def test_one_tensor_spec_from_the_manifest_over_the_wire() -> None:
     wire = spec.to_proto()
     assert (wire.name, wire.datatype, list(wire.shape)) == ("input", "FP32", [-1, 1, 8, 8])
     assert TensorSpec.from_proto(wire) == spec
+
+
+def test_binomial_lower_bound_by_hand() -> None:
+    # k = n: P(n of n | p) = p^n = 1 - level, so p = 0.05^(1/n).
+    assert lower_bound(10, 10) == pytest.approx(0.05 ** 0.1)
+    # k = 1 of n: P(at least 1) = 1 - (1 - p)^n = 0.05, so p = 1 - 0.95^(1/n).
+    assert lower_bound(1, 20) == pytest.approx(1.0 - 0.95**0.05)
+    assert lower_bound(0, 5) == 0.0
+    # Larger n, tighter: 900 of 1,000 is at least 0.883 at 95 %.
+    assert lower_bound(900, 1000) == pytest.approx(0.8830, abs=1e-4)
+    assert lower_bound(90, 100) < lower_bound(900, 1000) < 0.9
+    with pytest.raises(ValueError, match="successes"):
+        lower_bound(3, 2)

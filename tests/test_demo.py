@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from apdispatch.common.binomial import lower_bound
 from apdispatch.common.manifest import Manifest, load_manifest
 from apdispatch.policies import STATIC_POLICIES
 from apdispatch.scenario import load_scenario
@@ -43,9 +44,16 @@ def test_table_columns() -> None:
         "rejected": 2,
         "failed": 1,
         "latency_ms": {"p50": 3.25, "p99": 41.0},
+        # Measured from labels: (0.9 * 6 + 0.5 * 2) / 8 = 0.8; the worst app is 10 points below its floor.
+        "per_app": {
+            "a": {"accuracy": {"n": 6, "top1": 0.9, "min_accuracy": 0.85}},
+            "b": {"accuracy": {"n": 2, "top1": 0.5, "min_accuracy": 0.6}},
+            "c": {"accuracy": {"n": 0, "top1": None, "min_accuracy": 0.99}},
+        },
     }
     row = demo.summary_row("closest", report)
     assert row["success_pct"] == pytest.approx(60.0)
+    assert row["accuracy_pct"] == pytest.approx(80.0) and row["above_floor_pts"] == pytest.approx(-10.0)
     lines = demo.format_table([row, {**row, "policy": "most-accurate", "p50_ms": None}]).splitlines()
     assert [c.strip() for c in lines[0].split("|")] == [
         "policy",
@@ -58,6 +66,8 @@ def test_table_columns() -> None:
         "success %",
         "p50 ms",
         "p99 ms",
+        "accuracy %",
+        "worst app - floor",
     ]
     assert [c.strip() for c in lines[2].split("|")] == [
         "closest",
@@ -70,8 +80,10 @@ def test_table_columns() -> None:
         "60.0",
         "3.2",
         "41.0",
+        "80.0",
+        "-10.0",
     ]
-    assert lines[3].split("|")[-2].strip() == "-"
+    assert lines[3].split("|")[-4].strip() == "-"
 
 
 def _row(policy: str, ok: int, sent: int = 100) -> dict[str, object]:
@@ -444,7 +456,23 @@ def test_demo_end_to_end(
         sim = doc["fidelity"]["default"]["policies"][policy]
         live = result["summary"]["success_pct"]
         assert sim["gap_pts"] == pytest.approx(live - sim["sim_pct"], abs=0.01)
-        assert cells[10:12] == [f"{sim['sim_pct']:.1f}", f"{sim['gap_pts']:+.1f}"]
+        assert cells[12:14] == [f"{sim['sim_pct']:.1f}", f"{sim['gap_pts']:+.1f}"]
+        # Every answer checked against its sample's label, per app and per variant.
+        summary = result["summary"]
+        for app, block in report["per_app"].items():
+            accuracy = block["accuracy"]
+            assert accuracy["min_accuracy"] > 0 and accuracy["n"] <= block["ok"] + block["late"], app
+        judged = sum(b["accuracy"]["n"] for b in report["per_app"].values())
+        assert judged == sum(v["n"] for v in report["variant_accuracy"].values())
+        # Every ok answer carries its outputs (a reply cut off at its deadline carries none).
+        assert judged >= report["ok"]
+        for variant, measured in report["variant_accuracy"].items():
+            # The manifest's held-out figure lies within the measured one's 99.9 % interval.
+            n, right = measured["n"], round(measured["top1"] * measured["n"])
+            assert lower_bound(right, n, 0.999) <= measured["manifest"], variant
+            assert 1.0 - lower_bound(n - right, n, 0.999) >= measured["manifest"], variant
+            assert measured["lower95"] <= measured["top1"]
+        assert cells[10] == ("-" if not judged else f"{summary['accuracy_pct']:.1f}")
     assert len(sent) == 1  # the same seed offers the same load to every policy
     closest = doc["policies"]["closest"]["report"]
     accurate = doc["policies"]["most-accurate"]["report"]

@@ -354,6 +354,14 @@ async def test_every_query_gets_exactly_one_outcome(fake_ap: tuple[str, FakeAP])
     assert report.errors["rejected: no target meets the SLA"] == rej["total"]
     assert report.served_by == {"cloud/w2/v-big": late["total"], "edge/w1/v-small": good["total"]}
     assert report.observed_accuracy["edge/w1/v-small"] == {"n": good["total"], "top1": 1.0}
+    # Per app, beside its floor; per variant, the same answers (no manifest: samples given as arrays).
+    n = good["total"]
+    lower = round(0.05 ** (1 / n), 6)  # all n right: P(n of n) = p^n = 5 %
+    floor = MIXED.app("good").min_accuracy
+    assert good["accuracy"] == {"n": n, "top1": 1.0, "lower95": lower, "min_accuracy": floor}
+    no_answers = {"n": 0, "top1": None, "lower95": None, "min_accuracy": MIXED.app("rej").min_accuracy}
+    assert rej["accuracy"] == no_answers
+    assert report.variant_accuracy == {"v-small": {"n": n, "top1": 1.0, "lower95": lower, "manifest": None}}
     assert report.unmatched_replies == 0
     # client-side latency over served replies; late ones took more than their deadline
     assert late["latency_ms"]["p50"] >= 30

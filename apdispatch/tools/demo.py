@@ -104,6 +104,12 @@ def summary_row(policy: str, report: dict[str, Any]) -> dict[str, Any]:
     latency = report.get("latency_ms", {})
     row["p50_ms"] = latency.get("p50")
     row["p99_ms"] = latency.get("p99")
+    # Accuracy measured from the samples' labels: over every answer received, and the
+    # app furthest below (or least above) its floor, in points.
+    judged = [b["accuracy"] for b in report.get("per_app", {}).values() if b.get("accuracy", {}).get("n")]
+    n = sum(a["n"] for a in judged)
+    row["accuracy_pct"] = 100.0 * sum(a["top1"] * a["n"] for a in judged) / n if n else None
+    row["above_floor_pts"] = min((100.0 * (a["top1"] - a["min_accuracy"]) for a in judged), default=None)
     return row
 
 
@@ -144,7 +150,17 @@ def add_fidelity(rows: Sequence[dict[str, Any]], label: str, sim_pct: dict[str, 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     extra = [(h, k) for h, k in FIDELITY_COLUMNS if any(k in r for r in rows)]
-    header = ["policy", "sent", *OUTCOMES, "success %", "p50 ms", "p99 ms", *(h for h, _ in extra)]
+    header = [
+        "policy",
+        "sent",
+        *OUTCOMES,
+        "success %",
+        "p50 ms",
+        "p99 ms",
+        "accuracy %",
+        "worst app - floor",
+        *(h for h, _ in extra),
+    ]
 
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}"
@@ -163,6 +179,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             f"{r['success_pct']:.1f}",
             ms(r["p50_ms"]),
             ms(r["p99_ms"]),
+            ms(r.get("accuracy_pct")),
+            "-" if r.get("above_floor_pts") is None else f"{r['above_floor_pts']:+.1f}",
             *(pct(r, k) for _, k in extra),
         ]
         for r in rows

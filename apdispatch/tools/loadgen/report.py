@@ -18,6 +18,7 @@ from typing import Any, Final, NamedTuple, Protocol
 import numpy as np
 
 from apdispatch.client import Result
+from apdispatch.common.binomial import lower_bound
 from apdispatch.common.outcomes import OUTCOMES, SERVED
 from apdispatch.scenario import Scenario
 from apdispatch.scenario.plan import LoadPlan
@@ -57,6 +58,13 @@ def _counts_block(sent: int, counts: list[int], latencies_s: list[float]) -> dic
     block["failure_ratio"] = ratio(counts[4])
     block["latency_ms"] = _percentiles(latencies_s)
     return block
+
+
+def _measured(right: int, n: int) -> dict[str, Any]:
+    """Top-1 accuracy of ``n`` answers checked against their labels, and its 95 % lower bound."""
+    if n == 0:
+        return {"n": 0, "top1": None, "lower95": None}
+    return {"n": n, "top1": round(right / n, 6), "lower95": round(lower_bound(right, n), 6)}
 
 
 def _compute_stats(values_ms: list[float]) -> dict[str, float]:
@@ -101,6 +109,9 @@ class LoadReport:
     # p90 over served replies): the live service times a simulator calibration
     # is fitted to (apdispatch.tools.fidelity).
     compute_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Per variant, the answers checked against their labels: n, top1, lower95 and
+    # the manifest's held-out accuracy.
+    variant_accuracy: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -149,6 +160,7 @@ class LoadReport:
             "timeline": self.timeline,
             "served_by": self.served_by,
             "observed_accuracy": self.observed_accuracy,
+            "variant_accuracy": self.variant_accuracy,
             "compute_ms": self.compute_ms,
             "errors": self.errors,
             "unmatched_replies": self.unmatched_replies,
@@ -164,7 +176,7 @@ class LoadReport:
             f"scenario {self.scenario} against {self.ap}: {self.duration_s:g} s, seed {self.seed}, "
             f"{self.streams} streams ({self.query_process} queries), {self.sent} queries sent",
             f"{'app':<20} {'sent':>8} {'ok':>7} {'late':>7} {'inacc':>7} {'rej':>7} "
-            f"{'failed':>7} {'p50 ms':>8} {'p99 ms':>8}",
+            f"{'failed':>7} {'p50 ms':>8} {'p99 ms':>8} {'acc %':>7} {'floor %':>7}",
         ]
 
         def row(name: str, block: Mapping[str, Any]) -> str:
@@ -176,9 +188,13 @@ class LoadReport:
             lat = block["latency_ms"]
             p50 = "-" if lat["p50"] is None else f"{lat['p50']:.1f}"
             p99 = "-" if lat["p99"] is None else f"{lat['p99']:.1f}"
+            # Measured from the labels of the answers received, beside the app's floor.
+            acc = block.get("accuracy", {})
+            top1 = "-" if acc.get("top1") is None else f"{100.0 * acc['top1']:.1f}"
+            floor = "-" if acc.get("min_accuracy") is None else f"{100.0 * acc['min_accuracy']:.1f}"
             return (
                 f"{name:<20} {total:>8} {pct('ok')} {pct('late')} {pct('inaccurate')} "
-                f"{pct('rejected')} {pct('failed')} {p50:>8} {p99:>8}"
+                f"{pct('rejected')} {pct('failed')} {p50:>8} {p99:>8} {top1:>7} {floor:>7}"
             )
 
         for name, block in self.per_app.items():
@@ -195,6 +211,16 @@ class LoadReport:
         if self.served_by:
             top = sorted(self.served_by.items(), key=lambda kv: -kv[1])
             lines.append("served by: " + ", ".join(f"{k} {v}" for k, v in top))
+        if self.variant_accuracy:
+            lines.append(
+                "accuracy by variant, measured (manifest): "
+                + ", ".join(
+                    f"{name} {100.0 * v['top1']:.1f} %"
+                    + ("" if v.get("manifest") is None else f" ({100.0 * v['manifest']:.1f} %)")
+                    + f" of {v['n']}"
+                    for name, v in self.variant_accuracy.items()
+                )
+            )
         if self.errors:
             top = sorted(self.errors.items(), key=lambda kv: -kv[1])[:5]
             lines.append("errors: " + "; ".join(f"{v}x {k}" for k, v in top))
@@ -242,8 +268,11 @@ class Tally:
         self.reject_latency: list[float] = []
         self.served_by: Counter[str] = Counter()
         self.compute: dict[str, list[float]] = {}
+        # Answers checked against their sample's label: by target key, and by app.
         self.judged: Counter[str] = Counter()
         self.correct: Counter[str] = Counter()
+        self.judged_per_app = [0] * n_apps
+        self.correct_per_app = [0] * n_apps
         self.errors: Counter[str] = Counter()
         self.unmatched = 0
         self.send_lag: list[float] = []
@@ -278,8 +307,11 @@ class Tally:
                 if p.label >= 0 and len(result.outputs) == 1:
                     out = result.output
                     if out.size > 1:
+                        right = int(np.argmax(out)) == p.label
                         self.judged[key] += 1
-                        self.correct[key] += int(np.argmax(out)) == p.label
+                        self.correct[key] += right
+                        self.judged_per_app[p.app] += 1
+                        self.correct_per_app[p.app] += right
         else:
             if outcome == _REJECTED:
                 self.reject_latency.append(now - p.sent_at)
@@ -311,8 +343,14 @@ def build_report(
     streams: int,
     wall_s: float,
     stopped_at_s: float | None,
+    manifest_accuracy: Mapping[str, float] | None = None,
 ) -> LoadReport:
-    """The report of a finished run: ``streams`` started, sending stopped at ``stopped_at_s`` (or not)."""
+    """The report of a finished run: ``streams`` started, sending stopped at ``stopped_at_s`` (or not).
+
+    ``manifest_accuracy``: variant -> the held-out accuracy its manifest states, reported
+    beside what the run measured.
+    """
+    manifest_accuracy = manifest_accuracy or {}
     totals = [sum(c[i] for c in tally.counts) for i in range(len(OUTCOMES))]
     all_latency = [v for lat in tally.latency for v in lat]
     per_app: dict[str, dict[str, Any]] = {}
@@ -328,6 +366,20 @@ def build_report(
         timeline.append(entry)
     accuracy = {
         key: {"n": n, "top1": round(tally.correct[key] / n, 6)} for key, n in sorted(tally.judged.items())
+    }
+    for i, app in enumerate(scenario.apps):
+        per_app[app.name]["accuracy"] = {
+            **_measured(tally.correct_per_app[i], tally.judged_per_app[i]),
+            "min_accuracy": app.min_accuracy,
+        }
+    by_variant: dict[str, list[int]] = {}
+    for key, n in tally.judged.items():
+        counts = by_variant.setdefault(key.rsplit("/", 1)[-1], [0, 0])
+        counts[0] += tally.correct[key]
+        counts[1] += n
+    variants = {
+        name: {**_measured(right, n), "manifest": manifest_accuracy.get(name)}
+        for name, (right, n) in sorted(by_variant.items())
     }
     return LoadReport(
         scenario=scenario.name,
@@ -346,6 +398,7 @@ def build_report(
         timeline=timeline,
         served_by=dict(sorted(tally.served_by.items())),
         observed_accuracy=accuracy,
+        variant_accuracy=variants,
         compute_ms={key: _compute_stats(v) for key, v in sorted(tally.compute.items())},
         errors=dict(tally.errors.most_common()),
         unmatched_replies=tally.unmatched,

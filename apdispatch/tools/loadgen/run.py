@@ -25,6 +25,7 @@ from apdispatch.client import AsyncClient, AsyncStream
 from apdispatch.common import tensors
 from apdispatch.common.errors import ApdispatchError
 from apdispatch.common.lifecycle import cut_short
+from apdispatch.common.manifest import MANIFEST_NAME, load_manifest
 from apdispatch.common.protocol import dispatcher_pb2 as pb
 from apdispatch.scenario import Scenario
 from apdispatch.scenario.plan import LoadPlan, QueryProcess, StreamPlan, plan_load
@@ -377,4 +378,12 @@ async def run_load(
         streams=runner.started,
         wall_s=wall_s,
         stopped_at_s=runner.stopped_at,
+        manifest_accuracy=_manifest_accuracy(samples),
     )
+
+
+def _manifest_accuracy(samples: Samples | Path) -> dict[str, float]:
+    """Variant -> held-out accuracy, from the zoo's manifest when ``samples`` is its folder."""
+    if not isinstance(samples, Path | str) or not (Path(samples) / MANIFEST_NAME).is_file():
+        return {}
+    return {v.name: v.accuracy for v in load_manifest(Path(samples)).variants}
