@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from apdispatch.common.binomial import lower_bound
+from apdispatch.common.confidence import Acceptance, CalibrationConfig, acceptance_for, calibrate
 from apdispatch.common.errors import (
     ApdispatchError,
     DeadlineExceededError,
@@ -108,3 +109,22 @@ def test_binomial_lower_bound_by_hand() -> None:
     assert lower_bound(90, 100) < lower_bound(900, 1000) < 0.9
     with pytest.raises(ValueError, match="successes"):
         lower_bound(3, 2)
+
+
+def test_calibration_picks_the_lowest_threshold_that_holds_by_hand() -> None:
+    # 100 samples, confidence i / 100: the top 50 all right, the bottom 50 right every other one.
+    confidence = np.arange(100) / 100.0
+    correct = np.array([i >= 50 or i % 2 == 0 for i in range(100)])
+    config = CalibrationConfig(level=0.95, thresholds=2, floor_min=0.5, floor_max=0.99, floor_step=0.01)
+    table = calibrate(confidence, correct, config)
+    # Two candidates, each tested at 1 - 0.05 / 2: every sample (75 of 100 right) and the top half (50 of 50).
+    everything = lower_bound(75, 100, 0.975)
+    top_half = 0.025 ** (1 / 50)  # all n right: p^n = 0.025
+    assert 0.65 < everything < 0.66 and 0.92 < top_half < 0.93
+    by_floor = {round(a.floor, 2): a for a in table}
+    assert by_floor[0.65] == Acceptance(0.65, 0.0, 1.0, 0.75)
+    assert by_floor[0.66].threshold == pytest.approx(0.495) and by_floor[0.92].coverage == 0.5
+    assert by_floor[0.92].accuracy == 1.0 and 0.93 not in by_floor and 0.5 in by_floor
+    assert acceptance_for(table, 0.655) == by_floor[0.66] and acceptance_for(table, 0.95) is None
+    with pytest.raises(ValueError, match="confidence and correct"):
+        calibrate(confidence, correct[:3], config)

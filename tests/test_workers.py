@@ -269,7 +269,8 @@ def test_confidence_is_the_top_softmax_probability_by_hand() -> None:
 
 
 async def test_classification_replies_carry_their_confidence(zoo: Zoo) -> None:
-    assert is_classifier(zoo.tiny) and is_classifier(zoo.large)
+    assert is_classifier(zoo.tiny.outputs) and is_classifier(zoo.large.outputs)
+    assert not is_classifier(()) and not is_classifier((*zoo.tiny.outputs, *zoo.tiny.outputs))
     confidence, answers = [], []
     async with serving(zoo, "edge", [zoo.tiny]) as (_, stub):
         for i in range(0, len(zoo.x), MAX_BATCH):

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from apdispatch.common.binomial import lower_bound
+from apdispatch.common.confidence import CalibrationConfig, acceptance_for, top_probability
 from apdispatch.common.manifest import MANIFEST_NAME, Manifest, Variant, load_manifest
 from workers.zoo.build import SAMPLES_PER_TASK, build_zoo, format_table, zoo_fingerprint
 
@@ -227,3 +229,52 @@ def test_refuses_to_replace_a_folder_that_is_not_a_zoo(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError):
         build_zoo(tmp_path, quick=True)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+# --- acceptance thresholds: calibrated on held-out samples, checked on the published ones --------
+
+
+def _logits(models_dir: Path, variant: Variant, x: np.ndarray) -> np.ndarray:
+    if variant.runtime == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(models_dir / variant.file), providers=["CPUExecutionProvider"])
+        (out,) = session.run(["logits"], {"input": x})
+        return np.asarray(out)
+    import torch
+
+    from workers.zoo.architectures import build_network
+
+    model = build_network(variant.arch)
+    model.load_state_dict(torch.load(models_dir / variant.file, weights_only=True))
+    model.eval()
+    with torch.inference_mode():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def test_acceptance_thresholds_hold_on_samples_not_used_for_calibration(
+    models_dir: Path, manifest: Manifest
+) -> None:
+    assert manifest.calibration == CalibrationConfig()
+    for v in manifest.variants:
+        assert v.acceptance, v.name
+        floors = [a.floor for a in v.acceptance]
+        assert floors == sorted(floors)
+        assert all(0 < a.coverage <= 1 and a.accuracy >= a.floor for a in v.acceptance)
+        # The published samples were left out of the calibration: each threshold is checked on them.
+        x, y = load_samples(models_dir, v.task)
+        logits = _logits(models_dir, v, x)
+        confidence = top_probability(logits)
+        right = logits.argmax(axis=1) == y
+        for a in v.acceptance:
+            accepted = confidence >= a.threshold
+            n, k = int(accepted.sum()), int(right[accepted].sum())
+            # What clears the threshold is not clearly less accurate than the floor (99.9 % upper bound).
+            assert n > 0 and 1.0 - lower_bound(n - k, n, 0.999) >= a.floor, (v.name, a, n, k)
+            assert abs(n / len(y) - a.coverage) < 0.15, (v.name, a, n)
+    # A light variant below a floor on average still serves that floor's confident inputs.
+    tiny = manifest.variant("digits-tiny")
+    assert tiny.accuracy < 0.88
+    entry = acceptance_for(tiny.acceptance, 0.88)
+    assert entry is not None and entry.coverage >= 0.3
+    assert acceptance_for(tiny.acceptance, 0.999) is None

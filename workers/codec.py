@@ -68,7 +68,7 @@ class Model:
         self._output_specs = runtime.outputs
         self._output_dtypes = [DATATYPE_TO_DTYPE[t.datatype] for t in runtime.outputs]
         self._all_outputs = list(range(len(runtime.outputs)))
-        self._classifier = confidence.is_classifier(self.variant)
+        self._classifier = confidence.is_classifier(self.variant.outputs)
         self.metadata = pb.ModelMetadataResponse(
             name=self.name,
             versions=[MODEL_VERSION],

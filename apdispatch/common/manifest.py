@@ -9,7 +9,10 @@ Read by every role, so it imports neither torch nor onnxruntime.
                    "flops": 4820, "latency_ms_batch1": 0.03, "latency_ms_batch8": 0.05,
                    "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}],
                    "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}],
-                   "arch": {...}}]}
+                   "arch": {...},
+                   "acceptance": [{"floor": 0.9, "threshold": 0.93, "coverage": 0.62,
+                                   "accuracy": 0.97}, ...]}],
+     "calibration": {"level": 0.95, "thresholds": 20, ...}}
 
 ``arch`` (torch variants only) is the JSON config the cloud worker rebuilds the
 network from before loading its state_dict: no pickled objects anywhere.
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from apdispatch.common.confidence import Acceptance, CalibrationConfig
 from apdispatch.common.tensors import TensorSpec
 
 __all__ = [
@@ -59,6 +63,9 @@ class Variant:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     arch: dict[str, Any] = field(default_factory=dict)
+    # Per accuracy floor, the confidence above which its answers reach it (calibrated
+    # on held-out samples at build time; empty for a variant that is not a classifier).
+    acceptance: tuple[Acceptance, ...] = ()
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Variant:
@@ -75,6 +82,7 @@ class Variant:
             inputs=tuple(TensorSpec.from_json(t) for t in raw["inputs"]),
             outputs=tuple(TensorSpec.from_json(t) for t in raw["outputs"]),
             arch=dict(raw.get("arch", {})),
+            acceptance=tuple(Acceptance.from_json(a) for a in raw.get("acceptance", ())),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -91,6 +99,7 @@ class Variant:
             "inputs": [t.to_json() for t in self.inputs],
             "outputs": [t.to_json() for t in self.outputs],
             "arch": self.arch,
+            "acceptance": [a.to_json() for a in self.acceptance],
         }
 
 
@@ -100,6 +109,7 @@ class Manifest:
     variants: tuple[Variant, ...]
     seed: int = 0
     fingerprint: str = ""
+    calibration: CalibrationConfig | None = None  # how the acceptance tables were calibrated
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -123,6 +133,7 @@ def load_manifest(root: Path | str) -> Manifest:
         variants=tuple(Variant.from_json(v) for v in raw["variants"]),
         seed=int(raw.get("seed", 0)),
         fingerprint=str(raw.get("fingerprint", "")),
+        calibration=CalibrationConfig.from_json(raw["calibration"]) if "calibration" in raw else None,
     )
 
 
@@ -132,6 +143,7 @@ def write_manifest(manifest: Manifest) -> Path:
         "version": 1,
         "seed": manifest.seed,
         "fingerprint": manifest.fingerprint,
+        **({} if manifest.calibration is None else {"calibration": manifest.calibration.to_json()}),
         "variants": [v.to_json() for v in manifest.variants],
     }
     path.write_text(json.dumps(doc, indent=2) + "\n")

@@ -37,7 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from apdispatch.common import binomial as binomial_module
+from apdispatch.common import confidence as confidence_module
 from apdispatch.common import manifest as manifest_module
+from apdispatch.common.confidence import CalibrationConfig, calibrate, top_probability
 from apdispatch.common.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -46,7 +49,15 @@ from apdispatch.common.manifest import (
     load_manifest,
     write_manifest,
 )
-from workers.zoo.data import TASKS, DataSize, FloatArray, IntArray, TaskData, make_task, sample_split
+from workers.zoo.data import (
+    TASKS,
+    DataSize,
+    FloatArray,
+    TaskData,
+    make_task,
+    sample_indices,
+    sample_split,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -55,6 +66,9 @@ if TYPE_CHECKING:
 # them: a cache hit must return at once, without paying seconds of imports.
 
 SAMPLES_PER_TASK = 512
+# Acceptance thresholds are calibrated on the held-out samples that are not
+# published (``samples/<task>.npz``): the published ones check them.
+CALIBRATION = CalibrationConfig()
 # Training uses a fixed thread count: CPU kernels split their reductions by
 # thread, so a different count gives (slightly) different weights. One thread:
 # on a small machine shared with other jobs, OpenMP's spinning threads make two
@@ -63,7 +77,7 @@ TRAIN_THREADS = 1
 BATCH_SIZE = 128
 # Exported models must give the same logits as torch up to float rounding.
 ONNX_ATOL = 1e-4
-ZOO_SOURCES = ("architectures.py", "build.py", "data.py", "manifest.py")
+ZOO_SOURCES = ("architectures.py", "build.py", "data.py", "manifest.py", "confidence.py", "binomial.py")
 FINGERPRINT_PACKAGES = ("torch", "onnxscript", "onnxruntime", "numpy", "scikit-learn")
 
 
@@ -176,7 +190,9 @@ def build_zoo(out: Path, seed: int = 0, force: bool = False, *, quick: bool = Fa
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the zoo is meant to be read by others
         variants = _build_into(tmp, seed, profile)
-        write_manifest(Manifest(root=tmp, variants=variants, seed=seed, fingerprint=fingerprint))
+        write_manifest(
+            Manifest(root=tmp, variants=variants, seed=seed, fingerprint=fingerprint, calibration=CALIBRATION)
+        )
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -231,6 +247,9 @@ def zoo_fingerprint(seed: int, profile: str = "full") -> str:
     here = Path(__file__).resolve().parent
     sources = {name: here / name for name in ZOO_SOURCES}
     sources["manifest.py"] = Path(manifest_module.__file__).resolve()
+    # The acceptance thresholds: the calibration and its bound.
+    sources["confidence.py"] = Path(confidence_module.__file__).resolve()
+    sources["binomial.py"] = Path(binomial_module.__file__).resolve()
     for name in sorted(sources, key=lambda n: ZOO_SOURCES.index(n)):
         h.update(name.encode() + b"\0" + sources[name].read_bytes() + b"\0")
     h.update(f"seed={seed}\0profile={profile}\0".encode())
@@ -328,13 +347,18 @@ def _build_into(root: Path, seed: int, profile: Profile) -> tuple[Variant, ...]:
             )
             x, y = sample_split(data, SAMPLES_PER_TASK, seed)
             np.savez(root / "samples" / f"{task}.npz", x=x, y=y)
+            held_back = np.ones(len(data.x_test), dtype=bool)
+            held_back[sample_indices(data, SAMPLES_PER_TASK, seed)] = False
             for spec in VARIANTS:
                 if spec.task == task:
-                    variants.append(_make_variant(root, spec, data, seed, profile))
+                    variants.append(_make_variant(root, spec, data, seed, profile, held_back))
     return tuple(variants)
 
 
-def _make_variant(root: Path, spec: VariantSpec, data: TaskData, seed: int, profile: Profile) -> Variant:
+def _make_variant(
+    root: Path, spec: VariantSpec, data: TaskData, seed: int, profile: Profile, calibration: np.ndarray
+) -> Variant:
+    """``calibration``: which held-out samples the acceptance thresholds are calibrated on."""
     import torch
 
     from workers.zoo.architectures import build_network, count_flops, count_params
@@ -354,17 +378,20 @@ def _make_variant(root: Path, spec: VariantSpec, data: TaskData, seed: int, prof
     if spec.runtime == "onnx":
         file = f"{spec.name}.onnx"
         _export_onnx(model, data, root / file)
-        accuracy = _accuracy(_onnx_predict(root / file, data.x_test), data.y_test)
+        logits = _onnx_logits(root / file, data.x_test)
         lat1, lat8 = _onnx_latency(root / file, data.x_test, profile)
         arch_field: dict[str, Any] = {}
     elif spec.runtime == "torch":
         file = f"{spec.name}.pt"
         torch.save(model.state_dict(), root / file)
-        accuracy = _accuracy(_torch_predict(model, data.x_test), data.y_test)
+        logits = _torch_logits(model, data.x_test)
         lat1, lat8 = _torch_latency(model, data.x_test, profile)
         arch_field = arch
     else:
         raise ValueError(f"{spec.name}: unknown runtime {spec.runtime!r}")
+    correct = np.argmax(logits, axis=1) == data.y_test
+    accuracy = float(np.mean(correct))
+    acceptance = calibrate(top_probability(logits[calibration]), correct[calibration], CALIBRATION)
 
     variant = Variant(
         name=spec.name,
@@ -379,6 +406,7 @@ def _make_variant(root: Path, spec: VariantSpec, data: TaskData, seed: int, prof
         inputs=(TensorSpec("input", "FP32", (-1, *data.input_shape)),),
         outputs=(TensorSpec("logits", "FP32", (-1, data.num_classes)),),
         arch=arch_field,
+        acceptance=acceptance,
     )
     _log(
         f"{spec.name}: {100 * variant.accuracy:.1f}% held-out, {variant.params:,} params, "
@@ -414,16 +442,13 @@ def _train(model: nn.Module, data: TaskData, epochs: int, spec: VariantSpec, see
             schedule.step()
 
 
-def _accuracy(predictions: IntArray, labels: IntArray) -> float:
-    return float(np.mean(predictions == labels))
-
-
-def _torch_predict(model: nn.Module, x: FloatArray) -> IntArray:
+def _torch_logits(model: nn.Module, x: FloatArray) -> FloatArray:
     import torch
 
     with torch.inference_mode():
         logits = torch.cat([model(torch.from_numpy(b)) for b in _batches(x, 512)])
-    return logits.argmax(dim=1).numpy().astype(np.int64)
+    out: FloatArray = logits.numpy()
+    return out
 
 
 def _batches(x: FloatArray, size: int) -> list[FloatArray]:
@@ -488,10 +513,9 @@ def _onnx_session(path: Path) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def _onnx_predict(path: Path, x: FloatArray) -> IntArray:
+def _onnx_logits(path: Path, x: FloatArray) -> FloatArray:
     session = _onnx_session(path)
-    logits = np.concatenate([session.run(["logits"], {"input": b})[0] for b in _batches(x, 512)])
-    return np.argmax(logits, axis=1).astype(np.int64)
+    return np.concatenate([session.run(["logits"], {"input": b})[0] for b in _batches(x, 512)])
 
 
 def _onnx_latency(path: Path, x: FloatArray, profile: Profile) -> tuple[float, float]:

@@ -310,8 +310,13 @@ def _segment_distance(
     return np.hypot(py - ay - h * ey, px - ax - h * ex)
 
 
+def sample_indices(data: TaskData, count: int, seed: int) -> IntArray:
+    """Which held-out samples ``sample_split`` publishes (sorted indices into ``x_test``)."""
+    rng = np.random.default_rng([seed, TASKS.index(data.name), 1])
+    return np.sort(rng.choice(len(data.x_test), size=min(count, len(data.x_test)), replace=False))
+
+
 def sample_split(data: TaskData, count: int, seed: int) -> tuple[FloatArray, IntArray]:
     """A seeded subset of the held-out split: the inputs clients send in tests and load runs."""
-    rng = np.random.default_rng([seed, TASKS.index(data.name), 1])
-    idx = np.sort(rng.choice(len(data.x_test), size=min(count, len(data.x_test)), replace=False))
+    idx = sample_indices(data, count, seed)
     return data.x_test[idx].copy(), data.y_test[idx].copy()
