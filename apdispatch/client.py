@@ -132,6 +132,8 @@ class Result:
     status_code: int = 0
     # The AP answered ok, and the reply reached this client after the deadline: outcome is late.
     late_at_client: bool = False
+    # A classifier's confidence in its answer (top softmax probability), when the worker reports one.
+    confidence: float | None = None
 
     @property
     def output(self) -> np.ndarray:
@@ -294,6 +296,7 @@ def decode_response(response: pb.InferResponse) -> Result:
         timings=timings,
         error=error,
         status_code=response.status_code,
+        confidence=response.confidence if response.HasField("confidence") else None,
     )
 
 

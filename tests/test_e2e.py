@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import pytest
 
 from apdispatch import Client, InvalidRequestError, NotFoundError, RejectedError
 from apdispatch.client import StreamRequest
+from apdispatch.common.confidence import top_probability
 from apdispatch.tools.processes import Children, free_port, wait_for_workers
 
 CLOUD_RTT_MS = 40.0
@@ -149,6 +151,8 @@ def test_served_and_correct(topology: Topology, client: Client) -> None:
         assert result.outcome == "ok", result
         assert result.served_by is not None
         assert result.timings.total_ms > 0
+        # The worker's confidence in this answer, through the AP.
+        assert result.confidence == pytest.approx(float(top_probability(result.output)[0]), rel=1e-6)
         correct += int(np.argmax(result.output[0]) == y[i])
     assert correct >= 25  # every variant is far better than chance (10%)
 
@@ -234,6 +238,10 @@ def test_outcomes_add_up_under_mixed_load(topology: Topology, client: Client) ->
     }
     assert sum(counts.values()) == len(requests)
     assert counts["ok"] > 0 and counts["rejected"] > 0
+    # Requests the AP coalesced into one worker call still get their own answer's confidence.
+    for r in results:
+        if r.outcome == "ok":
+            assert r.confidence == pytest.approx(float(top_probability(r.output)[0]), rel=1e-6), r
 
 
 BAD_INPUTS = [
@@ -395,3 +403,15 @@ def test_undecodable_stream_message_gets_a_reply_and_the_stream_goes_on(topology
     assert bad.outcome == pb.FAILED
     assert bad.status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "request" in bad.error
+
+
+def test_a_coalesced_requests_confidence_is_its_own_rows() -> None:
+    from apdispatch.ap.forwarder import OutputTensor, _own_confidence
+
+    # softmax([2, 0]) tops at 1 / (1 + e^-2) = 0.881; softmax([0, 0]) at 0.5: the least sure row's.
+    logits = np.array([[2.0, 0.0], [0.0, 0.0]], dtype="<f4")
+    mine = OutputTensor("logits", "FP32", (2, 2), logits.tobytes())
+    assert _own_confidence([mine]) == pytest.approx(0.5)
+    first = OutputTensor("logits", "FP32", (1, 2), logits[:1].tobytes())
+    assert _own_confidence([first]) == pytest.approx(1.0 / (1.0 + math.exp(-2.0)))
+    assert _own_confidence([mine, mine]) is None  # not a classifier's one output

@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from apdispatch.ap.config import APConfig
 from apdispatch.ap.oip_codec import to_infer_request
 from apdispatch.ap.server import AccessPoint
+from apdispatch.common.confidence import top_probability
 from apdispatch.common.errors import InvalidRequestError
 from apdispatch.common.logs import make_logger
 from apdispatch.common.manifest import load_manifest
@@ -207,6 +208,7 @@ async def test_tritonclient_against_the_ap(models_dir: Path, version: str) -> No
     assert params["compute_ms"] >= SERVICE_MS * 0.9  # the emulated service time is compute
     assert params["total_ms"] >= params["compute_ms"] + params["queue_ms"]
     assert params["network_ms"] >= 0
+    assert params["confidence"] == pytest.approx(float(top_probability(np.array(out["logits"]))[0]), rel=1e-5)
 
     assert out["client_timeout"] == "ok"
     # A gRPC deadline of 150 ms cannot fit a 300 ms request: rejected at once, not sent.

@@ -332,6 +332,8 @@ class Dispatcher:
             timings.queue_ms = result.queue_ms
             timings.compute_ms = result.compute_ms
             timings.network_ms = network_ms
+            if result.confidence is not None:
+                response.confidence = result.confidence
             for tensor in result.outputs:
                 response.outputs.add(
                     name=tensor.name, datatype=tensor.datatype, shape=tensor.shape, data=tensor.data

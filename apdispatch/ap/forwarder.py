@@ -30,8 +30,10 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 import structlog
 
+from apdispatch.common import confidence
 from apdispatch.common.errors import ApdispatchError, InvalidRequestError, NotFoundError, UnavailableError
 from apdispatch.common.protocol import oip_pb2, oip_pb2_grpc
 
@@ -67,6 +69,9 @@ class WorkerReply:
     compute_ms: float
     batch: int  # requests coalesced into the OIP request that carried this one
     sent_at: float  # when the batch left the AP (monotonic)
+    # A classifier's confidence in this request's answer (its least confident row), when the
+    # worker reports one; None otherwise.
+    confidence: float | None = None
 
 
 Done = Callable[[WorkerReply | BaseException], None]
@@ -106,6 +111,15 @@ def _stream_error(address: str, reply: oip_pb2.ModelStreamInferResponse) -> Base
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineReached()
     return _worker_error(address, code, reply.error_message)
+
+
+def _own_confidence(outputs: list[OutputTensor]) -> float | None:
+    """The least confident row of a classifier's logits (one FP32 output of shape (rows, classes))."""
+    if len(outputs) != 1 or outputs[0].datatype != "FP32" or len(outputs[0].shape) != 2:
+        return None
+    out = outputs[0]
+    logits = np.frombuffer(out.data, dtype="<f4").reshape(out.shape)
+    return float(confidence.top_probability(logits).min())
 
 
 def _param(params: object, key: str) -> float:
@@ -238,6 +252,7 @@ class WorkerLink:
     def _deliver(self, batch: _Batch, reply: oip_pb2.ModelInferResponse, sent_at: float) -> None:
         queue_ms = _param(reply.parameters, "queue_ms")
         compute_ms = _param(reply.parameters, "compute_ms")
+        reported = reply.parameters.get(confidence.PARAMETER)
         entries = batch.entries
         total_rows = sum(e.rows for e in entries)
         tensors = list(zip(reply.outputs, reply.raw_output_contents, strict=False))
@@ -257,7 +272,12 @@ class WorkerLink:
                         data = raw[offset * row_bytes : (offset + rows) * row_bytes]
                     shape = (rows, *tensor.shape[1:])
                     outputs.append(OutputTensor(tensor.name, tensor.datatype, shape, data))
-                entry.done(WorkerReply(tuple(outputs), queue_ms, compute_ms, len(entries), sent_at))
+                sure = None
+                if reported is not None:
+                    # The worker's figure covers the whole batch: a request coalesced with others
+                    # gets its own rows', from the same logits by the same formula.
+                    sure = reported.double_param if len(entries) == 1 else _own_confidence(outputs)
+                entry.done(WorkerReply(tuple(outputs), queue_ms, compute_ms, len(entries), sent_at, sure))
             offset += rows
 
     def _open_stream(self) -> None:

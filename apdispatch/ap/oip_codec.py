@@ -187,6 +187,8 @@ def to_model_infer_response(
         "network_ms": timings.network_ms,
         "total_ms": timings.total_ms,
     }
+    if reply.HasField("confidence"):
+        params["confidence"] = reply.confidence
     return oip.ModelInferResponse(
         model_name=request.model_name,
         model_version=MODEL_VERSION,
