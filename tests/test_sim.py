@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from apdispatch.cli import main as cli_main
+from apdispatch.common.confidence import acceptance_for
 from apdispatch.common.errors import RejectedError
 from apdispatch.common.manifest import load_manifest
 from apdispatch.policies import STATIC_POLICIES, Candidate, RequestView, make_policy
@@ -618,3 +619,23 @@ def test_the_reference_profile_covers_the_zoo(manifest: Any) -> None:
     assert set(reference.variants) == {v.name for v in manifest.variants}
     for b1, b8 in reference.variants.values():
         assert 0 < b1 <= b8
+
+
+def test_cloud_bottleneck_starves_apps_the_edge_could_serve_confidently(models_dir: Path) -> None:
+    """scenarios/cloud-bottleneck.toml: the 0.94 apps can use only the cloud's large variants on
+    average, the cloud cannot keep up with them, while the edge's small variants have calibrated
+    thresholds for that floor and the edge has room."""
+    scenario = load_scenario(ROOT / "scenarios/cloud-bottleneck.toml").scaled(60.0)
+    manifest = load_manifest(models_dir)
+    edge = {v for c in scenario.clusters if c.kind == "edge" for w in c.workers for v in w.variants}
+    for name in ("inspection", "video-analytics"):
+        app = scenario.app(name)
+        assert not any(manifest.variant(v).accuracy >= app.min_accuracy for v in edge), name
+        small = manifest.variant(f"{app.task}-small")
+        entry = acceptance_for(small.acceptance, app.min_accuracy)
+        assert small.name in edge and entry is not None and entry.coverage >= 0.5, name
+    result = run_policies(load_model(scenario, models_dir), ["fastest"], bound=False).results["fastest"]
+    table = result.table
+    success = {a.name: table[i, :, OK].sum() / table[i].sum() for i, a in enumerate(scenario.apps)}
+    assert success["inspection"] < 0.6 and success["video-analytics"] < 0.9, success
+    assert success["ar-overlay"] > 0.95 and success["traffic-count"] > 0.95, success
