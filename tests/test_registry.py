@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from apdispatch.common.confidence import acceptance_for
 from apdispatch.common.errors import InvalidRequestError
 from apdispatch.common.protocol import dispatcher_pb2 as pb
 from apdispatch.routing.registry import Registry
@@ -93,3 +94,22 @@ def test_bad_registration_names_the_field(override: dict[str, object], field: st
     with pytest.raises(InvalidRequestError) as info:
         registry.register(request)
     assert info.value.field == field
+
+
+def test_acceptance_tables_are_kept_by_floor_and_checked() -> None:
+    registry = Registry(lease_s=3.0)
+    request = _req("a")
+    request.variants[0].acceptance.extend(
+        [
+            pb.Acceptance(floor=0.9, threshold=0.7, coverage=0.6, accuracy=0.93),
+            pb.Acceptance(floor=0.8, threshold=0.4, coverage=0.9, accuracy=0.85),
+        ]
+    )
+    worker = registry.register(request)
+    table = worker.variants["t-v"].acceptance
+    assert [(a.floor, a.threshold, a.coverage) for a in table] == [(0.8, 0.4, 0.9), (0.9, 0.7, 0.6)]
+    assert acceptance_for(table, 0.85) == table[1]
+    request.variants[0].acceptance[1].threshold = 1.5
+    with pytest.raises(InvalidRequestError) as info:
+        registry.register(request)
+    assert info.value.field == "variants[0].acceptance[1].threshold"

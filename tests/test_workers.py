@@ -661,6 +661,10 @@ async def test_registration_retries_heartbeats_and_deregisters(zoo: Zoo) -> None
             assert info.latency_ms == pytest.approx(2.0 * zoo.small.latency_ms_batch1)
             assert info.latency_ms_batch8 == pytest.approx(2.0 * zoo.small.latency_ms_batch8)
             assert info.max_batch_size == MAX_BATCH
+            # The zoo's calibrated acceptance table travels with the variant.
+            announced = [(a.floor, a.threshold, a.coverage, a.accuracy) for a in info.acceptance]
+            assert announced == [(a.floor, a.threshold, a.coverage, a.accuracy) for a in zoo.small.acceptance]
+            assert announced
             assert [(t.name, list(t.shape)) for t in info.inputs] == [
                 (t.name, list(t.shape)) for t in zoo.small.inputs
             ]

@@ -64,6 +64,7 @@ def register_request(
                 inputs=[s.to_proto() for s in a.variant.inputs],
                 outputs=[s.to_proto() for s in a.variant.outputs],
                 max_batch_size=a.max_batch_size,
+                acceptance=[dpb.Acceptance(**e.to_json()) for e in a.variant.acceptance],
             )
             for a in variants
         ],

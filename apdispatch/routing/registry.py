@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from apdispatch.common.confidence import Acceptance
 from apdispatch.common.errors import InvalidRequestError, PermissionDeniedError
 from apdispatch.common.protocol import dispatcher_pb2 as pb
 from apdispatch.common.tensors import DATATYPE_TO_DTYPE, TensorSpec
@@ -28,6 +29,8 @@ class VariantInfo:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     max_batch_size: int
+    # Per accuracy floor (ascending), the confidence its answers need to reach it.
+    acceptance: tuple[Acceptance, ...] = ()
 
 
 @dataclass(slots=True, eq=False)
@@ -89,6 +92,12 @@ def _validate_registration(req: pb.RegisterRequest) -> None:
             raise InvalidRequestError(
                 f"variants[{i}].max_batch_size", f"must be >= 0, got {v.max_batch_size}"
             )
+        for j, a in enumerate(v.acceptance):
+            for key in ("floor", "threshold", "coverage", "accuracy"):
+                value = getattr(a, key)
+                if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                    where = f"variants[{i}].acceptance[{j}].{key}"
+                    raise InvalidRequestError(where, f"must be in [0, 1], got {value}")
         if not v.inputs:
             raise InvalidRequestError(f"variants[{i}].inputs", "at least one input is needed")
         _validate_specs(f"variants[{i}].inputs", v.inputs)
@@ -158,6 +167,12 @@ class Registry:
                 inputs=_specs(v.inputs),
                 outputs=_specs(v.outputs),
                 max_batch_size=max(1, v.max_batch_size),
+                acceptance=tuple(
+                    sorted(
+                        (Acceptance(a.floor, a.threshold, a.coverage, a.accuracy) for a in v.acceptance),
+                        key=lambda a: a.floor,
+                    )
+                ),
             )
             for v in req.variants
         }

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from apdispatch.common.confidence import Acceptance
 from apdispatch.common.manifest import MANIFEST_NAME, Manifest, TensorSpec, load_manifest
 from apdispatch.common.protocol import dispatcher_pb2 as pb
 from apdispatch.scenario import Device, Scenario, ScenarioError
@@ -59,6 +60,7 @@ class SimVariant:
     source: str  # "scenario" or "manifest"
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    acceptance: tuple[Acceptance, ...] = ()  # the manifest's calibration (none for a scenario's own)
 
     def service_ms(self, speed: float, batch: int = 1) -> float:
         """One execution of ``batch`` requests alone on a device of ``speed``."""
@@ -103,6 +105,7 @@ class SimWorker:
                     inputs=[_spec(t) for t in v.inputs],
                     outputs=[_spec(t) for t in v.outputs],
                     max_batch_size=self.max_batch_size,
+                    acceptance=[pb.Acceptance(**a.to_json()) for a in v.acceptance],
                 )
                 for v in self.variants
             ],
@@ -174,6 +177,7 @@ def resolve_variant(
         source="manifest",
         inputs=known.inputs,
         outputs=known.outputs,
+        acceptance=known.acceptance,
     )
 
 

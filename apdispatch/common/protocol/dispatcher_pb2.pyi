@@ -113,7 +113,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., datatype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class VariantInfo(_message.Message):
-    __slots__ = ("name", "task", "accuracy", "latency_ms", "latency_ms_batch8", "inputs", "outputs", "max_batch_size")
+    __slots__ = ("name", "task", "accuracy", "latency_ms", "latency_ms_batch8", "inputs", "outputs", "max_batch_size", "acceptance")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +122,7 @@ class VariantInfo(_message.Message):
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     task: str
     accuracy: float
@@ -130,7 +131,20 @@ class VariantInfo(_message.Message):
     inputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     outputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     max_batch_size: int
-    def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., accuracy: _Optional[float] = ..., latency_ms: _Optional[float] = ..., latency_ms_batch8: _Optional[float] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+    acceptance: _containers.RepeatedCompositeFieldContainer[Acceptance]
+    def __init__(self, name: _Optional[str] = ..., task: _Optional[str] = ..., accuracy: _Optional[float] = ..., latency_ms: _Optional[float] = ..., latency_ms_batch8: _Optional[float] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., acceptance: _Optional[_Iterable[_Union[Acceptance, _Mapping]]] = ...) -> None: ...
+
+class Acceptance(_message.Message):
+    __slots__ = ("floor", "threshold", "coverage", "accuracy")
+    FLOOR_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    floor: float
+    threshold: float
+    coverage: float
+    accuracy: float
+    def __init__(self, floor: _Optional[float] = ..., threshold: _Optional[float] = ..., coverage: _Optional[float] = ..., accuracy: _Optional[float] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("worker_id", "address", "cluster", "kind", "slots", "variants", "link_delay_ms", "streaming")
