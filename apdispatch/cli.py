@@ -334,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how the AP predicts the wait for a worker's slot (the AP's queue_model; docs/operations.md)",
     )
     sim.add_argument(
+        "--cascade",
+        action="store_true",
+        help="the router may send a request first to a light variant with a calibrated threshold for "
+        "its floor and escalate the unsure answers (apdispatch/routing/cascade.py)",
+    )
+    sim.add_argument(
         "--checkpoint",
         type=Path,
         default=None,

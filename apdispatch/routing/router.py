@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from apdispatch.common.errors import RejectedError
+from apdispatch.routing.cascade import Cascade, CascadeConfig, EscalationRates, cascade_candidates
 from apdispatch.routing.estimator import LatencyEstimator
 from apdispatch.routing.policy import Candidate, Feedback, Policy, RequestView
 from apdispatch.routing.registry import Target
@@ -45,6 +46,7 @@ class Decision:
     chosen: Candidate
     target: Target
     in_flight_at_dispatch: int  # requests the worker had in flight before this one
+    cascade: Cascade | None = None  # the plan when ``target`` is a cascade's first step
 
 
 def build_candidates(
@@ -95,11 +97,15 @@ def admit(view: RequestView, targets: Sequence[Target], candidates: Sequence[Can
 class Router:
     """Admission, choice and feedback around one policy and one estimator."""
 
-    __slots__ = ("_policy", "estimator")
+    __slots__ = ("_policy", "cascade", "escalations", "estimator")
 
-    def __init__(self, policy: Policy, estimator: LatencyEstimator) -> None:
+    def __init__(
+        self, policy: Policy, estimator: LatencyEstimator, cascade: CascadeConfig | None = None
+    ) -> None:
         self.policy = policy
         self.estimator = estimator
+        self.cascade = cascade or CascadeConfig()
+        self.escalations = EscalationRates(self.cascade.rate_alpha)
 
     @property
     def policy(self) -> Policy:
@@ -116,18 +122,53 @@ class Router:
         decision must be released exactly once.
         """
         candidates = build_candidates(targets, view.min_accuracy, self.estimator, view.now_s)
+        if self.cascade.enabled:
+            candidates += cascade_candidates(view, targets, candidates, self.estimator, self.escalations)
         try:
             admit(view, targets, candidates)
         except RejectedError:
             self._policy.rejected(view)
             raise
         chosen = self._policy.choose(view, candidates)
-        target: Target = chosen.ref  # type: ignore[assignment]
+        plan = chosen.ref
+        if isinstance(plan, Cascade):
+            return self._dispatch(view, chosen, plan.first, plan)
+        return self._dispatch(view, chosen, plan)  # type: ignore[arg-type]
+
+    def _dispatch(
+        self, view: RequestView, chosen: Candidate, target: Target, cascade: Cascade | None = None
+    ) -> Decision:
         worker = target.worker
-        decision = Decision(view, chosen, target, worker.in_flight)
+        decision = Decision(view, chosen, target, worker.in_flight, cascade)
         self.estimator.dispatched(target, view.now_s)
         worker.in_flight += 1
         return decision
+
+    def accepted(self, decision: Decision, confidence: float) -> bool:
+        """A cascade's first answer is back: whether it is kept (else the caller escalates).
+
+        Counts towards the (variant, floor) escalation rate.
+        """
+        plan = decision.cascade
+        assert plan is not None, "not a cascade"
+        keep = confidence >= plan.acceptance.threshold
+        self.escalations.observe(plan.first.variant.name, plan.acceptance, not keep)
+        return keep
+
+    def escalate(self, decision: Decision, targets: Sequence[Target], now_s: float) -> Decision:
+        """The second step of a cascade whose first answer was not kept: the soonest accurate target now.
+
+        The returned decision is in flight and must be released; feedback to the
+        policy stays with the first (``observe(decision, ...)``), whose choice it was.
+        """
+        view = decision.view
+        candidates = build_candidates(targets, view.min_accuracy, self.estimator, now_s)
+        if not candidates:
+            assert decision.cascade is not None
+            target = decision.cascade.planned_escalation  # it left the registry: the plan's, if it answers
+            return self._dispatch(view, decision.chosen, target)
+        chosen = min(candidates, key=lambda c: c.predicted_ms)
+        return self._dispatch(view, chosen, chosen.ref)  # type: ignore[arg-type]
 
     @staticmethod
     def release(decision: Decision) -> None:

@@ -26,6 +26,8 @@ from apdispatch.scenario.plan import plan_load
 # Which of the seed's child streams the jitter draws come from (the plan uses
 # the seed itself, as the live load generator does).
 _JITTER_STREAM = 1
+# And the cascades' draws: whether a first answer is escalated, and the escalation's jitter.
+_CASCADE_STREAM = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +39,17 @@ class Queries:
     jitter_z: np.ndarray  # float64 standard normal, one per query
     streams: int
     duration_s: float
+    # Per query, for a cascade: a uniform draw (its first answer is escalated when below the
+    # escalation rate) and the escalation's jitter (standard normal). None: drawn from the count.
+    cascade_u: np.ndarray | None = None
+    escalation_z: np.ndarray | None = None
+
+    def cascade_draws(self) -> tuple[np.ndarray, np.ndarray]:
+        """``cascade_u`` and ``escalation_z``, drawn from the number of queries when the plan has none."""
+        if self.cascade_u is not None and self.escalation_z is not None:
+            return self.cascade_u, self.escalation_z
+        rng = np.random.default_rng(np.random.SeedSequence([len(self), _CASCADE_STREAM]))
+        return rng.random(len(self)), rng.standard_normal(len(self))
 
     def __len__(self) -> int:
         return len(self.times_ms)
@@ -61,10 +74,13 @@ def plan_arrivals(scenario: Scenario, seed: int) -> Queries:
         apps = np.zeros(0, dtype=np.int64)
     order = np.argsort(times, kind="stable")
     rng = np.random.default_rng(np.random.SeedSequence([seed, _JITTER_STREAM]))
+    cascade = np.random.default_rng(np.random.SeedSequence([seed, _CASCADE_STREAM]))
     return Queries(
         times_ms=times[order] * 1000.0,
         apps=apps[order],
         jitter_z=rng.standard_normal(len(times)),
         streams=len(plan.streams),
         duration_s=scenario.duration_s,
+        cascade_u=cascade.random(len(times)),
+        escalation_z=cascade.standard_normal(len(times)),
     )

@@ -124,6 +124,7 @@ def main(args: argparse.Namespace) -> int:
         bound=not args.no_bound,
         make=_checkpointed(getattr(args, "checkpoint", None), guards),
         queue_model=args.queue_model,
+        cascade=args.cascade,
     )
     print(f"\n{format_table(report)}")
     print(f"\n{len(policies)} policies x {report.queries} queries in {time.perf_counter() - started:.1f} s")
@@ -177,6 +178,7 @@ def _main_seeds(
         latencies=getattr(args, "latencies", None),
         guards=tuple(guards.items()),
         queue_model=args.queue_model,
+        cascade=args.cascade,
     )
     started = time.perf_counter()
 

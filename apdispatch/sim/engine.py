@@ -61,6 +61,7 @@ import numpy as np
 from apdispatch.common.errors import RejectedError
 from apdispatch.common.outcomes import OUTCOMES
 from apdispatch.policies import Policy, RequestView
+from apdispatch.routing.cascade import CascadeConfig
 from apdispatch.routing.estimator import LatencyEstimator
 from apdispatch.routing.registry import Registry, Target
 from apdispatch.routing.router import Decision, Router
@@ -97,8 +98,11 @@ class _Query:
         "compute",
         "deadline",
         "decision",
+        "escalate",
+        "escalation_z",
         "finish_v",
         "open",
+        "origin",
         "row",
         "rtt",
         "started",
@@ -109,6 +113,7 @@ class _Query:
     started: float
     finish_v: float  # on the worker's virtual clock
     compute: float
+    escalation_z: float  # a cascade's: the jitter of its escalation's round trip
 
     def __init__(
         self,
@@ -135,6 +140,8 @@ class _Query:
         self.cell = cell
         self.at_worker = arrival + rtt * 0.5
         self.open = True  # the AP still waits for it
+        self.origin = decision  # the policy's choice, told the outcome (a cascade's second step is not)
+        self.escalate = False  # a cascade's first answer will not be kept (drawn at arrival)
 
 
 class _Batch:
@@ -248,6 +255,7 @@ class Simulation:
         *,
         window_s: float = 10.0,
         estimator: LatencyEstimator | None = None,
+        cascade: CascadeConfig | None = None,
     ) -> None:
         if window_s <= 0:
             raise ValueError("window_s must be > 0")
@@ -258,7 +266,7 @@ class Simulation:
         scenario = model.scenario
         self.duration_ms = scenario.duration_s * 1000.0
         self.registry = Registry(lease_s=math.inf, clock=lambda: self.now_ms / 1000.0)
-        self.router = Router(policy, estimator or LatencyEstimator())
+        self.router = Router(policy, estimator or LatencyEstimator(), cascade)
         clusters = {name: i for i, name in enumerate(model.clusters)}
         self.workers: list[_Worker] = []
         by_id: dict[str, _Worker] = {}
@@ -311,6 +319,10 @@ class Simulation:
         self._times: list[float] = arrivals.times_ms.tolist()
         self._apps: list[int] = arrivals.apps.tolist()
         self._z: list[float] = arrivals.jitter_z.tolist()
+        cascade_u, escalation_z = arrivals.cascade_draws()
+        self._cascade_u: list[float] = cascade_u.tolist()
+        self._escalation_z: list[float] = escalation_z.tolist()
+        self.escalated = 0  # cascades whose first answer was not kept
         self._next = 0
 
         self.resolved = [0] * N_OUTCOMES  # outcomes so far, whenever the query arrived
@@ -400,7 +412,13 @@ class Simulation:
         if rtt < 0.0:
             rtt = 0.0
         deadline = t + deadline_ms
-        q = _Query(app, t, deadline, rtt, decision, route, route.accuracy >= min_accuracy, row, cell)
+        plan = decision.cascade
+        # A cascade's kept answers reach the floor (the calibration's); the rest are escalated.
+        accurate = plan is not None or route.accuracy >= min_accuracy
+        q = _Query(app, t, deadline, rtt, decision, route, accurate, row, cell)
+        if plan is not None:
+            q.escalate = self._cascade_u[i] < 1.0 - plan.acceptance.coverage
+            q.escalation_z = self._escalation_z[i]
         if not pending and deadline < self._next_expiry:
             self._next_expiry = deadline
         pending.append(q)
@@ -412,14 +430,39 @@ class Simulation:
             self._expire_until(t)
         if not q.open:
             return  # the AP gave up on it at its deadline
-        q.open = False
         decision = q.decision
         self._release(decision)
         self._learn(decision, q.rtt, q.compute)
+        plan = decision.cascade
+        if plan is not None:
+            # The first answer's confidence: clear of the threshold unless drawn to be escalated.
+            confidence = 0.0 if q.escalate else plan.acceptance.threshold
+            if not self.router.accepted(decision, confidence):
+                self._escalate(q, t)
+                return
+        q.open = False
         latency = t - q.arrival
         outcome = OK if q.accurate else INACCURATE
-        self._observe(decision, OUTCOMES[outcome], latency)
+        self._observe(q.origin, OUTCOMES[outcome], latency)
         self._count(q, outcome, latency)
+
+    def _escalate(self, q: _Query, t: float) -> None:
+        """A cascade's first answer was not kept: the second step, to an accurate target, from now."""
+        info = self._app_info[q.app]
+        decision = self.router.escalate(q.decision, info[4], t * 0.001)
+        route = self._routes[decision.target]
+        worker = route.worker
+        worker.dispatched += 1
+        self.escalated += 1
+        rtt = worker.rtt + worker.jitter * q.escalation_z
+        q.rtt = rtt if rtt > 0.0 else 0.0
+        q.decision = decision
+        q.worker = worker
+        q.work = route.work
+        q.batcher = route.batcher
+        q.accurate = route.accuracy >= info[3]
+        q.at_worker = t + q.rtt * 0.5
+        heapq.heappush(self._heap, (q.at_worker, next(self._seq), _AT_WORKER, q, 0))
 
     def _expire_until(self, now: float) -> None:
         """The AP stops waiting for every query whose deadline is before ``now``."""
@@ -437,7 +480,7 @@ class Simulation:
         q.open = False
         latency = q.deadline - q.arrival
         self._release(q.decision)
-        self._observe(q.decision, "late", latency)
+        self._observe(q.origin, "late", latency)
         self._count(q, LATE, latency)
 
     def _count(self, q: _Query, outcome: int, latency: float) -> None:

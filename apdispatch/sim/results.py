@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from apdispatch.policies import Policy, make_policy
+from apdispatch.routing.cascade import CascadeConfig
 from apdispatch.routing.estimator import DEFAULT_QUEUE_MODEL, LatencyEstimator
 from apdispatch.sim.arrivals import Queries, plan_arrivals
 from apdispatch.sim.engine import OUTCOMES, Simulation
@@ -95,13 +96,16 @@ def simulate(
     *,
     window_s: float = DEFAULT_WINDOW_S,
     queue_model: str = DEFAULT_QUEUE_MODEL,
+    cascade: bool = False,
 ) -> PolicyResult:
     """One run of ``model`` under ``policy`` (a fresh policy object: it keeps state).
 
-    ``queue_model`` is the latency estimator's (``apdispatch.routing.estimator.QUEUE_MODELS``).
+    ``queue_model`` is the latency estimator's (``apdispatch.routing.estimator.QUEUE_MODELS``);
+    ``cascade``: the router offers cascades (``apdispatch.routing.cascade``).
     """
     estimator = LatencyEstimator(queue_model=queue_model)
-    sim = Simulation(model, policy, arrivals, window_s=window_s, estimator=estimator)
+    config = CascadeConfig(enabled=cascade)
+    sim = Simulation(model, policy, arrivals, window_s=window_s, estimator=estimator, cascade=config)
     sim.finish()
     return result_of(sim, policy.name)
 
@@ -132,6 +136,7 @@ def run_policies(
     progress: Callable[[str, PolicyResult], None] | None = None,
     bound: bool = True,
     queue_model: str = DEFAULT_QUEUE_MODEL,
+    cascade: bool = False,
 ) -> SimReport:
     """Each policy on the same arrivals (``seed``, default the scenario's), plus the upper bound.
 
@@ -156,7 +161,9 @@ def run_policies(
     for name in policies:
         policy = make(name, seed) if make is not None else make_policy(name, seed, background=False)
         try:
-            result = simulate(model, policy, arrivals, window_s=window_s, queue_model=queue_model)
+            result = simulate(
+                model, policy, arrivals, window_s=window_s, queue_model=queue_model, cascade=cascade
+            )
         finally:
             policy.close()  # learned policies stop their learner threads
         report.results[name] = result

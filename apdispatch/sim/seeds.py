@@ -109,6 +109,7 @@ class RunSpec:
     latencies: str | None = None  # --latencies (None: the reference profile)
     guards: tuple[tuple[str, object], ...] = ()  # --guard KEY=VALUE overrides
     queue_model: str = DEFAULT_QUEUE_MODEL  # the latency estimator's (--queue-model)
+    cascade: bool = False  # the router offers cascades (--cascade)
     stop_learning_s: float = STOP_LEARNING_S  # when ``learned-stopped`` stops learning (run's clock)
 
 
@@ -134,6 +135,7 @@ def run_seed(spec: RunSpec, seed: int) -> SimReport:
         bound=spec.bound,
         make=make,
         queue_model=spec.queue_model,
+        cascade=spec.cascade,
     )
 
 
