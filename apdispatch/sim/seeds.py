@@ -309,6 +309,14 @@ def _opt(value: float | None, digits: int = 6) -> float | None:
     return None if value is None else round(value, digits)
 
 
+def _dispatched(reports: Sequence[SimReport], policy: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in reports:
+        for cluster, n in r.results[policy].dispatched.items():
+            out[cluster] = out.get(cluster, 0) + n
+    return out
+
+
 def to_json(reports: Sequence[SimReport]) -> dict[str, Any]:
     first = reports[0]
     summaries = summarize(reports)
@@ -324,6 +332,8 @@ def to_json(reports: Sequence[SimReport]) -> dict[str, Any]:
             "energy_j": round(float(np.mean(s.energy_j)), 3),
             "success_ci95": _opt(ci95(s.success)),
             "success_per_seed": _round(s.success),
+            # Queries sent per cluster over every seed (a cascade's escalations included).
+            "dispatched": _dispatched(reports, name),
         }
     bounds = [r.upper_bound for r in reports]
     upper: dict[str, Any] | None = None
