@@ -134,6 +134,8 @@ class Result:
     late_at_client: bool = False
     # A classifier's confidence in its answer (top softmax probability), when the worker reports one.
     confidence: float | None = None
+    # The answer came from a cascade's second step (the light variant's first answer was unsure).
+    escalated: bool = False
 
     @property
     def output(self) -> np.ndarray:
@@ -297,6 +299,7 @@ def decode_response(response: pb.InferResponse) -> Result:
         error=error,
         status_code=response.status_code,
         confidence=response.confidence if response.HasField("confidence") else None,
+        escalated=response.escalated,
     )
 
 

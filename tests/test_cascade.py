@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from apdispatch.common.confidence import Acceptance
+from apdispatch.ap.config import APConfig, ConfigError, load_config
+from apdispatch.ap.server import AccessPoint
+from apdispatch.client import AsyncClient
+from apdispatch.common.confidence import Acceptance, acceptance_for
+from apdispatch.common.logs import make_logger
+from apdispatch.common.manifest import load_manifest
 from apdispatch.common.protocol import dispatcher_pb2 as pb
 from apdispatch.policies import RequestView, make_policy
 from apdispatch.routing.cascade import Cascade, CascadeConfig, EscalationRates, cascade_candidates
@@ -16,8 +23,13 @@ from apdispatch.routing.router import Router, build_candidates
 from apdispatch.scenario import load_scenario
 from apdispatch.sim.model import load_model
 from apdispatch.sim.results import run_policies
+from apdispatch.tools.processes import free_port
+from workers.config import WorkerConfig
+from workers.runtime import ServiceTime
+from workers.server import Worker
 
 ROOT = Path(__file__).resolve().parents[1]
+WAIT_S = 60.0  # only to turn a hang into a failure
 ENTRY = Acceptance(floor=0.94, threshold=0.8, coverage=0.85, accuracy=0.97)
 
 
@@ -128,3 +140,72 @@ def test_cascades_relieve_the_bottlenecked_cloud_in_the_simulator(models_dir: Pa
         without.dispatched,
     )
     assert with_cascade.counts["inaccurate"] == 0
+
+
+async def test_the_ap_keeps_confident_edge_answers_and_escalates_the_rest(models_dir: Path) -> None:
+    """A live AP with cascades on, a real ONNX edge worker (digits-small, 91 %) and a real PyTorch
+    cloud worker (digits-large, 95 %) 20 ms away; requests that need 0.94."""
+    manifest = load_manifest(models_dir)
+    small, large = manifest.variant("digits-small"), manifest.variant("digits-large")
+    floor = 0.94
+    entry = acceptance_for(small.acceptance, floor)
+    assert small.accuracy < floor <= large.accuracy and entry is not None
+    ap = AccessPoint(
+        APConfig(listen=f"127.0.0.1:{free_port()}", policy="fastest", cascade=True).validate(),
+        make_logger("warning"),
+    )
+    address = await ap.start()
+    workers = [
+        Worker(
+            WorkerConfig(
+                kind=kind, listen="127.0.0.1:0", models=models_dir, variants=(variant.name,), ap=address,
+                cluster=kind, heartbeat_s=0.2, link_delay_ms=delay,
+                service_ms={variant.name: ServiceTime(service, service)},
+            ),
+            make_logger("warning"),
+        )
+        for kind, variant, delay, service in (("edge", small, 2.0, 5.0), ("cloud", large, 20.0, 10.0))
+    ]  # fmt: skip
+    for worker in workers:
+        await worker.start()
+    try:
+        async with asyncio.timeout(WAIT_S):
+            while len({t.worker.kind for t in ap.registry.targets("digits") or ()}) < 2:
+                await asyncio.sleep(0.02)
+        with np.load(models_dir / "samples" / "digits.npz") as npz:
+            x, y = npz["x"][:64].astype(np.float32), npz["y"][:64]
+        async with AsyncClient(address) as client:
+            results = [
+                await client.infer("digits", x[i : i + 1], deadline_ms=2000, min_accuracy=floor, app="qc")
+                for i in range(len(x))
+            ]
+    finally:
+        for worker in workers:
+            await worker.close()
+        await ap.stop(grace_s=0.5)
+    assert all(r.outcome == "ok" for r in results), [r.error for r in results if r.outcome != "ok"]
+    kept = [r for r in results if not r.escalated]
+    escalated = [r for r in results if r.escalated]
+    # About 85 % kept at the edge (the calibration's coverage), the rest answered by the cloud.
+    assert kept and escalated and len(kept) > len(escalated)
+    for r in kept:
+        assert r.served_by is not None and r.served_by.variant == small.name
+        assert r.confidence is not None and r.confidence >= entry.threshold
+    for r in escalated:
+        assert r.served_by is not None and r.served_by.variant == large.name
+    # Every first answer counted in the escalation rate, which moved from the calibration's.
+    assert ap.dispatcher.router.escalations.rate(small.name, entry) != pytest.approx(1.0 - entry.coverage)
+    right = [int(np.argmax(r.output) == y[i]) for i, r in enumerate(results)]
+    assert sum(right) >= 0.8 * len(results)
+
+
+def test_the_aps_cascade_settings_are_checked(tmp_path: Path) -> None:
+    path = tmp_path / "ap.toml"
+    path.write_text("[ap]\ncascade = true\ncascade_rate_alpha = 0.1\n")
+    config = load_config(path)
+    assert config.cascade is True and config.cascade_rate_alpha == 0.1
+    assert APConfig().cascade is False
+    with pytest.raises(ConfigError, match="cascade: must be true or false"):
+        APConfig(cascade="yes").validate()  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="cascade_rate_alpha"):
+        APConfig(cascade_rate_alpha=0.0).validate()

@@ -33,6 +33,11 @@ class APConfig:
     # "count", every request ahead at a whole compute; "work", when each slot is predicted free
     # (no longer than "count" says).
     queue_model: str = DEFAULT_QUEUE_MODEL
+    # Cascades (apdispatch.routing.cascade): a request whose accuracy floor no edge variant
+    # reaches may go first to a light variant with a calibrated threshold for it, and only
+    # its unsure answers on to an accurate target; escalation rates learned with this weight.
+    cascade: bool = False
+    cascade_rate_alpha: float = 0.02
     # How the AP talks to workers that serve ModelStreamInfer: "stream" keeps one
     # bidirectional stream per worker (cheaper per request than a unary call in
     # Python gRPC); "unary" sends one ModelInfer per request.
@@ -117,6 +122,10 @@ class APConfig:
             raise ConfigError("estimator_alpha: must be in (0, 1]")
         if self.queue_model not in QUEUE_MODELS:
             raise ConfigError(f"queue_model: must be one of {', '.join(QUEUE_MODELS)}")
+        if not isinstance(self.cascade, bool):
+            raise ConfigError(f"cascade: must be true or false, got {self.cascade!r}")
+        if not 0.0 < self.cascade_rate_alpha <= 1.0:
+            raise ConfigError(f"cascade_rate_alpha: must be in (0, 1], got {self.cascade_rate_alpha}")
         if self.forward_mode not in ("stream", "unary"):
             raise ConfigError("forward_mode: must be 'stream' or 'unary'")
         if self.max_tensor_bytes <= 0:

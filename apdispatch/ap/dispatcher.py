@@ -32,6 +32,7 @@ from apdispatch.common.errors import ApdispatchError, InvalidRequestError, Rejec
 from apdispatch.common.outcomes import TO_PROTO, Outcome
 from apdispatch.common.protocol import dispatcher_pb2 as pb
 from apdispatch.policies import Policy, RequestView
+from apdispatch.routing.cascade import CascadeConfig
 from apdispatch.routing.estimator import LatencyEstimator
 from apdispatch.routing.outlier import OutlierDetector
 from apdispatch.routing.registry import Registry, Target
@@ -52,6 +53,13 @@ class _InFlight:
     finished: bool = False  # the worker's part is over: released, and nothing more is taken from it
     answered: bool = False  # the outcome is counted and the reply handed over
     retry: bool = False  # the request's second try, on another worker
+    # A cascade's second step: the first's decision (the policy's choice, told the outcome).
+    origin: Decision | None = None
+
+    @property
+    def choice(self) -> Decision:
+        """The decision the policy made for this request, and learns the outcome of."""
+        return self.origin or self.decision
 
 
 def _releasing(limit: ConcurrencyLimit, reply: Reply) -> Reply:
@@ -82,7 +90,9 @@ class Dispatcher:
         self.registry = registry
         self.estimator = estimator
         # Admission, choice and feedback: the same code the simulator runs.
-        self.router = Router(policy, estimator)
+        self.router = Router(
+            policy, estimator, CascadeConfig(enabled=config.cascade, rate_alpha=config.cascade_rate_alpha)
+        )
         self.forwarder = forwarder
         self.stats = stats
         self._log = log
@@ -219,7 +229,7 @@ class Dispatcher:
             and not late
             and self._retry(flight)
         ):
-            self._observe(flight.decision, Outcome.FAILED, total_ms)
+            self._observe(flight.choice, Outcome.FAILED, total_ms)
             return
         network_ms = 0.0
         if isinstance(result, DeadlineReached) or (late and isinstance(result, UnavailableError)):
@@ -230,12 +240,23 @@ class Dispatcher:
             network_ms = max(0.0, (now - result.sent_at) * 1000.0 - result.queue_ms - result.compute_ms)
             self.router.learn(flight.decision, network_ms, result.compute_ms)
             decision = flight.decision
-            self.stats.estimated(
-                decision.target.worker.cluster,
-                decision.chosen.predicted_ms,
-                (now - decision.view.now_s) * 1000.0,
-            )
-            if late:
+            if decision.cascade is None:  # a cascade's prediction covers both steps, not this reply
+                self.stats.estimated(
+                    decision.target.worker.cluster,
+                    decision.chosen.predicted_ms,
+                    (now - decision.view.now_s) * 1000.0,
+                )
+            cascade = decision.cascade
+            if cascade is not None and not late:
+                # A cascade's first answer: kept when confident enough for the floor, else escalated.
+                sure = -1.0 if result.confidence is None else result.confidence
+                if not self.router.accepted(decision, sure):
+                    if self._escalate(flight):
+                        return
+                    outcome = Outcome.INACCURATE  # no accurate target left to escalate to
+                else:
+                    outcome = Outcome.OK
+            elif late:
                 outcome = Outcome.LATE
             elif flight.decision.target.variant.accuracy < flight.request.sla.min_accuracy:
                 outcome = Outcome.INACCURATE
@@ -248,7 +269,7 @@ class Dispatcher:
             # outcome (the learned one refreshes its reservations there)
             # delays no reply; and also when it could not go (a call the
             # client cancelled): the policy learns from every decision.
-            self._observe(flight.decision, outcome, total_ms)
+            self._observe(flight.choice, outcome, total_ms)
 
     @staticmethod
     def _judge(
@@ -300,6 +321,27 @@ class Dispatcher:
             raise
         return True
 
+    def _escalate(self, flight: _InFlight) -> bool:
+        """Send a cascade's request on to an accurate target; False when none is registered now."""
+        request = flight.request
+        try:
+            checked = check_request(
+                request, self.registry, self.config.max_tensor_bytes, self.config.max_deadline_ms
+            )
+        except ApdispatchError:
+            return False
+        decision = self.router.escalate(flight.decision, checked.targets, time.monotonic())
+        second = _InFlight(request, flight.request_id, flight.arrival, decision, flight.reply)
+        second.retry, second.origin = flight.retry, flight.decision
+        try:
+            self._forward(second)
+        except BaseException:
+            if not second.finished:
+                second.finished = True
+                self.router.release(decision)
+            raise
+        return True
+
     def _observe(self, decision: Decision, outcome: Outcome, total_ms: float) -> None:
         try:
             self.router.observe(decision, outcome, total_ms)
@@ -332,6 +374,7 @@ class Dispatcher:
             timings.queue_ms = result.queue_ms
             timings.compute_ms = result.compute_ms
             timings.network_ms = network_ms
+            response.escalated = flight.origin is not None
             if result.confidence is not None:
                 response.confidence = result.confidence
             for tensor in result.outputs:

@@ -163,9 +163,11 @@ def to_infer_request(
     )
 
 
-def _param(value: str | float) -> oip.InferParameter:
+def _param(value: str | float | bool) -> oip.InferParameter:
     if isinstance(value, str):
         return oip.InferParameter(string_param=value)
+    if isinstance(value, bool):
+        return oip.InferParameter(bool_param=value)
     return oip.InferParameter(double_param=value)
 
 
@@ -176,7 +178,7 @@ def to_model_infer_response(
     wanted = {t.name for t in request.outputs}
     outputs = [t for t in reply.outputs if not wanted or t.name in wanted]
     served, timings = reply.served_by, reply.timings
-    params: dict[str, str | float] = {
+    params: dict[str, str | float | bool] = {
         "outcome": str(FROM_PROTO.get(reply.outcome, Outcome.FAILED)),
         "variant": served.variant,
         "worker": served.worker,
@@ -189,6 +191,8 @@ def to_model_infer_response(
     }
     if reply.HasField("confidence"):
         params["confidence"] = reply.confidence
+    if reply.escalated:
+        params["escalated"] = True
     return oip.ModelInferResponse(
         model_name=request.model_name,
         model_version=MODEL_VERSION,

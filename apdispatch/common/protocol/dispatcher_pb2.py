@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+apdispatch/common/protocol/dispatcher.proto\x12\rapdispatch.v1\"E\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"0\n\x03SLA\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x01 \x01(\x01\x12\x14\n\x0cmin_accuracy\x18\x02 \x01(\x01\"\x96\x01\n\x0cInferRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12%\n\x06inputs\x18\x02 \x03(\x0b\x32\x15.apdispatch.v1.Tensor\x12\x1f\n\x03sla\x18\x03 \x01(\x0b\x32\x12.apdispatch.v1.SLA\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0b\n\x03\x61pp\x18\x05 \x01(\t\x12\x0f\n\x07variant\x18\x06 \x01(\t\"L\n\x06Target\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\"U\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nnetwork_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\x93\x02\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x07outcome\x18\x02 \x01(\x0e\x32\x16.apdispatch.v1.Outcome\x12&\n\x07outputs\x18\x03 \x03(\x0b\x32\x15.apdispatch.v1.Tensor\x12(\n\tserved_by\x18\x04 \x01(\x0b\x32\x15.apdispatch.v1.Target\x12\'\n\x07timings\x18\x05 \x01(\x0b\x32\x16.apdispatch.v1.Timings\x12\x13\n\x0bstatus_code\x18\x06 \x01(\x05\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x17\n\nconfidence\x18\x08 \x01(\x01H\x00\x88\x01\x01\x42\r\n\x0b_confidence\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x88\x02\n\x0bVariantInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\x19\n\x11latency_ms_batch8\x18\x05 \x01(\x01\x12)\n\x06inputs\x18\x06 \x03(\x0b\x32\x19.apdispatch.v1.TensorSpec\x12*\n\x07outputs\x18\x07 \x03(\x0b\x32\x19.apdispatch.v1.TensorSpec\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\x05\x12-\n\nacceptance\x18\t \x03(\x0b\x32\x19.apdispatch.v1.Acceptance\"R\n\nAcceptance\x12\r\n\x05\x66loor\x18\x01 \x01(\x01\x12\x11\n\tthreshold\x18\x02 \x01(\x01\x12\x10\n\x08\x63overage\x18\x03 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\"\xbb\x01\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\r\n\x05slots\x18\x05 \x01(\x05\x12,\n\x08variants\x18\x06 \x03(\x0b\x32\x1a.apdispatch.v1.VariantInfo\x12\x15\n\rlink_delay_ms\x18\x07 \x01(\x01\x12\x11\n\tstreaming\x18\x08 \x01(\x08\"#\n\x10RegisterResponse\x12\x0f\n\x07lease_s\x18\x01 \x01(\x01\"%\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"3\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x0f\n\x07lease_s\x18\x02 \x01(\x01\"&\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"\x14\n\x12ListWorkersRequest\"g\n\x0cWorkerStatus\x12.\n\x06worker\x18\x01 \x01(\x0b\x32\x1e.apdispatch.v1.RegisterRequest\x12\x11\n\tin_flight\x18\x02 \x01(\x05\x12\x14\n\x0clease_left_s\x18\x03 \x01(\x01\"S\n\x13ListWorkersResponse\x12,\n\x07workers\x18\x01 \x03(\x0b\x32\x1b.apdispatch.v1.WorkerStatus\x12\x0e\n\x06policy\x18\x02 \x01(\t*^\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\x08\n\x04LATE\x10\x02\x12\x0e\n\nINACCURATE\x10\x03\x12\x0c\n\x08REJECTED\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\x32\xa2\x01\n\nDispatcher\x12\x44\n\x05Infer\x12\x1b.apdispatch.v1.InferRequest\x1a\x1c.apdispatch.v1.InferResponse\"\x00\x12N\n\x0bInferStream\x12\x1b.apdispatch.v1.InferRequest\x1a\x1c.apdispatch.v1.InferResponse\"\x00(\x01\x30\x01\x32\xd8\x02\n\x08Registry\x12M\n\x08Register\x12\x1e.apdispatch.v1.RegisterRequest\x1a\x1f.apdispatch.v1.RegisterResponse\"\x00\x12P\n\tHeartbeat\x12\x1f.apdispatch.v1.HeartbeatRequest\x1a .apdispatch.v1.HeartbeatResponse\"\x00\x12S\n\nDeregister\x12 .apdispatch.v1.DeregisterRequest\x1a!.apdispatch.v1.DeregisterResponse\"\x00\x12V\n\x0bListWorkers\x12!.apdispatch.v1.ListWorkersRequest\x1a\".apdispatch.v1.ListWorkersResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+apdispatch/common/protocol/dispatcher.proto\x12\rapdispatch.v1\"E\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"0\n\x03SLA\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x01 \x01(\x01\x12\x14\n\x0cmin_accuracy\x18\x02 \x01(\x01\"\x96\x01\n\x0cInferRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12%\n\x06inputs\x18\x02 \x03(\x0b\x32\x15.apdispatch.v1.Tensor\x12\x1f\n\x03sla\x18\x03 \x01(\x0b\x32\x12.apdispatch.v1.SLA\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0b\n\x03\x61pp\x18\x05 \x01(\t\x12\x0f\n\x07variant\x18\x06 \x01(\t\"L\n\x06Target\x12\x0e\n\x06worker\x18\x01 \x01(\t\x12\x0f\n\x07variant\x18\x02 \x01(\t\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\"U\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\nnetwork_ms\x18\x02 \x01(\x01\x12\x12\n\ncompute_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xa6\x02\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x07outcome\x18\x02 \x01(\x0e\x32\x16.apdispatch.v1.Outcome\x12&\n\x07outputs\x18\x03 \x03(\x0b\x32\x15.apdispatch.v1.Tensor\x12(\n\tserved_by\x18\x04 \x01(\x0b\x32\x15.apdispatch.v1.Target\x12\'\n\x07timings\x18\x05 \x01(\x0b\x32\x16.apdispatch.v1.Timings\x12\x13\n\x0bstatus_code\x18\x06 \x01(\x05\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x17\n\nconfidence\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tescalated\x18\t \x01(\x08\x42\r\n\x0b_confidence\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x88\x02\n\x0bVariantInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x01\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\x12\x19\n\x11latency_ms_batch8\x18\x05 \x01(\x01\x12)\n\x06inputs\x18\x06 \x03(\x0b\x32\x19.apdispatch.v1.TensorSpec\x12*\n\x07outputs\x18\x07 \x03(\x0b\x32\x19.apdispatch.v1.TensorSpec\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\x05\x12-\n\nacceptance\x18\t \x03(\x0b\x32\x19.apdispatch.v1.Acceptance\"R\n\nAcceptance\x12\r\n\x05\x66loor\x18\x01 \x01(\x01\x12\x11\n\tthreshold\x18\x02 \x01(\x01\x12\x10\n\x08\x63overage\x18\x03 \x01(\x01\x12\x10\n\x08\x61\x63\x63uracy\x18\x04 \x01(\x01\"\xbb\x01\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\r\n\x05slots\x18\x05 \x01(\x05\x12,\n\x08variants\x18\x06 \x03(\x0b\x32\x1a.apdispatch.v1.VariantInfo\x12\x15\n\rlink_delay_ms\x18\x07 \x01(\x01\x12\x11\n\tstreaming\x18\x08 \x01(\x08\"#\n\x10RegisterResponse\x12\x0f\n\x07lease_s\x18\x01 \x01(\x01\"%\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"3\n\x11HeartbeatResponse\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x0f\n\x07lease_s\x18\x02 \x01(\x01\"&\n\x11\x44\x65registerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"\x14\n\x12ListWorkersRequest\"g\n\x0cWorkerStatus\x12.\n\x06worker\x18\x01 \x01(\x0b\x32\x1e.apdispatch.v1.RegisterRequest\x12\x11\n\tin_flight\x18\x02 \x01(\x05\x12\x14\n\x0clease_left_s\x18\x03 \x01(\x01\"S\n\x13ListWorkersResponse\x12,\n\x07workers\x18\x01 \x03(\x0b\x32\x1b.apdispatch.v1.WorkerStatus\x12\x0e\n\x06policy\x18\x02 \x01(\t*^\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\x08\n\x04LATE\x10\x02\x12\x0e\n\nINACCURATE\x10\x03\x12\x0c\n\x08REJECTED\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\x32\xa2\x01\n\nDispatcher\x12\x44\n\x05Infer\x12\x1b.apdispatch.v1.InferRequest\x1a\x1c.apdispatch.v1.InferResponse\"\x00\x12N\n\x0bInferStream\x12\x1b.apdispatch.v1.InferRequest\x1a\x1c.apdispatch.v1.InferResponse\"\x00(\x01\x30\x01\x32\xd8\x02\n\x08Registry\x12M\n\x08Register\x12\x1e.apdispatch.v1.RegisterRequest\x1a\x1f.apdispatch.v1.RegisterResponse\"\x00\x12P\n\tHeartbeat\x12\x1f.apdispatch.v1.HeartbeatRequest\x1a .apdispatch.v1.HeartbeatResponse\"\x00\x12S\n\nDeregister\x12 .apdispatch.v1.DeregisterRequest\x1a!.apdispatch.v1.DeregisterResponse\"\x00\x12V\n\x0bListWorkers\x12!.apdispatch.v1.ListWorkersRequest\x1a\".apdispatch.v1.ListWorkersResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'apdispatch.common.protocol.dispatcher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTCOME']._serialized_start=1784
-  _globals['_OUTCOME']._serialized_end=1878
+  _globals['_OUTCOME']._serialized_start=1803
+  _globals['_OUTCOME']._serialized_end=1897
   _globals['_TENSOR']._serialized_start=62
   _globals['_TENSOR']._serialized_end=131
   _globals['_SLA']._serialized_start=133
@@ -44,33 +44,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TIMINGS']._serialized_start=414
   _globals['_TIMINGS']._serialized_end=499
   _globals['_INFERRESPONSE']._serialized_start=502
-  _globals['_INFERRESPONSE']._serialized_end=777
-  _globals['_TENSORSPEC']._serialized_start=779
-  _globals['_TENSORSPEC']._serialized_end=838
-  _globals['_VARIANTINFO']._serialized_start=841
-  _globals['_VARIANTINFO']._serialized_end=1105
-  _globals['_ACCEPTANCE']._serialized_start=1107
-  _globals['_ACCEPTANCE']._serialized_end=1189
-  _globals['_REGISTERREQUEST']._serialized_start=1192
-  _globals['_REGISTERREQUEST']._serialized_end=1379
-  _globals['_REGISTERRESPONSE']._serialized_start=1381
-  _globals['_REGISTERRESPONSE']._serialized_end=1416
-  _globals['_HEARTBEATREQUEST']._serialized_start=1418
-  _globals['_HEARTBEATREQUEST']._serialized_end=1455
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1457
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1508
-  _globals['_DEREGISTERREQUEST']._serialized_start=1510
-  _globals['_DEREGISTERREQUEST']._serialized_end=1548
-  _globals['_DEREGISTERRESPONSE']._serialized_start=1550
-  _globals['_DEREGISTERRESPONSE']._serialized_end=1570
-  _globals['_LISTWORKERSREQUEST']._serialized_start=1572
-  _globals['_LISTWORKERSREQUEST']._serialized_end=1592
-  _globals['_WORKERSTATUS']._serialized_start=1594
-  _globals['_WORKERSTATUS']._serialized_end=1697
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=1699
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=1782
-  _globals['_DISPATCHER']._serialized_start=1881
-  _globals['_DISPATCHER']._serialized_end=2043
-  _globals['_REGISTRY']._serialized_start=2046
-  _globals['_REGISTRY']._serialized_end=2390
+  _globals['_INFERRESPONSE']._serialized_end=796
+  _globals['_TENSORSPEC']._serialized_start=798
+  _globals['_TENSORSPEC']._serialized_end=857
+  _globals['_VARIANTINFO']._serialized_start=860
+  _globals['_VARIANTINFO']._serialized_end=1124
+  _globals['_ACCEPTANCE']._serialized_start=1126
+  _globals['_ACCEPTANCE']._serialized_end=1208
+  _globals['_REGISTERREQUEST']._serialized_start=1211
+  _globals['_REGISTERREQUEST']._serialized_end=1398
+  _globals['_REGISTERRESPONSE']._serialized_start=1400
+  _globals['_REGISTERRESPONSE']._serialized_end=1435
+  _globals['_HEARTBEATREQUEST']._serialized_start=1437
+  _globals['_HEARTBEATREQUEST']._serialized_end=1474
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1476
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1527
+  _globals['_DEREGISTERREQUEST']._serialized_start=1529
+  _globals['_DEREGISTERREQUEST']._serialized_end=1567
+  _globals['_DEREGISTERRESPONSE']._serialized_start=1569
+  _globals['_DEREGISTERRESPONSE']._serialized_end=1589
+  _globals['_LISTWORKERSREQUEST']._serialized_start=1591
+  _globals['_LISTWORKERSREQUEST']._serialized_end=1611
+  _globals['_WORKERSTATUS']._serialized_start=1613
+  _globals['_WORKERSTATUS']._serialized_end=1716
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=1718
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=1801
+  _globals['_DISPATCHER']._serialized_start=1900
+  _globals['_DISPATCHER']._serialized_end=2062
+  _globals['_REGISTRY']._serialized_start=2065
+  _globals['_REGISTRY']._serialized_end=2409
 # @@protoc_insertion_point(module_scope)

@@ -83,7 +83,7 @@ class Timings(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class InferResponse(_message.Message):
-    __slots__ = ("request_id", "outcome", "outputs", "served_by", "timings", "status_code", "error", "confidence")
+    __slots__ = ("request_id", "outcome", "outputs", "served_by", "timings", "status_code", "error", "confidence", "escalated")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +92,7 @@ class InferResponse(_message.Message):
     STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    ESCALATED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     outcome: Outcome
     outputs: _containers.RepeatedCompositeFieldContainer[Tensor]
@@ -100,7 +101,8 @@ class InferResponse(_message.Message):
     status_code: int
     error: str
     confidence: float
-    def __init__(self, request_id: _Optional[str] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., served_by: _Optional[_Union[Target, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., status_code: _Optional[int] = ..., error: _Optional[str] = ..., confidence: _Optional[float] = ...) -> None: ...
+    escalated: bool
+    def __init__(self, request_id: _Optional[str] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., outputs: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., served_by: _Optional[_Union[Target, _Mapping]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., status_code: _Optional[int] = ..., error: _Optional[str] = ..., confidence: _Optional[float] = ..., escalated: _Optional[bool] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "datatype", "shape")
