@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-ca", default=None, help="PEM CA: every caller presents a certificate it signed")
     serve.add_argument("--tokens-file", default=None, help="TOML bearer tokens: apps, workers, operators")
     serve.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (0: none)")
+    serve.add_argument(
+        "--cascade",
+        action="store_true",
+        default=None,
+        help="offer cascades: a light variant first, an accurate one for the unsure (docs/cascade.md)",
+    )
 
     certs = sub.add_parser("certs", help="write a development CA and certificates (AP, worker, ...)")
     certs.add_argument("--out", type=Path, required=True, help="folder for the PEM files")
@@ -183,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated names, 'static' for every static policy (default: the static ones and learned)",
     )
     demo.add_argument("--duration", type=float, default=None, help="seconds per policy")
+    demo.add_argument("--cascade", action="store_true", help="the APs offer cascades (serve --cascade)")
     demo.add_argument("--json", type=Path, default=None)
     demo.add_argument("--seed", type=int, default=None)
     demo.add_argument(

@@ -209,3 +209,12 @@ def test_the_aps_cascade_settings_are_checked(tmp_path: Path) -> None:
         APConfig(cascade="yes").validate()  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="cascade_rate_alpha"):
         APConfig(cascade_rate_alpha=0.0).validate()
+
+
+def test_serve_and_demo_take_cascade_from_the_command_line() -> None:
+    from apdispatch.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--cascade"]).cascade is True
+    assert parser.parse_args(["serve"]).cascade is None  # the config file's, or the default
+    assert parser.parse_args(["demo", "s.toml", "--cascade"]).cascade is True

@@ -347,6 +347,7 @@ def main(args: argparse.Namespace) -> int:
             tls_ca=getattr(args, "tls_ca", None),
             tokens_file=getattr(args, "tokens_file", None),
             metrics_port=getattr(args, "metrics_port", None),
+            cascade=getattr(args, "cascade", None),
         )
         if config.policy not in policy_names():
             raise KeyError(f"unknown policy {config.policy!r} (known: {', '.join(policy_names())})")

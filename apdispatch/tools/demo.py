@@ -221,8 +221,12 @@ def run_demo(
     seed: int,
     results: dict[str, Any],
     progress: bool = True,
+    cascade: bool = False,
 ) -> None:
-    """Fills ``results`` policy by policy, so that what finished survives a later failure."""
+    """Fills ``results`` policy by policy, so that what finished survives a later failure.
+
+    ``cascade``: the APs offer cascades (``serve --cascade``).
+    """
     models_arg = str(models.resolve())
     # One address for every AP: the workers keep registering with it.
     ap = f"127.0.0.1:{free_port()}"
@@ -230,7 +234,8 @@ def run_demo(
     try:
         workers: dict[str, Child] = {}
         for i, policy in enumerate(policies):
-            ap_child = children.start(f"ap-{i + 1}-{policy}", ["serve", "--listen", ap, "--policy", policy])
+            argv = ["serve", "--listen", ap, "--policy", policy, *(["--cascade"] if cascade else [])]
+            ap_child = children.start(f"ap-{i + 1}-{policy}", argv)
             if not workers:
                 # The workers start after the first AP so that their first
                 # registration finds it; later APs get re-registrations.
@@ -316,7 +321,17 @@ def main(args: argparse.Namespace) -> int:
     rc = 0
     try:
         with sigterm_as_interrupt():
-            run_demo(scenario, specs, models, policies, run_dir, seed, results, progress=sys.stderr.isatty())
+            run_demo(
+                scenario,
+                specs,
+                models,
+                policies,
+                run_dir,
+                seed,
+                results,
+                progress=sys.stderr.isatty(),
+                cascade=bool(getattr(args, "cascade", False)),
+            )
     except KeyboardInterrupt:
         print(f"\ninterrupted; every subprocess stopped. Logs: {run_dir}", file=sys.stderr)
         rc = 130
