@@ -10,13 +10,15 @@ from candidates import candidate
 
 from apdispatch.ap.config import ConfigError, load_config
 from apdispatch.cli import main as cli_main
+from apdispatch.common.confidence import Acceptance
 from apdispatch.learned.checkpoint import paths
 from apdispatch.learned.factory import make_learned_policy
 from apdispatch.learned.guard_config import GuardConfig, parse_guard_overrides
-from apdispatch.learned.guards import Calm, Guards, LastResort, SafetyMargin, SlowerVariant
+from apdispatch.learned.guards import Calm, Guards, LastResort, PreferCascade, SafetyMargin, SlowerVariant
 from apdispatch.learned.policy import ActorCriticPolicy
 from apdispatch.learned.slack import GuardedSlackPolicy, SlackPolicy
 from apdispatch.policies import Candidate, Feedback, RequestView, make_policy, policy_names
+from apdispatch.routing.cascade import Cascade
 
 REPO = Path(__file__).resolve().parents[1]
 REQUEST = RequestView(task="digits", app="ar", deadline_ms=50.0, min_accuracy=0.8, now_s=1.0)
@@ -108,10 +110,28 @@ def test_calm_takes_the_soonest_while_no_app_needs_room() -> None:
     assert Calm(guards.reserve).open(REQUEST, CANDIDATES, [2]) == [2]
 
 
+def test_prefer_cascade_keeps_only_cascades_when_one_is_open() -> None:
+    entry = Acceptance(floor=0.94, threshold=0.8, coverage=0.85, accuracy=0.97)
+    plan = Cascade(FAST.ref, entry, FAR.ref)  # type: ignore[arg-type]  # the guard reads only its type
+    cascade = FAST._replace(key=f"{FAST.key}>{FAR.key}", ref=plan)
+    candidates = [FAST, FAR, cascade]
+    assert PreferCascade().open(REQUEST, candidates, [0, 1, 2]) == [2]
+    assert PreferCascade().open(REQUEST, candidates, [0, 1]) == [0, 1]  # none open: all stay
+
+
 def test_the_pipeline_in_order_and_calm_can_be_turned_off() -> None:
     names = [g.name for g in Guards().steps]
-    assert names == ["slower-variant", "safety-margin", "reservation", "risk", "last-resort", "calm"]
+    assert names == [
+        "slower-variant",
+        "safety-margin",
+        "reservation",
+        "risk",
+        "last-resort",
+        "prefer-cascade",
+        "calm",
+    ]
     assert "calm" not in [g.name for g in Guards(GuardConfig(calm=False)).steps]
+    assert "prefer-cascade" not in [g.name for g in Guards(GuardConfig(prefer_cascade=False)).steps]
     # Edge's soonest and the cloud stay open, calm or not, while the app is
     # new: its misses start at the threshold, so it may need room.
     off = Guards(GuardConfig(calm=False))

@@ -43,6 +43,9 @@ class GuardConfig:
     max_apps: int = 1000
     # Calm guard: while no app needs room, take the soonest predicted of what is open.
     calm: bool = True
+    # Cascade guard: when the router offers cascades (a light variant first, an accurate one
+    # for its unsure answers) and one is open, only cascades stay open.
+    prefer_cascade: bool = True
 
     def validate(self) -> GuardConfig:
         positive = ("spread", "risk_spread", "tau_s", "refresh_s", "stale_s", "misses")

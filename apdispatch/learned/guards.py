@@ -16,7 +16,9 @@ starts open, and each guard in turn closes some of what is still open:
    a worker another app needs.
 5. ``LastResort``: if nothing is left (nothing was predicted in time),
    every candidate is open again.
-6. ``Calm``: while no app needs room (``Reservations.calm``), only the
+6. ``PreferCascade``: when the router offers cascades and one is open,
+   only cascades.
+7. ``Calm``: while no app needs room (``Reservations.calm``), only the
    soonest predicted of what is open: spending slack would only add risk.
 
 Then a chooser picks one of the open candidates: the network
@@ -33,6 +35,7 @@ from typing import Protocol
 from apdispatch.learned.features import MIN_DEADLINE_MS, Margins
 from apdispatch.learned.guard_config import GuardConfig
 from apdispatch.learned.reserve import Reservations
+from apdispatch.routing.cascade import Cascade
 from apdispatch.routing.policy import Candidate, Feedback, RequestView
 
 Open = list[int]  # indices into the request's candidates, in their order
@@ -147,6 +150,22 @@ class Calm:
         return open_
 
 
+class PreferCascade:
+    """When a cascade is open, only cascades: the accurate targets are what cascades spare.
+
+    A cascade (``apdispatch.routing.cascade``) answers most requests on a light
+    variant and sends only the unsure on to an accurate target, which is
+    offered only when both steps fit the deadline; spending slack would
+    otherwise send the request straight to the scarce accurate target.
+    """
+
+    name = "prefer-cascade"
+
+    def open(self, request: RequestView, candidates: Sequence[Candidate], open_: Open) -> Open:
+        cascades = [k for k in open_ if isinstance(candidates[k].ref, Cascade)]
+        return cascades or open_
+
+
 class Guards:
     """The guard pipeline, with the online state it reads (margins, reservations)."""
 
@@ -161,6 +180,8 @@ class Guards:
             Risk(self.margins),
             LastResort(),
         ]
+        if self.config.prefer_cascade:
+            steps.append(PreferCascade())
         if self.config.calm:
             steps.append(Calm(self.reserve))
         self.steps: tuple[Guard, ...] = tuple(steps)
