@@ -162,6 +162,9 @@ class PreferCascade:
     name = "prefer-cascade"
 
     def open(self, request: RequestView, candidates: Sequence[Candidate], open_: Open) -> Open:
+        # The router appends cascades after the plain candidates: without one last, there is none.
+        if not candidates or not isinstance(candidates[-1].ref, Cascade):
+            return open_
         cascades = [k for k in open_ if isinstance(candidates[k].ref, Cascade)]
         return cascades or open_
 

@@ -123,6 +123,7 @@ class Router:
         """
         candidates = build_candidates(targets, view.min_accuracy, self.estimator, view.now_s)
         if self.cascade.enabled:
+            # After the plain ones: the learned policy's guards look for cascades at the end.
             candidates += cascade_candidates(view, targets, candidates, self.estimator, self.escalations)
         try:
             admit(view, targets, candidates)
