@@ -27,7 +27,7 @@ from apdispatch.ap.config import APConfig
 from apdispatch.ap.forwarder import DeadlineReached, Forwarder, LinkFailed, WorkerReply
 from apdispatch.ap.metrics import Stats
 from apdispatch.ap.overload import ConcurrencyLimit
-from apdispatch.ap.validate import MAX_APP_LEN, check_request
+from apdispatch.ap.validate import MAX_APP_LEN, CheckedRequest, check_request
 from apdispatch.common.errors import ApdispatchError, InvalidRequestError, RejectedError, UnavailableError
 from apdispatch.common.outcomes import TO_PROTO, Outcome
 from apdispatch.common.protocol import dispatcher_pb2 as pb
@@ -169,7 +169,10 @@ class Dispatcher:
         left_ms = checked.deadline_ms - (now - arrival) * 1000.0 - self._margin_ms
         view = RequestView(checked.task, request.app, left_ms, checked.min_accuracy, now)
         decision = self.router.decide(view, checked.targets)
-        flight = _InFlight(request, request_id, arrival, decision, reply)
+        self._send(_InFlight(request, request_id, arrival, decision, reply))
+
+    def _send(self, flight: _InFlight) -> None:
+        """Forward ``flight``; if that raises, its decision is released before the error goes on."""
         try:
             self._forward(flight)
         except BaseException:
@@ -177,7 +180,7 @@ class Dispatcher:
             # may still report for it is ignored.
             if not flight.finished:
                 flight.finished = True
-                self.router.release(decision)
+                self.router.release(flight.decision)
             raise
 
     def _forward(self, flight: _InFlight) -> None:
@@ -294,11 +297,8 @@ class Dispatcher:
         """Send a request that failed on its worker to another one; False when none can meet its deadline."""
         request = flight.request
         failed = flight.decision.target.worker
-        try:
-            checked = check_request(
-                request, self.registry, self.config.max_tensor_bytes, self.config.max_deadline_ms
-            )
-        except ApdispatchError:
+        checked = self._recheck(request)
+        if checked is None:
             return False  # its task is gone meanwhile: the failure stands
         targets = [t for t in checked.targets if t.worker.worker_id != failed.worker_id]
         if not targets:
@@ -312,35 +312,27 @@ class Dispatcher:
             return False
         self.retried[failed.worker_id] += 1
         retry = _InFlight(request, flight.request_id, flight.arrival, decision, flight.reply, retry=True)
-        try:
-            self._forward(retry)
-        except BaseException:
-            if not retry.finished:
-                retry.finished = True
-                self.router.release(decision)
-            raise
+        self._send(retry)
         return True
 
     def _escalate(self, flight: _InFlight) -> bool:
-        """Send a cascade's request on to an accurate target; False when none is registered now."""
-        request = flight.request
-        try:
-            checked = check_request(
-                request, self.registry, self.config.max_tensor_bytes, self.config.max_deadline_ms
-            )
-        except ApdispatchError:
+        """Send a cascade's request on to an accurate target; False when its task is gone meanwhile."""
+        checked = self._recheck(flight.request)
+        if checked is None:
             return False
         decision = self.router.escalate(flight.decision, checked.targets, time.monotonic())
-        second = _InFlight(request, flight.request_id, flight.arrival, decision, flight.reply)
+        second = _InFlight(flight.request, flight.request_id, flight.arrival, decision, flight.reply)
         second.retry, second.origin = flight.retry, flight.decision
-        try:
-            self._forward(second)
-        except BaseException:
-            if not second.finished:
-                second.finished = True
-                self.router.release(decision)
-            raise
+        self._send(second)
         return True
+
+    def _recheck(self, request: pb.InferRequest) -> CheckedRequest | None:
+        """The request checked against the registry as it is now; None when it fails."""
+        try:
+            config = self.config
+            return check_request(request, self.registry, config.max_tensor_bytes, config.max_deadline_ms)
+        except ApdispatchError:
+            return None
 
     def _observe(self, decision: Decision, outcome: Outcome, total_ms: float) -> None:
         try:
