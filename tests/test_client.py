@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -43,6 +42,7 @@ from apdispatch.common.errors import (
 )
 from apdispatch.common.protocol import dispatcher_pb2 as pb
 from apdispatch.common.protocol import dispatcher_pb2_grpc as pb_grpc
+from apdispatch.tools.processes import free_port
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
@@ -200,10 +200,7 @@ def client(server: ServerThread) -> Iterator[Client]:
 
 def free_address() -> str:
     """An address nothing listens on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"127.0.0.1:{port}"
+    return f"127.0.0.1:{free_port()}"
 
 
 X = np.arange(12, dtype=np.float32).reshape(1, 12)

@@ -100,7 +100,7 @@ def test_one_tensor_spec_from_the_manifest_over_the_wire() -> None:
 
 def test_binomial_lower_bound_by_hand() -> None:
     # k = n: P(n of n | p) = p^n = 1 - level, so p = 0.05^(1/n).
-    assert lower_bound(10, 10) == pytest.approx(0.05 ** 0.1)
+    assert lower_bound(10, 10) == pytest.approx(0.05**0.1)
     # k = 1 of n: P(at least 1) = 1 - (1 - p)^n = 0.05, so p = 1 - 0.95^(1/n).
     assert lower_bound(1, 20) == pytest.approx(1.0 - 0.95**0.05)
     assert lower_bound(0, 5) == 0.0

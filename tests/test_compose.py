@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import tomllib
@@ -19,6 +18,7 @@ import yaml
 from apdispatch.cli import build_parser
 from apdispatch.scenario import load_scenario
 from apdispatch.tools import compose
+from apdispatch.tools.processes import free_port
 from apdispatch.tools.topology import CLOUD, build_topology
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -308,9 +308,7 @@ def _run_probe(probe: str) -> subprocess.CompletedProcess[str]:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # nobody listens here once closed
+    return free_port()  # nobody listens here
 
 
 @pytest.mark.parametrize("override", [False, True], ids=["tls", "plaintext"])

@@ -13,7 +13,6 @@ import asyncio
 import json
 import math
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -37,6 +36,7 @@ from apdispatch.tools.loadgen import (
     run_load,
     stream_starts,
 )
+from apdispatch.tools.processes import free_port
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
@@ -282,9 +282,7 @@ def samples(n: int = 7) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def free_address() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
+    return f"127.0.0.1:{free_port()}"
 
 
 MIXED = make_scenario(

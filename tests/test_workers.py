@@ -35,6 +35,7 @@ from apdispatch.common.protocol import dispatcher_pb2 as dpb
 from apdispatch.common.protocol import dispatcher_pb2_grpc as dpb_grpc
 from apdispatch.common.protocol import oip_pb2 as pb
 from apdispatch.common.protocol import oip_pb2_grpc as pb_grpc
+from apdispatch.tools.processes import free_port
 from workers.config import WorkerConfig
 from workers.runtime import ServiceTime, parse_service_times
 from workers.server import Worker, config_from_args
@@ -158,13 +159,6 @@ async def wait_until(check: Callable[[], bool], timeout_s: float = WAIT_S) -> No
     while not check():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def subprocess_env(*extra_path: Path) -> dict[str, str]:

@@ -8,7 +8,9 @@ after a grace period) whatever the way out.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -33,11 +35,65 @@ class ChildError(RuntimeError):
     """A child did not come up; the message shows the end of its log."""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+LOWEST_PORT = 10_000
+RANDOM_DRAWS = 64
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+DEFAULT_EPHEMERAL_RANGE = (32_768, 60_999)
+
+
+def ephemeral_range(path: Path = EPHEMERAL_RANGE_FILE) -> tuple[int, int]:
+    """The ports the kernel hands out for ``bind(0)`` and outgoing connections."""
+    try:
+        low, high = (int(part) for part in path.read_text().split())
+    except (OSError, ValueError):
+        return DEFAULT_EPHEMERAL_RANGE
+    return low, high
+
+
+def _usable_ports() -> tuple[int, ...]:
+    low, high = ephemeral_range()
+    return tuple(p for p in range(LOWEST_PORT, 65_536) if not low <= p <= high)
+
+
+class PortPicker:
+    """Hands out ports that are free now and that this picker has not handed out before.
+
+    A child binds its port only once it has started, so asking the kernel for a free
+    port twice in a row can return the same one; and a port from the ephemeral range
+    can be taken meanwhile by any outgoing connection. The picker remembers what it
+    handed out and draws outside that range.
+    """
+
+    def __init__(self, candidates: Sequence[int] | None = None, rng: random.Random | None = None) -> None:
+        self._candidates = tuple(candidates) if candidates is not None else _usable_ports()
+        self._rng = rng or random.Random()
+        self._handed: set[int] = set()
+
+    def pick(self, host: str = "127.0.0.1") -> int:
+        # Random draws find a port at once on a quiet machine; the scan settles a crowded one.
+        draws = (self._rng.choice(self._candidates) for _ in range(RANDOM_DRAWS))
+        for port in itertools.chain(draws, self._candidates):
+            if port not in self._handed and _bindable(host, port):
+                self._handed.add(port)
+                return port
+        raise RuntimeError(f"no free port left among {len(self._candidates)} candidates on {host}")
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+# One picker per process: what it remembers is which ports this process's children were given.
+_PORTS = PortPicker()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    return _PORTS.pick(host)
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
