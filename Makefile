@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 MODELS := build/models
 SCENARIO ?= scenarios/demo.toml
 
-.PHONY: env models demo test test-venvs lint generate bench k6 chaos eval eval-generated ablate compose-demo compose-clean clean
+.PHONY: env compile models demo test test-venvs lint generate bench k6 chaos eval eval-generated ablate compose-demo compose-clean clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +22,16 @@ env: $(BIN)/.installed
 models: env
 	$(BIN)/apdispatch models build --out $(MODELS)
 
+# The routing decision's hot path as C extensions (mypyc, a C compiler and
+# Python's headers): returns at once when the build matches the sources; a
+# stale or missing build runs the same code interpreted (docs/operations.md).
+compile: env
+	$(BIN)/apdispatch compile
+
 # Set-up in one command: environment, model zoo, then the demo scenario
 # (16 s; another SCENARIO is shortened to that), once per static policy and
 # once with the learned policy.
-demo: models
+demo: models compile
 	$(BIN)/apdispatch demo $(SCENARIO) --models $(MODELS) --policies static,learned --duration 16
 
 # What the tests drive that pip does not carry: Debian's prometheus (with
@@ -40,7 +46,7 @@ tools:
 		echo "missing:$$missing (the tests that need them skip)"; \
 	fi
 
-test: models tools
+test: models compile tools
 	APDISPATCH_MODELS=$(MODELS) $(BIN)/pytest -m "not venv"
 
 # Tests that build a virtual environment of their own from the package index
@@ -66,7 +72,7 @@ lint: env
 generate: env
 	$(BIN)/python -m apdispatch.common.protocol.generate
 
-bench: models
+bench: models compile
 	$(BIN)/apdispatch bench --models $(MODELS) --json build/bench.json
 
 # SCENARIO's load from k6 (unary calls, the scenario's SLAs and rates) and from
@@ -126,4 +132,5 @@ compose-clean:
 	docker image prune -f
 
 clean:
+	-[ -x $(BIN)/apdispatch ] && $(BIN)/apdispatch compile --clean
 	rm -rf build $(VENV)

@@ -443,6 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="model zoo folder")
     _latencies_option(train)
 
+    compile_ = sub.add_parser(
+        "compile", help="build the routing decision's hot path as C extensions (mypyc), in place"
+    )
+    compile_.add_argument("--force", action="store_true", help="build even when the build is current")
+    compile_.add_argument("--clean", action="store_true", help="remove the extensions: run interpreted")
+    compile_.add_argument("--verbose", action="store_true", help="show the compiler's output")
+
     compose = sub.add_parser("compose", help="write docker-compose.yml for a scenario")
     compose.add_argument("scenario", type=Path)
     compose.add_argument("--out", type=Path, default=Path("docker-compose.yml"))
@@ -516,6 +523,10 @@ def main(argv: list[str] | None = None) -> int:
         from apdispatch.sim.command import main as sim_main
 
         return sim_main(args)
+    if args.command == "compile":
+        from apdispatch.tools.compile import main as compile_main
+
+        return compile_main(args)
     if args.command == "generate":
         from apdispatch.sim.generate import main as generate_main
 

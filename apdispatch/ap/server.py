@@ -35,6 +35,7 @@ from apdispatch.common.logs import is_enabled, make_logger
 from apdispatch.common.metrics_http import MetricsServer
 from apdispatch.common.protocol import dispatcher_pb2_grpc as pb_grpc
 from apdispatch.common.tls import TLSFiles
+from apdispatch.learned import NATIVE
 from apdispatch.learned.guard_config import parse_guard_overrides
 from apdispatch.policies import make_policy, policy_names
 from apdispatch.routing.estimator import LatencyEstimator
@@ -159,7 +160,7 @@ class AccessPoint:
         if self._checkpoint_path() is not None:
             self._background.append(loop.create_task(self._checkpoints()))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        self.log.info("serving", address=self.address, policy=self.config.policy)
+        self.log.info("serving", address=self.address, policy=self.config.policy, hot_path=NATIVE.reason)
         if self.gate.open and self.tls.cert:
             self.log.warning("TLS without tokens_file or tls_ca: anyone may register workers")
         return self.address

@@ -12,10 +12,16 @@ Every one of them decides on a numpy snapshot of its parameters and learns in
 the background: the actor-critic kinds in a learner process of their own
 (``process.py``), ASET in a thread (``learner.py``); in the simulator and in
 training, inline, so that a seeded run is reproducible. The decision path
-never touches torch.
+never touches torch. Its hot path (the guards, the features, the
+reservations) runs compiled when built and current (``native.py``).
 """
 
 from __future__ import annotations
+
+from apdispatch.learned import native
+
+# Before any module of the hot path is imported: which of its forms loads.
+NATIVE: native.NativeStatus = native.install()
 
 # Names only: importing this package must not import torch (the AP and the
 # simulator with a static policy never load it); the policies are built by

@@ -72,7 +72,7 @@ def small_sample_factors(risk_spread: float, small_sample_max: int) -> tuple[flo
     """Per replies seen, below ``small_sample_max``: t_{n-1} at the quantile of ``risk_spread`` sd, / it."""
     quantile = 1.0 - 0.5 * erfc(risk_spread / sqrt(2.0))
     t = stdtrit(np.arange(2, small_sample_max - 1), quantile) / risk_spread
-    return (1.0, 1.0, 1.0, *(float(q) for q in t))
+    return (1.0, 1.0, 1.0, *[float(q) for q in t])
 
 
 SQRT2 = sqrt(2.0)

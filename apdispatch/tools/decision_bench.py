@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from apdispatch.common.outcomes import Outcome
+from apdispatch.learned import NATIVE
 from apdispatch.policies import Candidate, Feedback, Policy, RequestView, make_policy
 from apdispatch.tools.bench import percentiles
 
@@ -166,7 +167,13 @@ def run(
     rate: float = RATE,
     sizes: tuple[int | str, ...] = SIZES,
 ) -> dict[str, Any]:
-    report: dict[str, Any] = {"seed": seed, "rate_per_s": rate, "results": {}}
+    print(f"hot path: {NATIVE.reason}", flush=True)
+    report: dict[str, Any] = {
+        "seed": seed,
+        "rate_per_s": rate,
+        "hot_path": {"compiled": NATIVE.compiled, "reason": NATIVE.reason},
+        "results": {},
+    }
     per_set = 2000
     repeats = max(1, decisions // per_set)
     for n in sizes:

@@ -1,0 +1,76 @@
+"""``apdispatch compile``: build the decision's hot path as C extensions with mypyc.
+
+The extensions land beside their sources, in the installed package (an
+editable install: the checkout), with ``native.RECORD``; ``native.status``
+then lets Python import them. Nothing is built when the current build
+matches the sources. Needs mypy (the ``dev`` extra), a C compiler and
+Python's headers; without them the AP runs the same code interpreted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from apdispatch.learned import native
+
+
+def build(package_dir: Path = native.PACKAGE_DIR, quiet: bool = True) -> None:
+    """Compile ``native.HOT_PATH`` in place and record the sources compiled."""
+    from mypyc.build import mypycify
+    from setuptools import Distribution
+
+    root = package_dir.parent.parent  # the folder holding the top-level package
+    paths = [str(native.source_path(m, package_dir).relative_to(root)) for m in native.HOT_PATH]
+    digests = {m: native.source_digest(native.source_path(m, package_dir)) for m in native.HOT_PATH}
+    remove(package_dir)  # an older build's extension of a module no longer compiled would shadow its source
+    with tempfile.TemporaryDirectory(prefix="apdispatch-mypyc-") as work, contextlib.chdir(root):
+        extensions = mypycify(
+            paths, group_name=native.GROUP, target_dir=os.path.join(work, "c"), opt_level="3"
+        )
+        # A bare Distribution: setup() would read the project's pyproject.toml as well.
+        dist = Distribution({"name": "apdispatch-hot-path", "ext_modules": extensions})
+        dist.verbose = not quiet
+        command = dist.get_command_obj("build_ext")
+        command.inplace = True
+        command.build_temp = os.path.join(work, "temp")
+        command.build_lib = os.path.join(work, "lib")
+        dist.run_command("build_ext")
+    (package_dir / native.RECORD).write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")
+
+
+def remove(package_dir: Path = native.PACKAGE_DIR) -> list[Path]:
+    """Delete every extension in the package and the record: the hot path runs from its sources again."""
+    gone = native.extensions(package_dir)
+    for path in gone:
+        path.unlink()
+    record = package_dir / native.RECORD
+    if record.exists():
+        record.unlink()
+        gone.append(record)
+    return gone
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.clean:
+        for path in remove():
+            print(f"removed {path}")
+        return 0
+    current = native.status(environ={})
+    if current.compiled and not args.force:
+        print(f"hot path: {current.reason}, up to date")
+        return 0
+    try:
+        build(quiet=not args.verbose)
+    except (ImportError, SystemExit, OSError) as error:
+        # setuptools reports a missing compiler or header as SystemExit.
+        print(f"cannot compile the hot path ({error}); it runs interpreted", file=sys.stderr)
+        return 1
+    after = native.status(environ={})
+    print(f"hot path: {after.reason}: {', '.join(native.HOT_PATH)}")
+    return 0 if after.compiled else 1
