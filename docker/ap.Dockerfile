@@ -22,13 +22,19 @@ ENV PYTHONUNBUFFERED=1 \
 COPY docker/ca/ /usr/local/share/ca-certificates/
 RUN update-ca-certificates && python3 -m venv /opt/venv
 
+# A C compiler and Python's headers: `apdispatch compile` builds the routing
+# decision's hot path as C extensions (mypyc, the `compile` extra).
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gcc libc6-dev python3-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /app
 COPY pyproject.toml constraints.txt /app/
 RUN touch README.md && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
         ${TORCH_FIND_LINKS:+--find-links "$TORCH_FIND_LINKS"} \
-        -c constraints.txt ".[ap,zoo,edge]"
+        -c constraints.txt ".[ap,zoo,edge,compile]"
 COPY . /app
-RUN pip install --no-deps -c constraints.txt .
+RUN pip install --no-deps -c constraints.txt . && apdispatch compile
 
 EXPOSE 50051
 CMD ["apdispatch", "serve", "--listen", "0.0.0.0:50051"]

@@ -95,8 +95,9 @@ for policy in ${POLICIES//,/ }; do
     sent=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["sent"])' "$out/$policy.json")
     metrics=$(scraped "$sent" 2>&1) || { status=1; metrics="$metrics (FAILED)"; }
     compose logs --no-color >"$out/$policy.log" 2>&1
+    hot=$(grep -o '"hot_path": "[^"]*"' "$out/$policy.log" | head -n 1 | cut -d'"' -f4)
     compose down --remove-orphans >>"$out/compose.log" 2>&1
-    echo "policy $policy: $(($(date +%s) - s)) s; $metrics"
+    echo "policy $policy: $(($(date +%s) - s)) s; $metrics; the AP's hot path: ${hot:-not logged}"
     pairs+=("$policy=/reports/$policy.json")
 done
 t2=$(date +%s)

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -26,21 +27,36 @@ def build(package_dir: Path = native.PACKAGE_DIR, quiet: bool = True) -> None:
     from setuptools import Distribution
 
     root = package_dir.parent.parent  # the folder holding the top-level package
-    paths = [str(native.source_path(m, package_dir).relative_to(root)) for m in native.HOT_PATH]
+    top = package_dir.relative_to(root).parts[0]
     digests = {m: native.source_digest(native.source_path(m, package_dir)) for m in native.HOT_PATH}
     remove(package_dir)  # an older build's extension of a module no longer compiled would shadow its source
-    with tempfile.TemporaryDirectory(prefix="apdispatch-mypyc-") as work, contextlib.chdir(root):
-        extensions = mypycify(
-            paths, group_name=native.GROUP, target_dir=os.path.join(work, "c"), opt_level="3"
-        )
-        # A bare Distribution: setup() would read the project's pyproject.toml as well.
-        dist = Distribution({"name": "apdispatch-hot-path", "ext_modules": extensions})
-        dist.verbose = not quiet
-        command = dist.get_command_obj("build_ext")
-        command.inplace = True
-        command.build_temp = os.path.join(work, "temp")
-        command.build_lib = os.path.join(work, "lib")
-        dist.run_command("build_ext")
+    with tempfile.TemporaryDirectory(prefix="apdispatch-mypyc-") as work:
+        # A copy of the package's sources, alone in a folder: in site-packages, mypy would take
+        # every neighbour of the package (mypy_extensions.py...) for a module of the project.
+        src = Path(work, "src")
+        shutil.copytree(root / top, src / top, ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pt"))
+        paths = [str(native.source_path(m, package_dir).relative_to(root)) for m in native.HOT_PATH]
+        # The project's mypy settings: an installed package has no pyproject.toml beside it.
+        flags = [
+            "--ignore-missing-imports",
+            "--check-untyped-defs",
+            "--follow-imports=silent",
+            f"--cache-dir={os.path.join(work, 'mypy')}",
+        ]
+        with contextlib.chdir(src):
+            extensions = mypycify(
+                [*flags, *paths], group_name=native.GROUP, target_dir=os.path.join(work, "c"), opt_level="3"
+            )
+            # A bare Distribution: setup() would read a pyproject.toml in the folder as well.
+            dist = Distribution({"name": "apdispatch-hot-path", "ext_modules": extensions})
+            dist.verbose = not quiet
+            command = dist.get_command_obj("build_ext")
+            command.inplace = True
+            command.build_temp = os.path.join(work, "temp")
+            command.build_lib = os.path.join(work, "lib")
+            dist.run_command("build_ext")
+        for built in native.extensions(src / package_dir.relative_to(root)):
+            shutil.copy2(built, package_dir / built.name)
     (package_dir / native.RECORD).write_text(json.dumps(digests, indent=1, sort_keys=True) + "\n")
 
 
