@@ -160,3 +160,19 @@ def test_compiled_and_interpreted_simulate_alike(tmp_path: Path) -> None:
     assert compiled_says.startswith("True ") and compiled_says.endswith(SUFFIX), compiled_says
     assert interpreted_says.startswith("False ") and interpreted_says.endswith("guards.py"), interpreted_says
     assert compiled == interpreted
+
+
+def test_a_machine_without_a_compiler_is_told_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from apdispatch.cli import main
+    from apdispatch.tools.compile import missing_toolchain
+
+    monkeypatch.setenv("CC", "no-such-cc-here")
+    assert missing_toolchain() == "C compiler (no-such-cc-here)"
+    before = native.status()
+    # --force asks for a build, which cannot run: the hot path stays as it was.
+    assert main(["compile", "--force"]) == 1
+    assert "no C compiler (no-such-cc-here)" in capsys.readouterr().err
+    assert main(["compile", "--force", "--if-possible"]) == 0
+    assert native.status() == before

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import shutil
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -72,6 +74,18 @@ def remove(package_dir: Path = native.PACKAGE_DIR) -> list[Path]:
     return gone
 
 
+def missing_toolchain() -> str:
+    """What the build lacks on this machine ("" when nothing): mypyc, a C compiler, Python's headers."""
+    if importlib.util.find_spec("mypyc") is None:
+        return "mypyc (pip install 'apdispatch[compile]')"
+    compiler = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    if shutil.which(compiler.split()[0]) is None:
+        return f"C compiler ({compiler.split()[0]})"
+    if not Path(sysconfig.get_paths()["include"], "Python.h").exists():
+        return "Python.h (Python's development headers)"
+    return ""
+
+
 def main(args: argparse.Namespace) -> int:
     if args.clean:
         for path in remove():
@@ -81,6 +95,10 @@ def main(args: argparse.Namespace) -> int:
     if current.compiled and not args.force:
         print(f"hot path: {current.reason}, up to date")
         return 0
+    lacking = missing_toolchain()
+    if lacking:
+        print(f"cannot compile the hot path: no {lacking}; hot path: {current.reason}", file=sys.stderr)
+        return 0 if args.if_possible else 1
     try:
         build(quiet=not args.verbose)
     except (ImportError, SystemExit, OSError) as error:
