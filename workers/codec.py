@@ -237,7 +237,7 @@ class Model:
         }
         if self._classifier:
             # Whichever outputs were asked for: the answer's confidence is the logits'.
-            lowest = float(confidence.top_probability(result.outputs[0]).min())
+            lowest = confidence.answer_confidence(result.outputs[0])
             parameters[confidence.PARAMETER] = pb.InferParameter(double_param=lowest)
         return pb.ModelInferResponse(
             model_name=self.name,

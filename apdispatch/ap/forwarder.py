@@ -119,7 +119,7 @@ def _own_confidence(outputs: list[OutputTensor]) -> float | None:
         return None
     out = outputs[0]
     logits = np.frombuffer(out.data, dtype="<f4").reshape(out.shape)
-    return float(confidence.top_probability(logits).min())
+    return confidence.answer_confidence(logits)
 
 
 def _param(params: object, key: str) -> float:

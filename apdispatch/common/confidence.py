@@ -48,6 +48,11 @@ def top_probability(logits: np.ndarray) -> np.ndarray:
     return result
 
 
+def answer_confidence(logits: np.ndarray) -> float:
+    """A request's confidence: the top probability of its least confident row (``PARAMETER``)."""
+    return float(top_probability(logits).min())
+
+
 @dataclass(frozen=True, slots=True)
 class Acceptance:
     """Answers of a variant whose confidence is at least ``threshold`` reach ``floor`` (at the stated level).
