@@ -34,6 +34,23 @@ def _latencies_option(parser: argparse.ArgumentParser, extra: str = "") -> None:
 QUEUE_MODELS = ("count", "work")
 DEFAULT_QUEUE_MODEL = "work"
 
+# apdispatch.sim.results.BOUND_RTTS, named here for the same reason.
+BOUND_RTTS = ("expected", "realized")
+DEFAULT_BOUND_RTT = "expected"
+
+
+def _bound_rtt_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--bound-rtt",
+        choices=BOUND_RTTS,
+        default=DEFAULT_BOUND_RTT,
+        help="what the upper bound knows of each round trip: 'expected', the chance that it is short "
+        "enough (a bound for any dispatcher that learns a round trip by sending the query, as the "
+        "AP does), or 'realized', the simulator's draw itself (a looser bound that holds run by "
+        "run, even for a dispatcher that knew the draws) (default: expected)",
+    )
+
+
 GUARD_HELP = (
     "a learned policy's or a rule's guard setting, KEY=VALUE (repeatable; the keys are "
     "apdispatch.learned.guard_config.GuardConfig's, docs/operations.md lists them)"
@@ -334,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _latencies_option(sim)
     sim.add_argument("--no-bound", action="store_true", help="skip the upper bound")
+    _bound_rtt_option(sim)
     sim.add_argument(
         "--queue-model",
         choices=QUEUE_MODELS,
@@ -381,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-plot", action="store_true", help="skip the PNG timelines")
     evaluate.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="model zoo folder")
     _latencies_option(evaluate)
+    _bound_rtt_option(evaluate)
 
     ablate = sub.add_parser(
         "ablate",

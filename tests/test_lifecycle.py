@@ -51,6 +51,14 @@ def test_the_cli_offers_the_estimators_queue_models() -> None:
     assert cli.DEFAULT_QUEUE_MODEL == estimator.DEFAULT_QUEUE_MODEL
 
 
+def test_the_cli_offers_the_simulators_bound_rtts() -> None:
+    from apdispatch import cli
+    from apdispatch.sim import results
+
+    assert cli.BOUND_RTTS == results.BOUND_RTTS
+    assert cli.DEFAULT_BOUND_RTT == results.DEFAULT_BOUND_RTT
+
+
 # Generous, for what takes well under a second on an idle machine (and the
 # start of a process); a deadline no loaded machine misses.
 WAIT_S = 120.0

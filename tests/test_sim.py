@@ -370,6 +370,100 @@ def test_json_schema(mixed: SimModel) -> None:
         assert sum(a["total"] for a in p["apps"].values()) == p["total"]
 
 
+# One app that a one-slot box near by can serve only in part, and a fast rack whose round trip
+# leaves room for the work on half of the draws (29 + 5 z + 1 <= 30 when z <= 0).
+FAR_OR_FULL = """
+name = "far-or-full"
+duration_s = 20
+seed = 3
+
+[[apps]]
+name = "camera"
+task = "digits"
+deadline_ms = 30.0
+min_accuracy = 0.9
+rate_qps = 20.0
+share = 1.0
+
+[variants.net]
+task = "digits"
+accuracy = 0.95
+latency_ms = 10.0
+
+[devices.box]
+speed = 1.0
+slots = 1
+interference = 0.0
+idle_w = 1.0
+busy_w = 2.0
+
+[devices.rack]
+speed = 10.0
+slots = 8
+interference = 0.0
+idle_w = 10.0
+busy_w = 20.0
+
+[[clusters]]
+name = "near"
+kind = "edge"
+rtt_ms = 1.0
+jitter_ms = 0.0
+workers = [ { device = "box", count = 1, variants = ["net"] } ]
+
+[[clusters]]
+name = "far"
+kind = "edge"
+rtt_ms = 29.0
+jitter_ms = 5.0
+workers = [ { device = "rack", count = 1, variants = ["net"] } ]
+
+[arrivals]
+schedule = [ { at_s = 0, clients_per_min = 60 } ]
+stream_mean_s = 10.0
+"""
+
+
+def test_the_bound_counts_a_far_cluster_by_its_chance_unless_told_the_draws(
+    tmp_path: Path, manifest: Any
+) -> None:
+    import tomllib
+
+    from apdispatch.sim.bound import schedulable
+    from apdispatch.sim.results import upper_bound_hook
+
+    scenario = parse_scenario(tomllib.loads(FAR_OR_FULL))
+    model = build_model(scenario, manifest)
+    arrivals = plan_arrivals(scenario, 3)
+    n = len(arrivals.times_ms)
+    box = schedulable(arrivals.times_ms, 10.0, 29.0)  # the most the box can serve in time
+    assert 0 < box < n
+    # Not knowing a query's draw before sending it, a dispatcher gets at most what the box
+    # serves and half of the rest.
+    expected = upper_bound_hook(model, arrivals, "expected")
+    assert expected == pytest.approx((box + (n - box) / 2) / n, rel=1e-6)
+    # Knowing the draws, it could send the lucky half far and give the box the others.
+    lucky = 29.0 + 5.0 * arrivals.jitter_z + 1.0 <= 30.0
+    clairvoyant = (int(lucky.sum()) + schedulable(arrivals.times_ms[~lucky], 10.0, 29.0)) / n
+    realized = upper_bound_hook(model, arrivals, "realized")
+    assert realized is not None and expected is not None
+    assert realized >= clairvoyant > expected + 0.1
+    # Every policy here learns a round trip by sending: none beats the expected bound.
+    report = run_policies(model, STATIC_POLICIES, seed=3)
+    assert report.upper_bound == expected and report.bound_rtt == "expected"
+    for result in report.results.values():
+        assert result.counts["ok"] / n <= expected
+    # Both from the command line, each saying which it is.
+    path = tmp_path / "far.toml"
+    path.write_text(FAR_OR_FULL)
+    for mode, value in (("expected", expected), ("realized", realized)):
+        out = tmp_path / f"{mode}.json"
+        argv = ["sim", str(path), "--policies", "fastest", "--seed", "3", "--json", str(out)]
+        assert cli_main([*argv, "--bound-rtt", mode]) == 0
+        doc = json.loads(out.read_text())["upper_bound"]
+        assert doc == {"success_ratio": pytest.approx(value), "rtt": mode}
+
+
 def test_cli_writes_json_and_plot(tmp_path: Path, models_dir: Path) -> None:
     out, png = tmp_path / "r.json", tmp_path / "r.png"
     rc = cli_main(

@@ -7,7 +7,7 @@ draws, so differences between policies are the policies' doing.
 The JSON document::
 
     {"scenario": NAME, "seed": N, "duration_s": D, "window_s": W, "queries": Q,
-     "latencies": PROFILE, "upper_bound": {"success_ratio": X} | null,
+     "latencies": PROFILE, "upper_bound": {"success_ratio": X, "rtt": MODE} | null,
      "policies": {NAME: {"total", "ok", "late", "inaccurate", "rejected", "failed",
                          "success_ratio", "violation_ratio", "rejection_ratio", "energy_j",
                          "latency_ms": {"p50", "p99"}, "dispatched": {CLUSTER: n},
@@ -24,7 +24,7 @@ import importlib
 import importlib.util
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -36,6 +36,14 @@ from apdispatch.sim.engine import OUTCOMES, Simulation
 from apdispatch.sim.model import SimModel
 
 DEFAULT_WINDOW_S = 10.0
+
+# What the upper bound knows of each query's round trip (``apdispatch.sim.bound``):
+# "expected", the chance that the draw is short enough, bounds every dispatcher that
+# learns a round trip only by sending the query (the AP's policies all do); "realized",
+# the draw itself, bounds even one that knew it in advance, so it is looser.
+BoundRtt = Literal["expected", "realized"]
+BOUND_RTTS: tuple[BoundRtt, ...] = ("expected", "realized")
+DEFAULT_BOUND_RTT: BoundRtt = "expected"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +80,7 @@ class SimReport:
     results: dict[str, PolicyResult] = field(default_factory=dict)
     upper_bound: float | None = None
     latencies: str | None = None  # the latency profile of the zoo's variants (apdispatch.sim.profile)
+    bound_rtt: BoundRtt = DEFAULT_BOUND_RTT  # what the upper bound knew of the round trips
 
     @property
     def queries(self) -> int:
@@ -135,6 +144,7 @@ def run_policies(
     make: Callable[[str, int], Policy] | None = None,
     progress: Callable[[str, PolicyResult], None] | None = None,
     bound: bool = True,
+    bound_rtt: BoundRtt = DEFAULT_BOUND_RTT,
     queue_model: str = DEFAULT_QUEUE_MODEL,
     cascade: bool = False,
 ) -> SimReport:
@@ -155,8 +165,9 @@ def run_policies(
         window_s=window_s,
         app_names=tuple(a.name for a in scenario.apps),
         arrivals_per_window=per_window,
-        upper_bound=upper_bound_hook(model, arrivals) if bound else None,
+        upper_bound=upper_bound_hook(model, arrivals, bound_rtt) if bound else None,
         latencies=model.latencies,
+        bound_rtt=bound_rtt,
     )
     for name in policies:
         policy = make(name, seed) if make is not None else make_policy(name, seed, background=False)
@@ -175,37 +186,50 @@ def run_policies(
 # -- the upper bound ------------------------------------------------------------------
 
 
-def upper_bound_hook(model: SimModel, arrivals: Queries) -> float | None:
+def upper_bound_hook(model: SimModel, arrivals: Queries, rtt: BoundRtt = DEFAULT_BOUND_RTT) -> float | None:
     """The best success ratio any dispatcher could reach on these arrivals, or None.
 
-    Computed by ``apdispatch.sim.bound.upper_bound`` when that module exists,
-    from the realized arrivals of the run: each app's arrival times, and the
-    round trip each query would have paid at each cluster (the same draws the
-    simulator uses, whichever cluster a policy picks), so the bound holds for
-    every policy on these draws. Variant costs are the model's calibrated ones,
-    without the calibration's fixed overhead (leaving it out can only raise the
-    bound).
+    Computed by ``apdispatch.sim.bound.upper_bound`` from the realized arrivals of the run,
+    each app's arrival times, and the round trips as ``rtt`` says:
+
+    - ``"expected"``: each cluster's round-trip distribution (``rtt_ms``, ``jitter_ms``). The
+      simulator draws a query's round trip independently of everything a policy sees before
+      it sends the query, so a query sent to a target is ok with at most the chance that the
+      draw leaves room for the target's work: a bound on the expected ok count for every
+      policy here.
+    - ``"realized"``: the round trip each query would pay at each cluster in this run (the
+      draws the simulator uses, whichever cluster a policy picks): a bound that holds run by
+      run, even for a dispatcher that knew the draws in advance.
+
+    Variant costs are the model's calibrated ones, without the calibration's fixed overhead
+    (leaving it out can only raise the bound).
     """
     if importlib.util.find_spec("apdispatch.sim.bound") is None:
         return None
     bound: Any = importlib.import_module("apdispatch.sim.bound")
     scenario = model.scenario
     times_s = arrivals.times_ms / 1000.0
-    rtt = np.array([c.rtt_ms for c in scenario.clusters], dtype=np.float64)
+    rtt_ms = np.array([c.rtt_ms for c in scenario.clusters], dtype=np.float64)
     jitter = np.array([c.jitter_ms for c in scenario.clusters], dtype=np.float64)
+    if rtt not in BOUND_RTTS:
+        raise ValueError(f"bound rtt must be one of {', '.join(BOUND_RTTS)}, not {rtt!r}")
     per_app_times = {}
     per_app_rtt = {}
     for a, app in enumerate(scenario.apps):
         mine = arrivals.apps == a
         per_app_times[app.name] = times_s[mine]
-        per_app_rtt[app.name] = np.maximum(
-            0.0, rtt[None, :] + jitter[None, :] * arrivals.jitter_z[mine][:, None]
-        )
+        if rtt == "realized":
+            per_app_rtt[app.name] = np.maximum(
+                0.0, rtt_ms[None, :] + jitter[None, :] * arrivals.jitter_z[mine][:, None]
+            )
     costs = {
         v.name: bound.VariantCost(v.name, v.task, v.accuracy, v.latency_ms, v.latency_ms_batch8)
         for v in model.variants.values()
     }
-    value = bound.upper_bound(scenario, per_app_times, costs, rtt_ms=per_app_rtt)
+    if rtt == "realized":
+        value = bound.upper_bound(scenario, per_app_times, costs, rtt_ms=per_app_rtt)
+    else:
+        value = bound.upper_bound(scenario, per_app_times, costs, rtt="expected")
     return float(value.success_ratio)
 
 
@@ -252,7 +276,11 @@ def to_json(report: SimReport) -> dict[str, Any]:
         "window_s": report.window_s,
         "queries": report.queries,
         "latencies": report.latencies,
-        "upper_bound": None if report.upper_bound is None else {"success_ratio": report.upper_bound},
+        "upper_bound": (
+            None
+            if report.upper_bound is None
+            else {"success_ratio": report.upper_bound, "rtt": report.bound_rtt}
+        ),
         "policies": policies,
     }
 
@@ -295,7 +323,10 @@ def format_table(report: SimReport) -> str:
 
 
 __all__ = [
+    "BOUND_RTTS",
+    "DEFAULT_BOUND_RTT",
     "DEFAULT_WINDOW_S",
+    "BoundRtt",
     "PolicyResult",
     "SimReport",
     "format_table",

@@ -22,7 +22,7 @@ and ``ci95`` half-widths, ``best_static`` and ``gaps`` (each learned policy
 minus the best static one, per seed)::
 
     {"scenario": NAME, "seeds": [..], "duration_s": D, "queries": Q, "latencies": PROFILE,
-     "upper_bound": {"success_ratio": X, "ci95": H, "per_seed": [..]},
+     "upper_bound": {"success_ratio": X, "ci95": H, "per_seed": [..], "rtt": MODE},
      "best_static": NAME,
      "policies": {NAME: {..., "success_ratio": X, "success_ci95": H,
                          "success_per_seed": [..]}},
@@ -53,7 +53,14 @@ from apdispatch.policies import (
 )
 from apdispatch.routing.estimator import DEFAULT_QUEUE_MODEL
 from apdispatch.sim.engine import OUTCOMES
-from apdispatch.sim.results import DEFAULT_WINDOW_S, SimReport, ratios, run_policies
+from apdispatch.sim.results import (
+    DEFAULT_BOUND_RTT,
+    DEFAULT_WINDOW_S,
+    BoundRtt,
+    SimReport,
+    ratios,
+    run_policies,
+)
 
 if TYPE_CHECKING:
     from apdispatch.learned.policy import ActorCriticPolicy
@@ -111,6 +118,7 @@ class RunSpec:
     queue_model: str = DEFAULT_QUEUE_MODEL  # the latency estimator's (--queue-model)
     cascade: bool = False  # the router offers cascades (--cascade)
     stop_learning_s: float = STOP_LEARNING_S  # when ``learned-stopped`` stops learning (run's clock)
+    bound_rtt: BoundRtt = DEFAULT_BOUND_RTT  # what the upper bound knows of round trips (--bound-rtt)
 
 
 def run_seed(spec: RunSpec, seed: int) -> SimReport:
@@ -133,6 +141,7 @@ def run_seed(spec: RunSpec, seed: int) -> SimReport:
         seed=seed,
         window_s=spec.window_s,
         bound=spec.bound,
+        bound_rtt=spec.bound_rtt,
         make=make,
         queue_model=spec.queue_model,
         cascade=spec.cascade,
@@ -340,6 +349,7 @@ def to_json(reports: Sequence[SimReport]) -> dict[str, Any]:
     if all(b is not None for b in bounds):
         values = [float(b) for b in bounds if b is not None]
         upper = {"success_ratio": round(float(np.mean(values)), 6), "ci95": _opt(ci95(values))}
+        upper["rtt"] = first.bound_rtt
         upper["per_seed"] = _round(values)
     return {
         "scenario": first.scenario,
