@@ -5,11 +5,11 @@ program over time windows bounds the number of queries any policy can serve ``ok
 (accurate enough, reply within the deadline). Policies are reported beside it, so the
 gap to the limit is visible. The simulator calls::
 
-    upper_bound(scenario, {app: arrival_times_s}, {name: VariantCost(...)},
-                rtt_ms={app: rtt_each_query_would_pay_at_each_cluster})   # (n_app, n_clusters)
+    upper_bound(scenario, {app: arrival_times_s}, {name: VariantCost(...)})   # rtt="expected"
 
-(without ``rtt_ms``, ``rtt=`` says what to assume; ``variant_costs`` reads the table
-from a scenario and a manifest, uncalibrated).
+or, with ``--bound-rtt realized``, adds ``rtt_ms={app: rtt_each_query_would_pay_at_each_cluster}``
+(queries x clusters); ``variant_costs`` reads the table from a scenario and a manifest,
+uncalibrated.
 
 Device model it bounds (``apdispatch.sim``'s): variant v on device d serves a batch of
 b in ``s(b) = (t1 + (b - 1) / 7 * (t8 - t1)) / speed + overhead`` (t1, t8: the
