@@ -46,8 +46,8 @@ def _bound_rtt_option(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_BOUND_RTT,
         help="what the upper bound knows of each round trip: 'expected', the chance that it is short "
         "enough (a bound for any dispatcher that learns a round trip by sending the query, as the "
-        "AP does), or 'realized', the simulator's draw itself (a looser bound that holds run by "
-        "run, even for a dispatcher that knew the draws) (default: expected)",
+        "AP does), or 'realized', the simulator's draw itself (a bound that holds run by run, "
+        "crediting a dispatcher that knew the draws) (default: expected)",
     )
 
 

@@ -40,7 +40,8 @@ DEFAULT_WINDOW_S = 10.0
 # What the upper bound knows of each query's round trip (``apdispatch.sim.bound``):
 # "expected", the chance that the draw is short enough, bounds every dispatcher that
 # learns a round trip only by sending the query (the AP's policies all do); "realized",
-# the draw itself, bounds even one that knew it in advance, so it is looser.
+# the draw itself, bounds even one that knew it in advance (higher where a distant
+# cluster is in time for some draws only).
 BoundRtt = Literal["expected", "realized"]
 BOUND_RTTS: tuple[BoundRtt, ...] = ("expected", "realized")
 DEFAULT_BOUND_RTT: BoundRtt = "expected"
