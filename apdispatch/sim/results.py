@@ -209,28 +209,26 @@ def upper_bound_hook(model: SimModel, arrivals: Queries, rtt: BoundRtt = DEFAULT
         return None
     bound: Any = importlib.import_module("apdispatch.sim.bound")
     scenario = model.scenario
-    times_s = arrivals.times_ms / 1000.0
-    rtt_ms = np.array([c.rtt_ms for c in scenario.clusters], dtype=np.float64)
-    jitter = np.array([c.jitter_ms for c in scenario.clusters], dtype=np.float64)
     if rtt not in BOUND_RTTS:
         raise ValueError(f"bound rtt must be one of {', '.join(BOUND_RTTS)}, not {rtt!r}")
-    per_app_times = {}
-    per_app_rtt = {}
-    for a, app in enumerate(scenario.apps):
-        mine = arrivals.apps == a
-        per_app_times[app.name] = times_s[mine]
-        if rtt == "realized":
-            per_app_rtt[app.name] = np.maximum(
-                0.0, rtt_ms[None, :] + jitter[None, :] * arrivals.jitter_z[mine][:, None]
+    times_s = arrivals.times_ms / 1000.0
+    per_app_times = {app.name: times_s[arrivals.apps == a] for a, app in enumerate(scenario.apps)}
+    per_app_rtt = None
+    if rtt == "realized":
+        rtt_ms = np.array([c.rtt_ms for c in scenario.clusters], dtype=np.float64)
+        jitter = np.array([c.jitter_ms for c in scenario.clusters], dtype=np.float64)
+        per_app_rtt = {
+            app.name: np.maximum(
+                0.0, rtt_ms[None, :] + jitter[None, :] * arrivals.jitter_z[arrivals.apps == a][:, None]
             )
+            for a, app in enumerate(scenario.apps)
+        }
     costs = {
         v.name: bound.VariantCost(v.name, v.task, v.accuracy, v.latency_ms, v.latency_ms_batch8)
         for v in model.variants.values()
     }
-    if rtt == "realized":
-        value = bound.upper_bound(scenario, per_app_times, costs, rtt_ms=per_app_rtt)
-    else:
-        value = bound.upper_bound(scenario, per_app_times, costs, rtt="expected")
+    # Given rtt_ms (the realized draws), upper_bound ignores rtt.
+    value = bound.upper_bound(scenario, per_app_times, costs, rtt="expected", rtt_ms=per_app_rtt)
     return float(value.success_ratio)
 
 
