@@ -14,7 +14,15 @@ from apdispatch.common.confidence import Acceptance
 from apdispatch.learned.checkpoint import paths
 from apdispatch.learned.factory import make_learned_policy
 from apdispatch.learned.guard_config import GuardConfig, parse_guard_overrides
-from apdispatch.learned.guards import Calm, Guards, LastResort, PreferCascade, SafetyMargin, SlowerVariant
+from apdispatch.learned.guards import (
+    Calm,
+    Guards,
+    LastResort,
+    PreferCascade,
+    SafetyMargin,
+    SlowerVariant,
+    Unsafe,
+)
 from apdispatch.learned.policy import ActorCriticPolicy
 from apdispatch.learned.slack import GuardedSlackPolicy, SlackPolicy
 from apdispatch.policies import Candidate, Feedback, RequestView, make_policy, policy_names
@@ -48,6 +56,7 @@ def test_guard_config_defaults_are_the_shipped_thresholds() -> None:
     assert (c.spread, c.risk_spread, c.small_sample_max, c.margin_alpha) == (1.0, 2.0, 400, 0.05)
     assert (c.load, c.tau_s, c.refresh_s, c.stale_s, c.typical_alpha) == (0.05, 10.0, 0.2, 1.0, 0.2)
     assert (c.misses, c.miss_alpha, c.max_apps, c.calm) == (0.01, 0.003, 1000, True)
+    assert (c.prefer_cascade, c.unsafe) == (True, True)
     assert GuardConfig.from_json(c.to_json()) == c
 
 
@@ -110,6 +119,20 @@ def test_calm_takes_the_soonest_while_no_app_needs_room() -> None:
     assert Calm(guards.reserve).open(REQUEST, CANDIDATES, [2]) == [2]
 
 
+def test_unsafe_leaves_the_soonest_when_no_open_candidate_is_within_its_margin() -> None:
+    guards = _margins_of(Guards(), {FAR.key: 10.0, FAST.key: 31.0})  # 45 + 10 and 20 + 31 > 50
+    guard = Unsafe(guards.margins)
+    assert guard.open(REQUEST, CANDIDATES, [0, 2]) == [0]
+    assert guard.open(REQUEST, CANDIDATES, [2, 0]) == [0]  # by prediction, not by position
+    # One safe (the slower variant: 30 + 0 <= 50): every open one stays, unsafe ones too.
+    assert guard.open(REQUEST, CANDIDATES, [0, 1, 2]) == [0, 1, 2]
+    # Exactly at the deadline is safe: 20 + 30 = 50.
+    guards.margins.margin[FAST.key] = 30.0
+    assert guard.open(REQUEST, CANDIDATES, [0, 2]) == [0, 2]
+    assert guard.open(REQUEST, CANDIDATES, [2]) == [2]
+    assert guard.open(REQUEST, CANDIDATES, []) == []
+
+
 def test_prefer_cascade_keeps_only_cascades_when_one_is_open() -> None:
     entry = Acceptance(floor=0.94, threshold=0.8, coverage=0.85, accuracy=0.97)
     plan = Cascade(FAST.ref, entry, FAR.ref)  # type: ignore[arg-type]  # the guard reads only its type
@@ -129,8 +152,10 @@ def test_the_pipeline_in_order_and_calm_can_be_turned_off() -> None:
         "last-resort",
         "prefer-cascade",
         "calm",
+        "unsafe",
     ]
     assert "calm" not in [g.name for g in Guards(GuardConfig(calm=False)).steps]
+    assert "unsafe" not in [g.name for g in Guards(GuardConfig(unsafe=False)).steps]
     assert "prefer-cascade" not in [g.name for g in Guards(GuardConfig(prefer_cascade=False)).steps]
     # Edge's soonest and the cloud stay open, calm or not, while the app is
     # new: its misses start at the threshold, so it may need room.
@@ -148,10 +173,13 @@ def test_the_pipeline_in_order_and_calm_can_be_turned_off() -> None:
     later = REQUEST._replace(now_s=1.0 + GuardConfig().stale_s)
     assert off.open(later, CANDIDATES) == [0, 2]
     assert on.open(later, CANDIDATES) == [0]
-    # Nothing in time: every candidate, then calm's soonest.
+    # Nothing in time: every candidate, then the unsafe guard's soonest (calm's too).
     late = later._replace(deadline_ms=10.0)
-    assert off.open(late, CANDIDATES) == [0, 1, 2, 3]
+    assert off.open(late, CANDIDATES) == [0]
     assert on.open(late, CANDIDATES) == [0]
+    bare = Guards(GuardConfig(calm=False, unsafe=False))
+    bare.arrive(late, CANDIDATES)
+    assert bare.open(late, CANDIDATES) == [0, 1, 2, 3]
 
 
 # The rules --------------------------------------------------------------------------
@@ -240,3 +268,17 @@ def test_aset_has_the_rules_among_its_actions_and_tells_them_of_rejections() -> 
     assert guarded.guards.reserve.rate("ar", REQUEST.now_s) == 0.0
     policy.rejected(REQUEST)  # whatever runs: the rule's guards count the app's demand
     assert guarded.guards.reserve.rate("ar", REQUEST.now_s) > 0.0
+
+
+def test_learned_takes_the_soonest_when_nothing_open_is_safe() -> None:
+    # calm off, so that only the unsafe guard can narrow the choice to one.
+    policy = make_learned_policy("learned", learn=False, background=False, guards={"calm": False})
+    assert isinstance(policy, ActorCriticPolicy)
+    _margins_of(policy.guards, {FAST.key: 31.0, FAR.key: 10.0})  # 20 + 31 and 45 + 10 > 50
+    for i in range(50):
+        assert policy.choose(REQUEST._replace(now_s=1.0 + i), CANDIDATES) is FAST
+        assert policy.scored == 0  # the network was not asked
+    # A safe one open again: the network scores edge's soonest and the cloud.
+    policy.margins.margin.update({FAST.key: 0.0, FAR.key: 0.0})
+    policy.choose(REQUEST._replace(now_s=60.0), CANDIDATES)
+    assert policy.scored == 2

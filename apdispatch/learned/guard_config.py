@@ -46,6 +46,8 @@ class GuardConfig:
     # Cascade guard: when the router offers cascades (a light variant first, an accurate one
     # for its unsure answers) and one is open, only cascades stay open.
     prefer_cascade: bool = True
+    # Unsafe guard: when no open candidate is within its safety margin, only the soonest predicted.
+    unsafe: bool = True
 
     def validate(self) -> GuardConfig:
         positive = ("spread", "risk_spread", "tau_s", "refresh_s", "stale_s", "misses")

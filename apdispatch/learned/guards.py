@@ -150,6 +150,31 @@ class Calm:
         return open_
 
 
+class Unsafe:
+    """No open candidate is safe (prediction plus safety margin within the deadline): only the soonest.
+
+    The safety-margin and risk guards keep every candidate open when none is
+    safe; the slack rule then takes the soonest, and so does this guard for
+    whatever chooses next.
+    """
+
+    name = "unsafe"
+
+    def __init__(self, margins: Margins) -> None:
+        self.margins = margins
+
+    def open(self, request: RequestView, candidates: Sequence[Candidate], open_: Open) -> Open:
+        if len(open_) < 2:
+            return open_
+        deadline = request.deadline_ms
+        of = self.margins.margin.get
+        for k in open_:
+            c = candidates[k]
+            if c.predicted_ms + of(c.key, 0.0) <= deadline:
+                return open_
+        return [min(open_, key=lambda k: candidates[k].predicted_ms)]
+
+
 class PreferCascade:
     """When a cascade is open, only cascades: the accurate targets are what cascades spare.
 
@@ -187,6 +212,8 @@ class Guards:
             steps.append(PreferCascade())
         if self.config.calm:
             steps.append(Calm(self.reserve))
+        if self.config.unsafe:
+            steps.append(Unsafe(self.margins))
         self.steps: tuple[Guard, ...] = tuple(steps)
         self._now = 0.0  # the latest decision's clock
 
