@@ -212,26 +212,27 @@ def test_interference_caps_a_worker_below_its_slot_count() -> None:
     arrivals = {"a": _stream(1000, 1.0)}  # 1000 queries, last deadline at ~2 s
     with_i = upper_bound(sc, arrivals, window_s=0.5, rtt="certain")
     without = upper_bound(sc, arrivals, window_s=0.5, rtt="certain", use_interference=False)
-    # windows 0..3 (span 2 past the arrival window 0 or 1): 4 x 0.5 s x 133.3 qps. Without
-    # interference the fluid says 4 x 0.5 x 200 = 400, and the queue row less: the two slots
-    # do no more than one machine of 5 ms a query, which ends 399 in the 1,999 ms to the last
-    # deadline.
-    assert with_i.ok_bound == pytest.approx(4 * 0.5 * 1000 / 10 * 2 / 1.5)
+    # The fluid: windows 0..3 (span 2 past the arrival window 0 or 1), 4 x 0.5 s x 133.3 qps =
+    # 266.7; the queue row a little less: the worker spends at least 7.5 ms on each query, so it
+    # does no more than one machine of 7.5 ms a query, which ends 266 in the 1,999 ms to the
+    # last deadline. Without interference the fluid says 4 x 0.5 x 200 = 400, and the queue row
+    # again less: one machine of 5 ms a query ends 399.
+    assert with_i.ok_bound == pytest.approx(266.0)
     assert without.ok_bound == pytest.approx(399.0)
 
 
 @pytest.mark.parametrize(
-    ("deadline_ms", "worker_ms"),
+    ("deadline_ms", "worker_ms", "served"),
     [
-        (1000.0, 7.5),  # time for both slots at once (x 1.5): 15 ms for two, 7.5 of the worker's each
+        (1000.0, 7.5, 266),  # time for both slots at once (x 1.5): 15 ms for two, 7.5 of the worker's each
         # 12 ms allows a slowdown of 1.2 at most: 40 % of the work two at a time (x 1.5), 60 % alone,
         # 0.6 x 10 + 0.4 x 15 / 2 = 9 ms of the worker's time, the least any schedule in time spends.
-        (12.0, 9.0),
-        (10.0, 10.0),  # no slowdown allowed: alone on the worker, 10 ms
+        (12.0, 9.0, 112),
+        (10.0, 10.0, 100),  # no slowdown allowed: alone on the worker, 10 ms
     ],
 )
 def test_interference_is_credited_only_as_far_as_the_deadline_allows_the_slowdown(
-    deadline_ms: float, worker_ms: float
+    deadline_ms: float, worker_ms: float, served: int
 ) -> None:
     sc = _scenario(
         apps=[{"name": "a", "task": "t", "deadline_ms": deadline_ms, "min_accuracy": 0.5}],
@@ -242,7 +243,11 @@ def test_interference_is_credited_only_as_far_as_the_deadline_allows_the_slowdow
     arrivals = {"a": _stream(1000, 1.0)}  # arrival windows 0 and 1 of 0.5 s
     r = upper_bound(sc, arrivals, window_s=0.5, rtt="certain")
     windows = 2 + math.ceil(deadline_ms / 500.0)  # and those the work of the last may reach
-    assert r.ok_bound == pytest.approx(windows * 500.0 / worker_ms)
+    # The fluid credits the worker's time in every window the work may reach (266.7, 166.7,
+    # 150); the queue row what one machine spending worker_ms a query ends within the deadline
+    # of each: queries 0, w, 2w, ... ms of the 1,000 arriving 1 ms apart.
+    assert served == schedulable(arrivals["a"] * 1000.0, worker_ms, deadline_ms)
+    assert r.ok_bound == pytest.approx(min(windows * 500.0 / worker_ms, served))
 
 
 @pytest.mark.parametrize(
@@ -597,6 +602,21 @@ def test_a_one_slot_worker_serves_one_query_of_a_burst_the_fluid_would_share(cou
     pairs = np.sort(np.concatenate([_stream(10, 1.0), _stream(10, 1.0, offset_s=0.001)]))
     r = upper_bound(_pairs_on(count), {"a": pairs}, window_s=0.1, rtt="certain")
     assert r.ok_bound == pytest.approx(served)
+
+
+def test_a_shared_worker_serves_only_what_its_slowdown_leaves_time_for() -> None:
+    # Bursts of 6 queries on a 2-slot worker, 10 ms alone, 15 ms each when two run (interference
+    # 0.5), 30 ms deadline: any schedule holds at least 7.5 ms of the worker per query, so 4 of
+    # each burst at most (two pairs), not the 6 that two slots at full speed would run.
+    scenario = _scenario(
+        apps=[{"name": "a", "task": "t", "deadline_ms": 30.0, "min_accuracy": 0.5}],
+        variants={"v": {"task": "t", "accuracy": 0.9, "latency_ms": 10.0}},
+        devices={"d": {"speed": 1.0, "slots": 2, "interference": 0.5}},
+        clusters=[{"name": "c", "rtt_ms": 0.0, "workers": [{"device": "d", "count": 1, "variants": ["v"]}]}],
+    )
+    bursts = np.repeat(np.arange(10.0), 6)
+    r = upper_bound(scenario, {"a": bursts}, window_s=0.1, rtt="certain")
+    assert r.ok_bound == pytest.approx(40)
 
 
 def _brute_force(times: list[float], work: float, within: float) -> int:

@@ -364,26 +364,32 @@ def _queue_cuts(
     """(app, pool, most of the app's queries the pool can serve in time were it serving nothing
     else), for the pools where that is fewer than the app's queries.
 
-    A pool of m one-query executions at a time (slots x workers, no batching, no speed-up
-    from sharing) does no more than one machine m times as fast: at each query's start on
-    the pool, at most m - 1 others are running, so the fast machine, taking them in order
-    of start, ends each no later. Its queries must end within deadline - RTT of arrival.
+    A pool (no batching) of n workers gives its executions at most n ms of worker time per
+    ms, however they share it, and an ok query of the app holds at least c of it inside
+    [arrival, arrival + deadline - RTT]: c = min over the pool's targets of ``work_ms`` at the
+    deadline less the target's least RTT (step 3 of the module doc: slots shared, at the
+    slowdown the deadline allows). So the pool's ok queries are feasible for one machine n
+    times as fast that runs jobs of c in those windows, preempting at will. The windows are
+    all as long, so the earliest deadline first is the order of arrival, and never preempts:
+    ``schedulable`` counts the most such a machine serves. Without interference, c is the
+    solo work over the slots.
     """
     app = scenario.apps[app_index]
-    by_pool: dict[int, tuple[float, float, int]] = {}  # pool -> (least work, least RTT, machines)
+    by_pool: dict[int, tuple[float, float, int]] = {}  # pool -> (least worker time, least RTT, workers)
     for j, i in enumerate(tids):
         tg = targets[i]
         if tg.max_batch > 1 or tg.interference < 0:
             continue
         work, rtt, _ = by_pool.get(tg.pool, (math.inf, math.inf, 0))
+        least = float(least_rtt_ms[j])
         by_pool[tg.pool] = (
-            min(work, tg.service_ms(1)),
-            min(rtt, float(least_rtt_ms[j])),
-            tg.slots * tg.workers,
+            min(work, tg.work_ms(app.deadline_ms - least)),
+            min(rtt, least),
+            tg.workers,
         )
     cuts = []
-    for pool, (work, rtt, machines) in by_pool.items():
-        most = schedulable(times_ms, work / machines, app.deadline_ms - rtt)
+    for pool, (work, rtt, workers) in by_pool.items():
+        most = schedulable(times_ms, work / workers, app.deadline_ms - rtt)
         if most < len(times_ms):
             cuts.append((app_index, pool, float(most)))
     return cuts
