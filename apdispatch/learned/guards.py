@@ -41,15 +41,26 @@ from apdispatch.routing.policy import Candidate, Feedback, RequestView
 Open = list[int]  # indices into the request's candidates, in their order
 
 
-def within_margin(
+def safe(
     request: RequestView, candidates: Sequence[Candidate], open_: Open, margin: dict[str, float]
 ) -> Open:
     """Of ``open_``, those whose prediction plus ``margin`` (by target key, 0 if unknown) meets the
-    deadline; all of ``open_`` when none does."""
+    deadline (none, possibly)."""
     deadline = request.deadline_ms
     of = margin.get
-    kept = [k for k in open_ if candidates[k].predicted_ms + of(candidates[k].key, 0.0) <= deadline]
-    return kept or open_
+    return [k for k in open_ if candidates[k].predicted_ms + of(candidates[k].key, 0.0) <= deadline]
+
+
+def within_margin(
+    request: RequestView, candidates: Sequence[Candidate], open_: Open, margin: dict[str, float]
+) -> Open:
+    """``safe``, or all of ``open_`` when none is."""
+    return safe(request, candidates, open_, margin) or open_
+
+
+def soonest(candidates: Sequence[Candidate], open_: Open) -> Open:
+    """The soonest predicted of ``open_`` (non-empty), alone."""
+    return [min(open_, key=lambda k: candidates[k].predicted_ms)]
 
 
 class Guard(Protocol):
@@ -146,7 +157,7 @@ class Calm:
 
     def open(self, request: RequestView, candidates: Sequence[Candidate], open_: Open) -> Open:
         if len(open_) > 1 and self.reserve.calm(request.now_s):
-            return [min(open_, key=lambda k: candidates[k].predicted_ms)]
+            return soonest(candidates, open_)
         return open_
 
 
@@ -164,15 +175,9 @@ class Unsafe:
         self.margins = margins
 
     def open(self, request: RequestView, candidates: Sequence[Candidate], open_: Open) -> Open:
-        if len(open_) < 2:
+        if len(open_) < 2 or safe(request, candidates, open_, self.margins.margin):
             return open_
-        deadline = request.deadline_ms
-        of = self.margins.margin.get
-        for k in open_:
-            c = candidates[k]
-            if c.predicted_ms + of(c.key, 0.0) <= deadline:
-                return open_
-        return [min(open_, key=lambda k: candidates[k].predicted_ms)]
+        return soonest(candidates, open_)
 
 
 class PreferCascade:
