@@ -28,6 +28,7 @@ from apdispatch.learned.actor_critic import (
 )
 from apdispatch.learned.aset import ACTIONS, AsetPolicy
 from apdispatch.learned.checkpoint import SHIPPED, CheckpointError, load_checkpoint, paths
+from apdispatch.learned.draw import greedy, sample
 from apdispatch.learned.factory import make_learned_policy
 from apdispatch.learned.features import (
     FEATURES,
@@ -416,6 +417,26 @@ def test_softmax_log_prob_by_hand_and_masked() -> None:
     assert behaviour_log_prob(logits, 1) == pytest.approx(2.0 - math.log(math.e + math.e**2))
     # Every candidate masked: all equally likely, not a crash.
     assert behaviour_log_prob(np.array([MASKED, MASKED]), 1) == pytest.approx(math.log(0.5))
+
+
+def test_the_draw_walks_the_softmax_by_hand() -> None:
+    # logits ln 1, ln 2, ln 1: weights 1/2, 1, 1/2 of the top, total 2; u * 2 walks them in order.
+    logits = [0.0, math.log(2.0), 0.0]
+    assert sample(logits, 0.0) == 0
+    assert sample(logits, 0.24) == 0  # 0.48 < 0.5
+    assert sample(logits, 0.26) == 1  # 0.52 - 0.5 = 0.02 < 1
+    assert sample(logits, 0.74) == 1  # 1.48 - 0.5 - 1 < 0
+    assert sample(logits, 0.76) == 2  # 1.52 - 1.5 >= 0: the last takes the rest
+    assert sample(logits, 0.999999) == 2
+    assert sample([5.0], 0.7) == 0
+    # Far below the top, a weight underflows to 0 and is never drawn.
+    assert {sample([0.0, -1e4, 0.0], u / 100) for u in range(100)} == {0, 2}
+
+
+def test_greedy_takes_the_highest_logit_and_the_first_of_equals() -> None:
+    assert greedy([0.1, 0.7, -2.0]) == 1
+    assert greedy([0.3, 0.9, 0.9]) == 1
+    assert greedy([-1.0]) == 0
 
 
 def test_numpy_snapshot_scores_like_the_torch_actor() -> None:

@@ -32,6 +32,7 @@ HOT_PATH: tuple[str, ...] = (
     "apdispatch.learned.features",
     "apdispatch.learned.reserve",
     "apdispatch.learned.guards",
+    "apdispatch.learned.draw",
 )
 GROUP = "apdispatch.learned.hot"  # the shared library: apdispatch/learned/hot__mypyc.<suffix>
 RECORD = "compiled.json"  # beside the sources: {module: sha256 of the source compiled}

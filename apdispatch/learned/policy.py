@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from math import exp
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +24,7 @@ from apdispatch.learned.actor_critic import (
     Transition,
 )
 from apdispatch.learned.checkpoint import CheckpointedPolicy
+from apdispatch.learned.draw import greedy, sample
 from apdispatch.learned.features import FEATURES, candidate_features
 from apdispatch.learned.guard_config import GuardConfig
 from apdispatch.learned.guards import Guards
@@ -116,22 +116,8 @@ class ActorCriticPolicy(CheckpointedPolicy):
         else:
             z = snapshot.scores(x)
             self.scored = len(open_)
-            # The draw in plain Python: for a few dozen numbers it beats a
-            # chain of numpy calls on tiny arrays.
             zs = z.tolist()
-            top = max(zs)
-            if self._explore:
-                weights = [exp(v - top) for v in zs]
-                u = self._random() * sum(weights)
-                i = 0
-                last = len(weights) - 1
-                while i < last:
-                    u -= weights[i]
-                    if u < 0.0:
-                        break
-                    i += 1
-            else:
-                i = zs.index(top)
+            i = sample(zs, self._random()) if self._explore else greedy(zs)
         if self.learner is not None:
             pending = self._pending
             if len(pending) >= PENDING_LIMIT:
