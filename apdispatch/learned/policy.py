@@ -2,11 +2,12 @@
 
 Hot path, per decision: the guards (``guards.Guards``), features of the
 candidates they leave open (plain floats, one ``np.array``), the actor's
-numpy forward pass on the current snapshot when more than one is open, a
-softmax draw, and a note of the decision for when its feedback comes back.
-No torch, no locks, no waiting. ``observe`` turns a feedback into a reward and
-hands the transition to the learner's queue; the guards learn from it too
-(margins, reservations), off the decision path.
+numpy forward pass on the current snapshot when more than one is open, the
+draw (``draw.sample`` while exploring, else ``draw.greedy``), and a note of
+the decision for when its feedback comes back. No torch, no locks, no waiting.
+``observe`` turns a feedback into a reward and hands the transition to the
+learner's queue; the guards learn from it too (margins, reservations), off
+the decision path.
 """
 
 from __future__ import annotations
