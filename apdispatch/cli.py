@@ -388,7 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the evaluation table: every policy on several seeds of each scenario, with the bound",
     )
     evaluate.add_argument("scenarios", type=Path, nargs="+", metavar="SCENARIO")
-    evaluate.add_argument("--out", type=Path, default=Path("docs/evaluation"), help="JSON, PNG and table.md")
+    evaluate.add_argument(
+        "--out",
+        type=Path,
+        default=Path("build/evaluation"),
+        help="JSON, PNG and table.md (default: build/evaluation; make eval writes docs/evaluation)",
+    )
     evaluate.add_argument("--policies", default="all", help="comma-separated names or 'all'")
     evaluate.add_argument("--seeds", default="5", metavar="N|A-B|A,B,..", help="seeds (N: N from --seed)")
     evaluate.add_argument("--seed", type=int, default=None, help="first seed (default: the first scenario's)")
@@ -407,7 +412,12 @@ def build_parser() -> argparse.ArgumentParser:
         "paired seed by seed",
     )
     ablate.add_argument("scenarios", type=Path, nargs="+", metavar="SCENARIO")
-    ablate.add_argument("--out", type=Path, default=Path("docs/ablation"), help="JSON per scenario, table.md")
+    ablate.add_argument(
+        "--out",
+        type=Path,
+        default=Path("build/ablation"),
+        help="JSON per scenario, table.md (default: build/ablation; make ablate writes docs/ablation)",
+    )
     ablate.add_argument(
         "--statics", default="", help="comma-separated static policies the best is taken from (default: all)"
     )

@@ -68,3 +68,15 @@ def test_ablate_command_writes_the_table_and_names_a_bad_static(
     assert cli_main([*args, "--stop-learning-s", "2", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "demo.json").read_text())
     assert doc["stop_learning_s"] == 2.0 and "--stop-learning-s 2" in doc["command"]
+
+
+def test_ablate_writes_under_build_unless_told(
+    tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A trial run in a checkout must not overwrite the published tables in docs/.
+    monkeypatch.chdir(tmp_path)
+    scenario = str(REPO / "scenarios" / "demo.toml")
+    args = ["ablate", scenario, "--seeds", "1", "--duration", "4", "--statics", "fastest"]
+    assert cli_main([*args, "--models", str(models_dir)]) == 0
+    assert (tmp_path / "build" / "ablation" / "demo.json").exists()
+    assert not (tmp_path / "docs").exists()

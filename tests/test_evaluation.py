@@ -120,6 +120,20 @@ def test_sim_seeds_cli_and_evaluate(tmp_path: Path, models_dir: Path) -> None:
     assert row["policies"] == doc["policies"] and row["command"].startswith("apdispatch sim ")
 
 
+def test_evaluate_writes_under_build_unless_told(
+    tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from apdispatch.cli import main
+
+    # A trial run in a checkout must not overwrite the published tables in docs/.
+    monkeypatch.chdir(tmp_path)
+    scenario = ROOT / "scenarios" / "demo.toml"
+    argv = ["evaluate", str(scenario), "--policies", "fastest", "--seeds", "1", "--duration", "4"]
+    assert main([*argv, "--models", str(models_dir), "--no-plot"]) == 0
+    assert (tmp_path / "build" / "evaluation" / "demo.json").exists()
+    assert not (tmp_path / "docs").exists()
+
+
 def test_checkpoint_is_one_seed_only(
     tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
