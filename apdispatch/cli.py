@@ -323,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--policies", default="learned,fastest", help="--decisions: which policies")
     bench.add_argument("--rate", type=float, default=2000.0, help="--decisions: decisions/s (0: unpaced)")
     bench.add_argument(
-        "--sizes", default="4,8,16,4-16", help="--decisions: candidate set sizes (4-16: drawn per decision)"
+        "--sizes",
+        default="4,8,16,4-16",
+        help="--decisions: candidate set sizes, N or A-B (A to B drawn per decision)",
     )
 
     sim = sub.add_parser("sim", help="simulate a scenario under each policy (discrete-event)")

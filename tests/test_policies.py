@@ -169,3 +169,27 @@ def test_decision_bench_times_further_passes_while_asked() -> None:
     assert report["decisions"] == 5 * 4  # 2 passes, then 2 more while asked
     assert len(asked) == 3
     assert measure(make_policy("fastest"), sets, repeats=2)["decisions"] == 10
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["--sizes", "0"], "--sizes"),
+        (["--sizes", "abc"], "--sizes"),
+        (["--sizes", "4-x"], "--sizes"),
+        (["--sizes", "8-4"], "--sizes"),
+        (["--sizes", ""], "--sizes"),
+        (["--rate", "-5"], "--rate"),
+        (["--policies", "nope"], "--policies"),
+        (["--policies", ","], "--policies"),
+    ],
+)
+def test_decision_bench_refuses_bad_arguments_by_name(
+    argv: list[str], field: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from apdispatch.cli import main
+
+    # Refused before any policy or learner starts: exit 2 and a message naming the option.
+    assert main(["bench", "--decisions", "--policies", "fastest", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("apdispatch bench: ") and field in err

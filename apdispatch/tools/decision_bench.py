@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +39,7 @@ import numpy as np
 from apdispatch.common.outcomes import Outcome
 from apdispatch.learned import NATIVE
 from apdispatch.policies import Candidate, Feedback, Policy, RequestView, make_policy
+from apdispatch.sim.command import resolve_policies
 from apdispatch.tools.bench import percentiles
 
 # Decisions per second: the AP's measured capacity (README, Benchmark). The
@@ -56,11 +59,32 @@ FEEDBACK_MIX = (
 )  # feedback mix: the learner gets something to learn
 
 
+def parse_sizes(text: str) -> tuple[int | str, ...]:
+    """``--sizes``: a comma list of N (N candidates) and A-B (drawn per decision, A to B), all >= 1."""
+    sizes: list[int | str] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        low, dash, high = item.partition("-")
+        if not (low.isdigit() and (high.isdigit() if dash else True)):
+            raise ValueError(f"--sizes: {item!r} is neither N nor A-B (numbers of candidates)")
+        if int(low) < 1 or (dash and int(high) < int(low)):
+            raise ValueError(f"--sizes: {item!r}: sizes are >= 1, and A <= B in A-B")
+        sizes.append(f"{int(low)}-{int(high)}" if dash else int(low))
+    return tuple(sizes)
+
+
+def _size_range(n: str) -> tuple[int, int]:
+    low, _, high = n.partition("-")
+    return int(low), int(high)
+
+
 def candidate_sets(n: int | str, count: int, seed: int) -> list[tuple[RequestView, list[Candidate]]]:
+    """``count`` requests with ``n`` candidates each, or with A to B drawn per request for ``n`` = "A-B"."""
     rng = np.random.default_rng(seed)
+    low, high = _size_range(n) if isinstance(n, str) else (n, n)
     out = []
     for i in range(count):
-        size = int(rng.integers(4, 17)) if isinstance(n, str) else n
+        size = int(rng.integers(low, high + 1)) if isinstance(n, str) else n
         deadline = float(rng.choice([25.0, 60.0, 100.0, 250.0]))
         floor = float(rng.choice([0.75, 0.88, 0.94]))
         request = RequestView("digits", f"app-{i % 4}", deadline, floor)
@@ -211,14 +235,22 @@ def run(
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        policies = resolve_policies(args.policies)
+        sizes = parse_sizes(args.sizes)
+        if not (math.isfinite(args.rate) and args.rate >= 0.0):
+            raise ValueError(f"--rate: decisions per second, >= 0 (0: unpaced), got {args.rate}")
+    except ValueError as exc:  # ScenarioError too
+        print(f"apdispatch bench: {exc}", file=sys.stderr)
+        return 2
     report = run(
-        [p.strip() for p in args.policies.split(",") if p.strip()],
+        policies,
         # At least 10,000 decisions per set size: p99 needs the samples.
         max(args.requests, 10_000),
         seed=0,
         checkpoint=None,
         rate=args.rate,
-        sizes=tuple(int(v) if v.isdigit() else v for v in args.sizes.split(",")),
+        sizes=sizes,
     )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
