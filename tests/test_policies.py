@@ -193,3 +193,24 @@ def test_decision_bench_refuses_bad_arguments_by_name(
     assert main(["bench", "--decisions", "--policies", "fastest", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("apdispatch bench: ") and field in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--overload", "--runs", "0"],
+        ["--overload", "--step-s", "0"],
+        ["--overload", "--step-s", "nan"],
+        ["--requests", "0"],
+    ],
+)
+def test_bench_refuses_non_positive_counts_and_durations(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from apdispatch.cli import main
+
+    # argparse's refusal: exit 2 before anything starts, the option named.
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", *argv])
+    assert exc.value.code == 2
+    assert f"argument {argv[-2]}:" in capsys.readouterr().err
