@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="static,learned",
         help="comma-separated names, 'static' for every static policy (default: the static ones and learned)",
     )
-    demo.add_argument("--duration", type=float, default=None, help="seconds per policy")
+    demo.add_argument("--duration", type=_positive_float, default=None, help="seconds per policy")
     demo.add_argument("--cascade", action="store_true", help="the APs offer cascades (serve --cascade)")
     demo.add_argument("--json", type=Path, default=None)
     demo.add_argument("--seed", type=int, default=None)
@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MODELS,
         help="model zoo folder: its samples/ are the inputs sent",
     )
-    load.add_argument("--duration", type=float, default=None)
+    load.add_argument("--duration", type=_positive_float, default=None)
     load.add_argument("--json", type=Path, default=None)
     load.add_argument("--seed", type=int, default=None)
     load.add_argument("--no-progress", action="store_true")
@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: one in the run folder)",
     )
     chaos.add_argument(
-        "--duration", type=float, default=None, help="seconds of load (default: the scenario's)"
+        "--duration", type=_positive_float, default=None, help="seconds of load (default: the scenario's)"
     )
     chaos.add_argument("--seed", type=int, default=None, help="arrivals (default: the scenario's)")
     chaos.add_argument("--fault-seed", type=int, default=None, help="the fault schedule (default: --seed)")
@@ -302,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     k6.add_argument("scenario", type=Path)
     k6.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     k6.add_argument("--policy", default="fastest", help="the AP's policy (both runs)")
-    k6.add_argument("--duration", type=float, default=None, help="seconds of load (default: the scenario's)")
+    k6.add_argument(
+        "--duration", type=_positive_float, default=None, help="seconds of load (default: the scenario's)"
+    )
     k6.add_argument("--seed", type=int, default=None, help="arrivals (default: the scenario's)")
     k6.add_argument("--ap", default=None, help="k6 alone against this running AP (no comparison)")
     k6.add_argument("--plan-only", type=Path, default=None, help="write k6's plan file here and stop")
@@ -362,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--models", type=Path, default=DEFAULT_MODELS, help="variants the scenario does not define"
     )
-    sim.add_argument("--duration", type=float, default=None, help="compress the scenario into S seconds")
+    sim.add_argument(
+        "--duration", type=_positive_float, default=None, help="compress the scenario into S seconds"
+    )
     sim.add_argument("--window", type=float, default=10.0, help="timeline window, seconds")
     sim.add_argument(
         "--calibration",
@@ -400,9 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run every policy on several seeds (N: N seeds from --seed); report means, 95%% intervals "
         "and each learned policy's paired gap to the best static one",
     )
-    sim.add_argument("--jobs", type=int, default=1, help="--seeds: seeds run in parallel processes")
+    sim.add_argument("--jobs", type=_positive_int, default=1, help="--seeds: seeds run in parallel processes")
     sim.add_argument("--bench", action="store_true", help="measure simulated queries/s instead")
-    sim.add_argument("--repeats", type=int, default=20, help="--bench: runs to measure")
+    sim.add_argument("--repeats", type=_positive_int, default=20, help="--bench: runs to measure")
 
     evaluate = sub.add_parser(
         "evaluate",
@@ -418,9 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--policies", default="all", help="comma-separated names or 'all'")
     evaluate.add_argument("--seeds", default="5", metavar="N|A-B|A,B,..", help="seeds (N: N from --seed)")
     evaluate.add_argument("--seed", type=int, default=None, help="first seed (default: the first scenario's)")
-    evaluate.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes")
+    evaluate.add_argument("--jobs", type=_positive_int, default=1, help="seeds run in parallel processes")
     evaluate.add_argument(
-        "--duration", type=float, default=None, help="compress each scenario into S seconds"
+        "--duration", type=_positive_float, default=None, help="compress each scenario into S seconds"
     )
     evaluate.add_argument("--no-plot", action="store_true", help="skip the PNG timelines")
     evaluate.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="model zoo folder")
@@ -444,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ablate.add_argument("--seeds", default="5", metavar="N|A-B|A,B,..", help="seeds (N: N from --seed)")
     ablate.add_argument("--seed", type=int, default=None, help="first seed (default: the first scenario's)")
-    ablate.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes")
+    ablate.add_argument("--jobs", type=_positive_int, default=1, help="seeds run in parallel processes")
     ablate.add_argument(
         "--stop-learning-s",
         type=float,
@@ -452,7 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="learned-stopped learns this long (s of the run), then nothing more (default 60)",
     )
-    ablate.add_argument("--duration", type=float, default=None, help="compress each scenario into S seconds")
+    ablate.add_argument(
+        "--duration", type=_positive_float, default=None, help="compress each scenario into S seconds"
+    )
     ablate.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="model zoo folder")
     ablate.add_argument("--guard", action="append", default=None, metavar="KEY=VALUE", help=GUARD_HELP)
     _latencies_option(ablate)
@@ -462,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--seeds", default="1", metavar="N|A-B|A,B,..", help="one scenario per seed")
     generate.add_argument("--out", type=Path, required=True, help="folder: writes generated-SEED.toml")
-    generate.add_argument("--duration", type=float, default=300.0, help="scenario length, seconds")
+    generate.add_argument("--duration", type=_positive_float, default=300.0, help="scenario length, seconds")
     generate.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="model zoo (its manifest)")
     _latencies_option(generate, "; deadlines and load are drawn against them")
 
@@ -489,7 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="actor-critic reward: 1 if ok, minus W * latency / deadline (an energy proxy)",
     )
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--duration", type=float, default=None, help="compress each scenario into S seconds")
+    train.add_argument(
+        "--duration", type=_positive_float, default=None, help="compress each scenario into S seconds"
+    )
     train.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="model zoo folder")
     _latencies_option(train)
 

@@ -214,3 +214,33 @@ def test_bench_refuses_non_positive_counts_and_durations(
         main(["bench", *argv])
     assert exc.value.code == 2
     assert f"argument {argv[-2]}:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sim", "scenarios/demo.toml", "--jobs", "-1"],
+        ["sim", "scenarios/demo.toml", "--bench", "--repeats", "0"],
+        ["sim", "scenarios/demo.toml", "--duration", "-5"],
+        ["evaluate", "scenarios/demo.toml", "--jobs", "0"],
+        ["evaluate", "scenarios/demo.toml", "--duration", "0"],
+        ["ablate", "scenarios/demo.toml", "--jobs", "0"],
+        ["ablate", "scenarios/demo.toml", "--duration", "inf"],
+        ["generate", "--seeds", "1", "--out", "x", "--duration", "0"],
+        ["train", "scenarios/demo.toml", "--out", "x", "--duration", "0"],
+        ["demo", "--duration", "0"],
+        ["load", "--duration", "-1"],
+        ["chaos", "--duration", "0"],
+        ["k6", "--duration", "0"],
+    ],
+)
+def test_counts_and_durations_are_refused_by_name(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from apdispatch.cli import main
+
+    # Refused by the parser, before any simulation, process or file: exit 2, the option named.
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert f"argument {argv[-2]}:" in capsys.readouterr().err
