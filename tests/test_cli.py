@@ -1,0 +1,82 @@
+"""The command line's refusals: a bad option ends the command before anything starts, named."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["--sizes", "0"], "--sizes"),
+        (["--sizes", "abc"], "--sizes"),
+        (["--sizes", "4-x"], "--sizes"),
+        (["--sizes", "8-4"], "--sizes"),
+        (["--sizes", ""], "--sizes"),
+        (["--rate", "-5"], "--rate"),
+        (["--policies", "nope"], "--policies"),
+        (["--policies", ","], "--policies"),
+    ],
+)
+def test_decision_bench_refuses_bad_arguments_by_name(
+    argv: list[str], field: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from apdispatch.cli import main
+
+    # Refused before any policy or learner starts: exit 2 and a message naming the option.
+    assert main(["bench", "--decisions", "--policies", "fastest", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("apdispatch bench: ") and field in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--overload", "--runs", "0"],
+        ["--overload", "--step-s", "0"],
+        ["--overload", "--step-s", "nan"],
+        ["--requests", "0"],
+    ],
+)
+def test_bench_refuses_non_positive_counts_and_durations(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from apdispatch.cli import main
+
+    # argparse's refusal: exit 2 before anything starts, the option named.
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", *argv])
+    assert exc.value.code == 2
+    assert f"argument {argv[-2]}:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sim", "scenarios/demo.toml", "--jobs", "-1"],
+        ["sim", "scenarios/demo.toml", "--bench", "--repeats", "0"],
+        ["sim", "scenarios/demo.toml", "--duration", "-5"],
+        ["evaluate", "scenarios/demo.toml", "--jobs", "0"],
+        ["evaluate", "scenarios/demo.toml", "--duration", "0"],
+        ["ablate", "scenarios/demo.toml", "--jobs", "0"],
+        ["ablate", "scenarios/demo.toml", "--duration", "inf"],
+        ["generate", "--seeds", "1", "--out", "x", "--duration", "0"],
+        ["train", "scenarios/demo.toml", "--out", "x", "--duration", "0"],
+        ["demo", "--duration", "0"],
+        ["load", "--duration", "-1"],
+        ["chaos", "--duration", "0"],
+        ["k6", "--duration", "0"],
+    ],
+)
+def test_counts_and_durations_are_refused_by_name(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from apdispatch.cli import main
+
+    # Refused by the parser, before any simulation, process or file: exit 2, the option named.
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert f"argument {argv[-2]}:" in capsys.readouterr().err
