@@ -7,28 +7,34 @@ import pytest
 pytestmark = pytest.mark.unit
 
 
+BENCH = ["bench", "--decisions", "--policies", "fastest"]
+
+
 @pytest.mark.parametrize(
-    ("argv", "field"),
+    ("argv", "message"),
     [
-        (["--sizes", "0"], "--sizes"),
-        (["--sizes", "abc"], "--sizes"),
-        (["--sizes", "4-x"], "--sizes"),
-        (["--sizes", "8-4"], "--sizes"),
-        (["--sizes", ""], "--sizes"),
-        (["--rate", "-5"], "--rate"),
-        (["--policies", "nope"], "--policies"),
-        (["--policies", ","], "--policies"),
+        ([*BENCH, "--sizes", "0"], "apdispatch bench: --sizes: "),
+        ([*BENCH, "--sizes", "abc"], "apdispatch bench: --sizes: "),
+        ([*BENCH, "--sizes", "4-x"], "apdispatch bench: --sizes: "),
+        ([*BENCH, "--sizes", "8-4"], "apdispatch bench: --sizes: "),
+        ([*BENCH, "--sizes", ""], "apdispatch bench: --sizes: "),
+        ([*BENCH, "--rate", "-5"], "apdispatch bench: --rate: "),
+        ([*BENCH, "--policies", "nope"], "apdispatch bench: --policies: "),
+        ([*BENCH, "--policies", ","], "apdispatch bench: --policies: "),
+        (["serve", "--policy", "nope"], "apdispatch serve: policy: unknown policy 'nope' (known: "),
+        (["serve", "--listen", "nohost"], "apdispatch serve: listen: expected host:port"),
+        (["serve", "--log-level", "loud"], "apdispatch serve: log_level: "),
     ],
 )
-def test_decision_bench_refuses_bad_arguments_by_name(
-    argv: list[str], field: str, capsys: pytest.CaptureFixture[str]
+def test_a_bad_setting_is_refused_on_stderr_by_name(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from apdispatch.cli import main
 
-    # Refused before any policy or learner starts: exit 2 and a message naming the option.
-    assert main(["bench", "--decisions", "--policies", "fastest", *argv]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("apdispatch bench: ") and field in err
+    # Refused before any policy, learner or server starts: exit 2, the setting named.
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    assert out.err.startswith(message) and out.out == ""
 
 
 @pytest.mark.parametrize(

@@ -25,10 +25,57 @@ def test_config_file_then_flags(tmp_path: Path) -> None:
         ("forward_mode = 'carrier-pigeon'", "forward_mode"),
         ("estimator_alpha = 0", "estimator_alpha"),
         ("queue_model = 'fifo'", "queue_model"),
+        # A value of the wrong kind, or a listen address that is not host:port.
+        ('gc_young_threshold = "a"', "gc_young_threshold: must be an integer"),
+        ('lease_s = "5"', "lease_s: must be a number"),
+        ("listen = 5", "listen: must be a string"),
+        ("seed = 1.5", "seed: must be an integer"),
+        ("cascade = 1", "cascade: must be true or false"),
+        ("max_in_flight = true", "max_in_flight: must be an integer"),
+        ("guards = 3", "guards: must be a table"),
+        ('listen = "nohost"', "listen: expected host:port"),
+        ('listen = "127.0.0.1:99999"', "listen: expected host:port"),
+        ('listen = "127.0.0.1:"', "listen: expected host:port"),
     ):
         path.write_text(bad + "\n")
         with pytest.raises(ConfigError, match=key):
             load_config(path)
+
+
+def test_every_config_setting_has_a_kind_a_file_can_be_checked_against() -> None:
+    from dataclasses import fields
+
+    from apdispatch.ap.config import _KINDS, APConfig
+
+    assert {f.name for f in fields(APConfig) if f.type not in _KINDS} == set()
+
+
+def test_a_float_setting_takes_an_integer_and_listen_takes_ipv6_and_port_0(tmp_path: Path) -> None:
+    path = tmp_path / "ap.toml"
+    path.write_text('lease_s = 3\nlisten = "[::1]:0"\n')
+    config = load_config(path)
+    assert config.lease_s == 3.0 and isinstance(config.lease_s, float)
+    assert config.listen == "[::1]:0"
+
+
+def test_serve_on_a_port_in_use_exits_with_the_address_named(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        done = subprocess.run(
+            [sys.executable, "-m", "apdispatch.cli", "serve", "--listen", address, "--log-format", "console"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.returncode == 1
+    assert f"cannot bind {address}" in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
 
 
 async def test_the_ap_estimator_takes_estimator_alpha(tmp_path: Path) -> None:

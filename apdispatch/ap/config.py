@@ -20,6 +20,33 @@ class ConfigError(ValueError):
     """A config file or flag with a bad value; the message names the key."""
 
 
+def check_listen(listen: str) -> None:
+    """``host:port``, the port 0 (any free one) to 65535; an IPv6 host in brackets."""
+    host, colon, port = listen.rpartition(":")
+    if not (colon and host and port.isdigit() and int(port) <= 65535):
+        raise ConfigError(f"listen: expected host:port with a port of 0 to 65535, got {listen!r}")
+
+
+# A TOML value's kind per field type, as written in APConfig's annotations.
+_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "str": ((str,), "a string"),
+    "int": ((int,), "an integer"),
+    "float": ((int, float), "a number"),
+    "bool": ((bool,), "true or false"),
+    "dict[str, Any]": ((dict,), "a table"),
+}
+
+
+def _typed(key: str, annotation: str, value: Any) -> Any:
+    """``value`` as the field ``key`` holds it (an integer for a float field becomes a float)."""
+    kinds, words = _KINDS[annotation]
+    # bool is an int to Python, not to a config file.
+    fits = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+    if not fits:
+        raise ConfigError(f"{key}: must be {words}, got {value!r}")
+    return float(value) if annotation == "float" else value
+
+
 @dataclass(frozen=True, slots=True)
 class APConfig:
     listen: str = "127.0.0.1:50051"
@@ -116,6 +143,7 @@ class APConfig:
     tokens_file: str = ""
 
     def validate(self) -> APConfig:
+        check_listen(self.listen)
         if self.lease_s <= 0:
             raise ConfigError("lease_s: must be > 0")
         if not 0 < self.estimator_alpha <= 1:
@@ -210,9 +238,9 @@ def load_config(path: Path | None = None, **overrides: Any) -> APConfig:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{path}: {exc}") from exc
         table = doc.get("ap", doc)
-        known = {f.name: f.type for f in fields(APConfig)}
+        known = {f.name: str(f.type) for f in fields(APConfig)}
         unknown = sorted(set(table) - set(known))
         if unknown:
             raise ConfigError(f"{path}: unknown keys {', '.join(unknown)}")
-        config = replace(config, **table)
+        config = replace(config, **{key: _typed(key, known[key], value) for key, value in table.items()})
     return config.with_overrides(**overrides).validate()

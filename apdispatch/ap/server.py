@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -138,10 +139,13 @@ class AccessPoint:
         # The servicer starts out with "" SERVING: not before start() completes.
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         host = self.config.listen.rsplit(":", 1)[0]
-        if self.tls.cert:
-            port = self.server.add_secure_port(self.config.listen, self.tls.server_credentials())
-        else:
-            port = self.server.add_insecure_port(self.config.listen)
+        try:
+            if self.tls.cert:
+                port = self.server.add_secure_port(self.config.listen, self.tls.server_credentials())
+            else:
+                port = self.server.add_insecure_port(self.config.listen)
+        except RuntimeError:  # grpcio's way to say the address is taken or not this host's
+            port = 0
         if port == 0:
             raise OSError(f"listen: cannot bind {self.config.listen}")
         self.address = f"{host}:{port}"
@@ -351,14 +355,15 @@ def main(args: argparse.Namespace) -> int:
             cascade=getattr(args, "cascade", None),
         )
         if config.policy not in policy_names():
-            raise KeyError(f"unknown policy {config.policy!r} (known: {', '.join(policy_names())})")
-    except (ConfigError, KeyError, ValueError) as exc:
-        print(f"apdispatch serve: {exc}")
+            known = ", ".join(policy_names())
+            raise ConfigError(f"policy: unknown policy {config.policy!r} (known: {known})")
+    except ValueError as exc:  # ConfigError, and a --guard that is not KEY=VALUE
+        print(f"apdispatch serve: {exc}", file=sys.stderr)
         return 2
     try:
         log = make_logger(config.log_level, config.log_format)
     except ValueError as exc:  # an unknown log level
-        print(f"apdispatch serve: {exc}")
+        print(f"apdispatch serve: log_level: {exc}", file=sys.stderr)
         return 2
     try:
         graceful = asyncio.run(serve(config, log))
