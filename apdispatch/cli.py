@@ -41,6 +41,22 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    """An argparse type: a finite number >= 0 (a delay, a grace period)."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    """An argparse type: a port number, 0 to 65535 (0: none, or any free one)."""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number, 0 to 65535, got {value}")
+    return value
+
+
 def _latencies_option(parser: argparse.ArgumentParser, extra: str = "") -> None:
     parser.add_argument(
         "--latencies", default=None, metavar="reference|measured|FILE", help=LATENCIES_HELP + extra
@@ -81,10 +97,10 @@ def _worker_parser(sub: argparse._SubParsersAction, kind: str) -> argparse.Argum
     p.add_argument("--variants", required=True, help="comma-separated variant names")
     p.add_argument("--ap", default=None, help="AP address to register with (host:port)")
     p.add_argument("--cluster", default="default")
-    p.add_argument("--slots", type=int, default=1 if kind == "edge" else 4)
+    p.add_argument("--slots", type=_positive_int, default=1 if kind == "edge" else 4)
     p.add_argument(
         "--slowdown",
-        type=float,
+        type=_positive_float,
         default=1.0,
         help="emulation: multiply every compute time by F (a slower device)",
     )
@@ -97,7 +113,7 @@ def _worker_parser(sub: argparse._SubParsersAction, kind: str) -> argparse.Argum
     )
     p.add_argument(
         "--link-delay-ms",
-        type=float,
+        type=_non_negative_float,
         default=0.0,
         help="emulation: add a network round trip of D ms to every request",
     )
@@ -105,7 +121,7 @@ def _worker_parser(sub: argparse._SubParsersAction, kind: str) -> argparse.Argum
     p.add_argument("--advertise", default=None, help="address announced to the AP")
     p.add_argument(
         "--shutdown-grace-s",
-        type=float,
+        type=_non_negative_float,
         default=None,
         help="on SIGINT/SIGTERM, how long requests in flight may take to finish (default 5; "
         "a second signal cuts it short)",
@@ -116,10 +132,10 @@ def _worker_parser(sub: argparse._SubParsersAction, kind: str) -> argparse.Argum
     p.add_argument("--tls-key", default=None, help="PEM key of --tls-cert")
     p.add_argument("--tls-ca", default=None, help="PEM CA: mutual TLS with the AP, both ways")
     p.add_argument("--ap-token", default=None, help="a worker token of the AP's tokens file")
-    p.add_argument("--metrics-port", type=int, default=0, help="Prometheus /metrics port (default 0: none)")
+    p.add_argument("--metrics-port", type=_port, default=0, help="Prometheus /metrics port (default 0: none)")
     if kind == "cloud":
-        p.add_argument("--max-batch-size", type=int, default=8)
-        p.add_argument("--max-wait-ms", type=float, default=2.0)
+        p.add_argument("--max-batch-size", type=_positive_int, default=8)
+        p.add_argument("--max-wait-ms", type=_non_negative_float, default=2.0)
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     return p
 

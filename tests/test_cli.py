@@ -86,3 +86,29 @@ def test_counts_and_durations_are_refused_by_name(
         main(argv)
     assert exc.value.code == 2
     assert f"argument {argv[-2]}:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["edge", "--slots", "0"],
+        ["edge", "--slowdown", "0"],
+        ["edge", "--slowdown", "nan"],
+        ["edge", "--link-delay-ms", "-1"],
+        ["edge", "--shutdown-grace-s", "-1"],
+        ["edge", "--metrics-port", "70000"],
+        ["cloud", "--slots", "-2"],
+        ["cloud", "--max-batch-size", "0"],
+        ["cloud", "--max-wait-ms", "-0.5"],
+    ],
+)
+def test_a_worker_refuses_a_count_or_time_out_of_range_by_name(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from apdispatch.cli import main
+
+    # A worker of 0 slots would take requests and never run one: refused before it serves.
+    with pytest.raises(SystemExit) as exc:
+        main(["worker", *argv, "--variants", "digits-tiny"])
+    assert exc.value.code == 2
+    assert f"argument {argv[-2]}:" in capsys.readouterr().err
