@@ -38,77 +38,44 @@ def test_a_bad_setting_is_refused_on_stderr_by_name(
 
 
 @pytest.mark.parametrize(
-    "argv",
+    ("argv", "option"),
     [
-        ["--overload", "--runs", "0"],
-        ["--overload", "--step-s", "0"],
-        ["--overload", "--step-s", "nan"],
-        ["--requests", "0"],
+        (["bench", "--overload", "--runs", "0"], "--runs"),
+        (["bench", "--overload", "--step-s", "0"], "--step-s"),
+        (["bench", "--overload", "--step-s", "nan"], "--step-s"),
+        (["bench", "--requests", "0"], "--requests"),
+        (["sim", "scenarios/demo.toml", "--jobs", "-1"], "--jobs"),
+        (["sim", "scenarios/demo.toml", "--bench", "--repeats", "0"], "--repeats"),
+        (["sim", "scenarios/demo.toml", "--duration", "-5"], "--duration"),
+        (["evaluate", "scenarios/demo.toml", "--jobs", "0"], "--jobs"),
+        (["evaluate", "scenarios/demo.toml", "--duration", "0"], "--duration"),
+        (["ablate", "scenarios/demo.toml", "--jobs", "0"], "--jobs"),
+        (["ablate", "scenarios/demo.toml", "--duration", "inf"], "--duration"),
+        (["generate", "--seeds", "1", "--out", "x", "--duration", "0"], "--duration"),
+        (["train", "scenarios/demo.toml", "--out", "x", "--duration", "0"], "--duration"),
+        (["demo", "--duration", "0"], "--duration"),
+        (["load", "--duration", "-1"], "--duration"),
+        (["chaos", "--duration", "0"], "--duration"),
+        (["k6", "--duration", "0"], "--duration"),
+        # A worker of 0 slots would take requests and never run one.
+        (["worker", "edge", "--variants", "v", "--slots", "0"], "--slots"),
+        (["worker", "edge", "--variants", "v", "--slowdown", "0"], "--slowdown"),
+        (["worker", "edge", "--variants", "v", "--slowdown", "nan"], "--slowdown"),
+        (["worker", "edge", "--variants", "v", "--link-delay-ms", "-1"], "--link-delay-ms"),
+        (["worker", "edge", "--variants", "v", "--shutdown-grace-s", "-1"], "--shutdown-grace-s"),
+        (["worker", "edge", "--variants", "v", "--metrics-port", "70000"], "--metrics-port"),
+        (["worker", "cloud", "--variants", "v", "--slots", "-2"], "--slots"),
+        (["worker", "cloud", "--variants", "v", "--max-batch-size", "0"], "--max-batch-size"),
+        (["worker", "cloud", "--variants", "v", "--max-wait-ms", "-0.5"], "--max-wait-ms"),
     ],
 )
-def test_bench_refuses_non_positive_counts_and_durations(
-    argv: list[str], capsys: pytest.CaptureFixture[str]
+def test_a_count_time_or_port_out_of_range_is_refused_by_the_parser(
+    argv: list[str], option: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from apdispatch.cli import main
 
-    # argparse's refusal: exit 2 before anything starts, the option named.
-    with pytest.raises(SystemExit) as exc:
-        main(["bench", *argv])
-    assert exc.value.code == 2
-    assert f"argument {argv[-2]}:" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["sim", "scenarios/demo.toml", "--jobs", "-1"],
-        ["sim", "scenarios/demo.toml", "--bench", "--repeats", "0"],
-        ["sim", "scenarios/demo.toml", "--duration", "-5"],
-        ["evaluate", "scenarios/demo.toml", "--jobs", "0"],
-        ["evaluate", "scenarios/demo.toml", "--duration", "0"],
-        ["ablate", "scenarios/demo.toml", "--jobs", "0"],
-        ["ablate", "scenarios/demo.toml", "--duration", "inf"],
-        ["generate", "--seeds", "1", "--out", "x", "--duration", "0"],
-        ["train", "scenarios/demo.toml", "--out", "x", "--duration", "0"],
-        ["demo", "--duration", "0"],
-        ["load", "--duration", "-1"],
-        ["chaos", "--duration", "0"],
-        ["k6", "--duration", "0"],
-    ],
-)
-def test_counts_and_durations_are_refused_by_name(
-    argv: list[str], capsys: pytest.CaptureFixture[str]
-) -> None:
-    from apdispatch.cli import main
-
-    # Refused by the parser, before any simulation, process or file: exit 2, the option named.
+    # Refused before any simulation, process, server or file: exit 2, the option named.
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
-    assert f"argument {argv[-2]}:" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["edge", "--slots", "0"],
-        ["edge", "--slowdown", "0"],
-        ["edge", "--slowdown", "nan"],
-        ["edge", "--link-delay-ms", "-1"],
-        ["edge", "--shutdown-grace-s", "-1"],
-        ["edge", "--metrics-port", "70000"],
-        ["cloud", "--slots", "-2"],
-        ["cloud", "--max-batch-size", "0"],
-        ["cloud", "--max-wait-ms", "-0.5"],
-    ],
-)
-def test_a_worker_refuses_a_count_or_time_out_of_range_by_name(
-    argv: list[str], capsys: pytest.CaptureFixture[str]
-) -> None:
-    from apdispatch.cli import main
-
-    # A worker of 0 slots would take requests and never run one: refused before it serves.
-    with pytest.raises(SystemExit) as exc:
-        main(["worker", *argv, "--variants", "digits-tiny"])
-    assert exc.value.code == 2
-    assert f"argument {argv[-2]}:" in capsys.readouterr().err
+    assert f"argument {option}:" in capsys.readouterr().err
