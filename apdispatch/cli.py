@@ -57,6 +57,14 @@ def _port(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """An argparse type: a seed, an integer >= 0 (numpy's generators take no other)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
 def _latencies_option(parser: argparse.ArgumentParser, extra: str = "") -> None:
     parser.add_argument(
         "--latencies", default=None, metavar="reference|measured|FILE", help=LATENCIES_HELP + extra
@@ -227,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     msub = models.add_subparsers(dest="action", required=True)
     build = msub.add_parser("build", help="train, export and profile the variants")
     build.add_argument("--out", type=Path, default=DEFAULT_MODELS)
-    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--seed", type=_seed, default=0)
     build.add_argument("--force", action="store_true", help="rebuild even when cached")
 
     demo = sub.add_parser("demo", help="run a scenario live on loopback, once per policy")
@@ -241,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=_positive_float, default=None, help="seconds per policy")
     demo.add_argument("--cascade", action="store_true", help="the APs offer cascades (serve --cascade)")
     demo.add_argument("--json", type=Path, default=None)
-    demo.add_argument("--seed", type=int, default=None)
+    demo.add_argument("--seed", type=_seed, default=None)
     demo.add_argument(
         "--plot",
         type=Path,
@@ -274,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     load.add_argument("--duration", type=_positive_float, default=None)
     load.add_argument("--json", type=Path, default=None)
-    load.add_argument("--seed", type=int, default=None)
+    load.add_argument("--seed", type=_seed, default=None)
     load.add_argument("--no-progress", action="store_true")
     load.add_argument("--ca", default=None, help="PEM CA that signed the AP's certificate: TLS")
     load.add_argument("--cert", default=None, help="PEM client certificate, when the AP asks for one")
@@ -299,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument(
         "--duration", type=_positive_float, default=None, help="seconds of load (default: the scenario's)"
     )
-    chaos.add_argument("--seed", type=int, default=None, help="arrivals (default: the scenario's)")
-    chaos.add_argument("--fault-seed", type=int, default=None, help="the fault schedule (default: --seed)")
+    chaos.add_argument("--seed", type=_seed, default=None, help="arrivals (default: the scenario's)")
+    chaos.add_argument("--fault-seed", type=_seed, default=None, help="the fault schedule (default: --seed)")
     chaos.add_argument(
         "--faults",
         default="all",
@@ -321,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     k6.add_argument(
         "--duration", type=_positive_float, default=None, help="seconds of load (default: the scenario's)"
     )
-    k6.add_argument("--seed", type=int, default=None, help="arrivals (default: the scenario's)")
+    k6.add_argument("--seed", type=_seed, default=None, help="arrivals (default: the scenario's)")
     k6.add_argument("--ap", default=None, help="k6 alone against this running AP (no comparison)")
     k6.add_argument("--plan-only", type=Path, default=None, help="write k6's plan file here and stop")
     k6.add_argument("--json", type=Path, default=None, help="also write the report here")
@@ -376,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--plot", type=Path, default=None, help="PNG of success, violations, rejections over time"
     )
-    sim.add_argument("--seed", type=int, default=None, help="arrivals and policies (default: the scenario's)")
+    sim.add_argument(
+        "--seed", type=_seed, default=None, help="arrivals and policies (default: the scenario's)"
+    )
     sim.add_argument(
         "--models", type=Path, default=DEFAULT_MODELS, help="variants the scenario does not define"
     )
@@ -437,7 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--policies", default="all", help="comma-separated names or 'all'")
     evaluate.add_argument("--seeds", default="5", metavar="N|A-B|A,B,..", help="seeds (N: N from --seed)")
-    evaluate.add_argument("--seed", type=int, default=None, help="first seed (default: the first scenario's)")
+    evaluate.add_argument(
+        "--seed", type=_seed, default=None, help="first seed (default: the first scenario's)"
+    )
     evaluate.add_argument("--jobs", type=_positive_int, default=1, help="seeds run in parallel processes")
     evaluate.add_argument(
         "--duration", type=_positive_float, default=None, help="compress each scenario into S seconds"
@@ -463,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--statics", default="", help="comma-separated static policies the best is taken from (default: all)"
     )
     ablate.add_argument("--seeds", default="5", metavar="N|A-B|A,B,..", help="seeds (N: N from --seed)")
-    ablate.add_argument("--seed", type=int, default=None, help="first seed (default: the first scenario's)")
+    ablate.add_argument("--seed", type=_seed, default=None, help="first seed (default: the first scenario's)")
     ablate.add_argument("--jobs", type=_positive_int, default=1, help="seeds run in parallel processes")
     ablate.add_argument(
         "--stop-learning-s",
@@ -510,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="actor-critic reward: 1 if ok, minus W * latency / deadline (an energy proxy)",
     )
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=_seed, default=0)
     train.add_argument(
         "--duration", type=_positive_float, default=None, help="compress each scenario into S seconds"
     )

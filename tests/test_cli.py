@@ -57,6 +57,15 @@ def test_a_bad_setting_is_refused_on_stderr_by_name(
         (["load", "--duration", "-1"], "--duration"),
         (["chaos", "--duration", "0"], "--duration"),
         (["k6", "--duration", "0"], "--duration"),
+        # numpy's generators take no negative seed: a traceback from deep in a run.
+        (["sim", "scenarios/demo.toml", "--seed", "-1"], "--seed"),
+        (["evaluate", "scenarios/demo.toml", "--seed", "-1"], "--seed"),
+        (["ablate", "scenarios/demo.toml", "--seed", "-1"], "--seed"),
+        (["train", "scenarios/demo.toml", "--out", "x", "--seed", "-1"], "--seed"),
+        (["load", "scenarios/demo.toml", "--seed", "-1"], "--seed"),
+        (["chaos", "scenarios/demo.toml", "--fault-seed", "-1"], "--fault-seed"),
+        (["k6", "scenarios/demo.toml", "--seed", "-1"], "--seed"),
+        (["demo", "--seed", "-1"], "--seed"),
         # A worker of 0 slots would take requests and never run one.
         (["worker", "edge", "--variants", "v", "--slots", "0"], "--slots"),
         (["worker", "edge", "--variants", "v", "--slowdown", "0"], "--slowdown"),

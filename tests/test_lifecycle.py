@@ -32,6 +32,7 @@ def test_config_file_then_flags(tmp_path: Path) -> None:
         ("seed = 1.5", "seed: must be an integer"),
         ("cascade = 1", "cascade: must be true or false"),
         ("max_in_flight = true", "max_in_flight: must be an integer"),
+        ("seed = -1", "seed: must be >= 0"),
         ("guards = 3", "guards: must be a table"),
         ('listen = "nohost"', "listen: expected host:port"),
         ('listen = "127.0.0.1:99999"', "listen: expected host:port"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -733,3 +734,11 @@ def test_cloud_bottleneck_starves_apps_the_edge_could_serve_confidently(models_d
     success = {a.name: table[i, :, OK].sum() / table[i].sum() for i, a in enumerate(scenario.apps)}
     assert success["inspection"] < 0.6 and success["video-analytics"] < 0.9, success
     assert success["ar-overlay"] > 0.95 and success["traffic-count"] > 0.95, success
+
+
+@pytest.mark.parametrize("seed", [-3, 1.5, True, "7"])
+def test_a_scenario_seed_is_a_non_negative_integer(seed: object) -> None:
+    doc = tomllib.loads((ROOT / "scenarios/demo.toml").read_text())
+    doc["seed"] = seed
+    with pytest.raises(ScenarioError, match=r"^scenario\.seed: "):
+        parse_scenario(doc)

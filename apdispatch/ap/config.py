@@ -144,6 +144,8 @@ class APConfig:
 
     def validate(self) -> APConfig:
         check_listen(self.listen)
+        if self.seed < 0:
+            raise ConfigError(f"seed: must be >= 0, got {self.seed}")
         if self.lease_s <= 0:
             raise ConfigError("lease_s: must be > 0")
         if not 0 < self.estimator_alpha <= 1:

@@ -140,6 +140,14 @@ def _number(table: dict[str, Any], key: str, where: str, default: float | None =
     return float(value)
 
 
+def _seed(doc: dict[str, Any]) -> int:
+    """The scenario's seed: an integer >= 0 (numpy's generators take no other)."""
+    value = doc.get("seed", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ScenarioError(f"scenario.seed: expected an integer >= 0, got {value!r}")
+    return value
+
+
 def parse_scenario(doc: dict[str, Any], path: Path | None = None) -> Scenario:
     apps = []
     for i, raw in enumerate(_require(doc, "apps", "scenario")):
@@ -240,7 +248,7 @@ def parse_scenario(doc: dict[str, Any], path: Path | None = None) -> Scenario:
     return Scenario(
         name=str(doc.get("name", path.stem if path else "scenario")),
         duration_s=_number(doc, "duration_s", "scenario"),
-        seed=int(_number(doc, "seed", "scenario", 0)),
+        seed=_seed(doc),
         apps=tuple(apps),
         clusters=tuple(clusters),
         arrivals=arrivals,
