@@ -742,3 +742,31 @@ def test_a_scenario_seed_is_a_non_negative_integer(seed: object) -> None:
     doc["seed"] = seed
     with pytest.raises(ScenarioError, match=r"^scenario\.seed: "):
         parse_scenario(doc)
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "value", "message"),
+    [
+        (None, "duration_s", math.nan, r"^scenario\.duration_s: expected a finite number"),
+        (None, "duration_s", 0.0, r"^scenario\.duration_s: must be > 0"),
+        ("devices.gateway", "slots", 1.5, r"^devices\.gateway\.slots: expected an integer"),
+        ("devices.gateway", "slots", 0, r"^devices\.gateway\.slots: must be >= 1"),
+        ("devices.gateway", "interference", -1.0, r"^devices\.gateway\.interference: must be >= 0"),
+        ("devices.gateway", "speed", math.inf, r"^devices\.gateway\.speed: expected a finite number"),
+        ("devices.gateway", "busy_w", -8.0, r"^devices\.gateway\.busy_w: must be >= 0"),
+        ("apps.0", "rate_qps", -5.0, r"^apps\[0\]\.rate_qps: must be > 0"),
+        ("apps.0", "share", -0.35, r"^apps\[0\]\.share: must be >= 0"),
+        ("clusters.0", "rtt_ms", -2.0, r"^clusters\[0\]\.rtt_ms: must be >= 0"),
+        ("arrivals", "stream_mean_s", 0.0, r"^arrivals\.stream_mean_s: must be > 0"),
+    ],
+)
+def test_a_scenario_value_out_of_range_is_refused_by_name(
+    table: str | None, key: str, value: object, message: str
+) -> None:
+    doc = tomllib.loads((ROOT / "scenarios/demo.toml").read_text())
+    target: Any = doc
+    for part in table.split(".") if table else []:
+        target = target[int(part)] if part.isdigit() else target[part]
+    target[key] = value
+    with pytest.raises(ScenarioError, match=message):
+        parse_scenario(doc)

@@ -10,6 +10,7 @@ through this module. The format is the one in DESIGN.md; extra keys:
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -112,8 +113,8 @@ class Scenario:
         Arrival steps and stream lifetimes shrink with the duration; rates per
         stream stay, so the load level of each phase is kept.
         """
-        if duration_s <= 0:
-            raise ScenarioError("duration must be > 0")
+        if not (math.isfinite(duration_s) and duration_s > 0):
+            raise ScenarioError(f"duration: must be a finite number > 0, got {duration_s}")
         k = duration_s / self.duration_s
         arrivals = Arrivals(
             schedule=tuple(
@@ -131,13 +132,38 @@ def _require(table: dict[str, Any], key: str, where: str) -> Any:
     return table[key]
 
 
-def _number(table: dict[str, Any], key: str, where: str, default: float | None = None) -> float:
+def _number(
+    table: dict[str, Any],
+    key: str,
+    where: str,
+    default: float | None = None,
+    *,
+    at_least: float | None = None,
+    above: float | None = None,
+) -> float:
+    """``table[key]`` (or ``default``): a finite number, >= ``at_least`` and > ``above`` when given."""
     value = table.get(key, default)
     if value is None:
         raise ScenarioError(f"{where}: missing key {key!r}")
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ScenarioError(f"{where}.{key}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ScenarioError(f"{where}.{key}: expected a finite number, got {value!r}")
+    if at_least is not None and value < at_least:
+        raise ScenarioError(f"{where}.{key}: must be >= {at_least:g}, got {value!r}")
+    if above is not None and not value > above:
+        raise ScenarioError(f"{where}.{key}: must be > {above:g}, got {value!r}")
     return float(value)
+
+
+def _count(table: dict[str, Any], key: str, where: str, default: int) -> int:
+    """``table[key]`` (or ``default``): an integer >= 1."""
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ScenarioError(f"{where}.{key}: expected an integer, got {value!r}")
+    if value < 1:
+        raise ScenarioError(f"{where}.{key}: must be >= 1, got {value!r}")
+    return value
 
 
 def _seed(doc: dict[str, Any]) -> int:
@@ -155,17 +181,13 @@ def parse_scenario(doc: dict[str, Any], path: Path | None = None) -> Scenario:
         app = App(
             name=str(_require(raw, "name", where)),
             task=str(_require(raw, "task", where)),
-            deadline_ms=_number(raw, "deadline_ms", where),
+            deadline_ms=_number(raw, "deadline_ms", where, above=0.0),
             min_accuracy=_number(raw, "min_accuracy", where),
-            rate_qps=_number(raw, "rate_qps", where),
-            share=_number(raw, "share", where, 1.0),
+            rate_qps=_number(raw, "rate_qps", where, above=0.0),
+            share=_number(raw, "share", where, 1.0, at_least=0.0),
         )
-        if app.deadline_ms <= 0:
-            raise ScenarioError(f"{where}.deadline_ms: must be > 0")
         if not 0.0 <= app.min_accuracy <= 1.0:
             raise ScenarioError(f"{where}.min_accuracy: must be in [0, 1]")
-        if app.rate_qps <= 0 or app.share < 0:
-            raise ScenarioError(f"{where}: rate_qps must be > 0 and share >= 0")
         apps.append(app)
     if not apps:
         raise ScenarioError("scenario: at least one [[apps]] entry is needed")
@@ -177,9 +199,9 @@ def parse_scenario(doc: dict[str, Any], path: Path | None = None) -> Scenario:
         variants[name] = VariantSpec(
             name=name,
             task=str(_require(raw, "task", where)),
-            accuracy=_number(raw, "accuracy", where),
-            latency_ms=_number(raw, "latency_ms", where),
-            latency_ms_batch8=None if b8 is None else float(b8),
+            accuracy=_number(raw, "accuracy", where, at_least=0.0),
+            latency_ms=_number(raw, "latency_ms", where, above=0.0),
+            latency_ms_batch8=None if b8 is None else _number(raw, "latency_ms_batch8", where, above=0.0),
         )
 
     devices = {}
@@ -187,16 +209,14 @@ def parse_scenario(doc: dict[str, Any], path: Path | None = None) -> Scenario:
         where = f"devices.{name}"
         devices[name] = Device(
             name=name,
-            speed=_number(raw, "speed", where, 1.0),
-            slots=int(_number(raw, "slots", where, 1)),
-            interference=_number(raw, "interference", where, 0.0),
-            idle_w=_number(raw, "idle_w", where, 0.0),
-            busy_w=_number(raw, "busy_w", where, 0.0),
-            max_batch_size=int(_number(raw, "max_batch_size", where, 1)),
-            max_wait_ms=_number(raw, "max_wait_ms", where, 0.0),
+            speed=_number(raw, "speed", where, 1.0, above=0.0),
+            slots=_count(raw, "slots", where, 1),
+            interference=_number(raw, "interference", where, 0.0, at_least=0.0),
+            idle_w=_number(raw, "idle_w", where, 0.0, at_least=0.0),
+            busy_w=_number(raw, "busy_w", where, 0.0, at_least=0.0),
+            max_batch_size=_count(raw, "max_batch_size", where, 1),
+            max_wait_ms=_number(raw, "max_wait_ms", where, 0.0, at_least=0.0),
         )
-        if devices[name].speed <= 0 or devices[name].slots < 1:
-            raise ScenarioError(f"{where}: speed must be > 0 and slots >= 1")
 
     clusters = []
     for i, raw in enumerate(_require(doc, "clusters", "scenario")):
@@ -210,7 +230,7 @@ def parse_scenario(doc: dict[str, Any], path: Path | None = None) -> Scenario:
             groups.append(
                 WorkerGroup(
                     device=device,
-                    count=int(_number(w, "count", gwhere, 1)),
+                    count=_count(w, "count", gwhere, 1),
                     variants=tuple(str(v) for v in _require(w, "variants", gwhere)),
                 )
             )
@@ -220,8 +240,8 @@ def parse_scenario(doc: dict[str, Any], path: Path | None = None) -> Scenario:
         clusters.append(
             Cluster(
                 name=str(_require(raw, "name", where)),
-                rtt_ms=_number(raw, "rtt_ms", where),
-                jitter_ms=_number(raw, "jitter_ms", where, 0.0),
+                rtt_ms=_number(raw, "rtt_ms", where, at_least=0.0),
+                jitter_ms=_number(raw, "jitter_ms", where, 0.0, at_least=0.0),
                 workers=tuple(groups),
                 kind=kind,
             )
@@ -232,8 +252,8 @@ def parse_scenario(doc: dict[str, Any], path: Path | None = None) -> Scenario:
         sorted(
             (
                 ArrivalStep(
-                    at_s=_number(s, "at_s", f"arrivals.schedule[{i}]"),
-                    clients_per_min=_number(s, "clients_per_min", f"arrivals.schedule[{i}]"),
+                    at_s=_number(s, "at_s", f"arrivals.schedule[{i}]", at_least=0.0),
+                    clients_per_min=_number(s, "clients_per_min", f"arrivals.schedule[{i}]", at_least=0.0),
                 )
                 for i, s in enumerate(_require(raw_arrivals, "schedule", "arrivals"))
             ),
@@ -243,11 +263,12 @@ def parse_scenario(doc: dict[str, Any], path: Path | None = None) -> Scenario:
     if not schedule:
         raise ScenarioError("arrivals.schedule: at least one step is needed")
     arrivals = Arrivals(
-        schedule=schedule, stream_mean_s=_number(raw_arrivals, "stream_mean_s", "arrivals", 30.0)
+        schedule=schedule,
+        stream_mean_s=_number(raw_arrivals, "stream_mean_s", "arrivals", 30.0, above=0.0),
     )
     return Scenario(
         name=str(doc.get("name", path.stem if path else "scenario")),
-        duration_s=_number(doc, "duration_s", "scenario"),
+        duration_s=_number(doc, "duration_s", "scenario", above=0.0),
         seed=_seed(doc),
         apps=tuple(apps),
         clusters=tuple(clusters),
