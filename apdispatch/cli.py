@@ -49,6 +49,14 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1] (an accuracy)."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def _port(text: str) -> int:
     """An argparse type: a port number, 0 to 65535 (0: none, or any free one)."""
     value = int(text)
@@ -160,8 +168,8 @@ def _register_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="model zoo folder (its manifest)")
     p.add_argument("--kind", dest="worker_kind", default="edge", choices=["edge", "cloud"])
     p.add_argument("--cluster", default="default")
-    p.add_argument("--slots", type=int, default=1, help="requests the server runs at once")
-    p.add_argument("--max-batch-size", type=int, default=8, help="rows one request may carry")
+    p.add_argument("--slots", type=_positive_int, default=1, help="requests the server runs at once")
+    p.add_argument("--max-batch-size", type=_positive_int, default=8, help="rows one request may carry")
     p.add_argument("--worker-id", default=None, help="default: oip-CLUSTER-ADDRESS")
     p.add_argument(
         "--streaming",
@@ -169,16 +177,20 @@ def _register_parser(sub: argparse._SubParsersAction) -> None:
         help="the server takes Triton's ModelStreamInfer, one reply per request (default: unary calls)",
     )
     p.add_argument("--task", default=None, help="a model not in the manifest: its task")
-    p.add_argument("--accuracy", type=float, default=None, help="a model not in the manifest: its accuracy")
+    p.add_argument(
+        "--accuracy", type=_fraction, default=None, help="a model not in the manifest: its accuracy"
+    )
     p.add_argument(
         "--latency-ms",
-        type=float,
+        type=_positive_float,
         default=None,
         help="one execution at batch 1 (default: the manifest's; needed for a model not in it)",
     )
-    p.add_argument("--heartbeat-s", type=float, default=1.0)
-    p.add_argument("--wait-s", type=float, default=60.0, help="how long to wait for the server to be ready")
-    p.add_argument("--shutdown-grace-s", type=float, default=5.0)
+    p.add_argument("--heartbeat-s", type=_positive_float, default=1.0)
+    p.add_argument(
+        "--wait-s", type=_non_negative_float, default=60.0, help="how long to wait for the server to be ready"
+    )
+    p.add_argument("--shutdown-grace-s", type=_non_negative_float, default=5.0)
     p.add_argument("--ap-token", default=None, help="a worker token of the AP's tokens file")
     p.add_argument("--tls-cert", default=None, help="PEM certificate shown to the AP")
     p.add_argument("--tls-key", default=None, help="PEM key of --tls-cert")

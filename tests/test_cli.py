@@ -8,6 +8,7 @@ pytestmark = pytest.mark.unit
 
 
 BENCH = ["bench", "--decisions", "--policies", "fastest"]
+REGISTER = ["worker", "register", "--ap", "127.0.0.1:1", "--address", "127.0.0.1:2", "--variants", "v"]
 
 
 @pytest.mark.parametrize(
@@ -76,6 +77,13 @@ def test_a_bad_setting_is_refused_on_stderr_by_name(
         (["worker", "cloud", "--variants", "v", "--slots", "-2"], "--slots"),
         (["worker", "cloud", "--variants", "v", "--max-batch-size", "0"], "--max-batch-size"),
         (["worker", "cloud", "--variants", "v", "--max-wait-ms", "-0.5"], "--max-wait-ms"),
+        ([*REGISTER, "--slots", "0"], "--slots"),
+        ([*REGISTER, "--max-batch-size", "0"], "--max-batch-size"),
+        ([*REGISTER, "--accuracy", "1.5"], "--accuracy"),
+        ([*REGISTER, "--latency-ms", "0"], "--latency-ms"),
+        ([*REGISTER, "--heartbeat-s", "0"], "--heartbeat-s"),
+        ([*REGISTER, "--wait-s", "-1"], "--wait-s"),
+        ([*REGISTER, "--shutdown-grace-s", "nan"], "--shutdown-grace-s"),
     ],
 )
 def test_a_count_time_or_port_out_of_range_is_refused_by_the_parser(
