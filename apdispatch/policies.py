@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from apdispatch.common.choices import choose
 from apdispatch.learned import LEARNED_POLICIES, RULE_POLICIES
 from apdispatch.routing.policy import Candidate, Feedback, Policy, RequestView
 from apdispatch.routing.static import STATIC_POLICIES, make_static_policy
@@ -20,11 +21,20 @@ __all__ = [
     "RequestView",
     "make_policy",
     "policy_names",
+    "resolve_policies",
 ]
 
 
 def policy_names() -> tuple[str, ...]:
     return STATIC_POLICIES + RULE_POLICIES + LEARNED_POLICIES
+
+
+def resolve_policies(text: str) -> list[str]:
+    """``--policies``: names, ``all`` or ``static``, comma-separated (``common.choices.choose``)."""
+    known = policy_names()
+    return choose(
+        text, known, option="--policies", what="policy", groups={"all": known, "static": STATIC_POLICIES}
+    )
 
 
 def make_policy(

@@ -71,6 +71,11 @@ PARSER_REFUSALS = [
         ([*BENCH, "--rate", "-5"], "apdispatch bench: --rate: "),
         ([*BENCH, "--policies", "nope"], "apdispatch bench: --policies: "),
         ([*BENCH, "--policies", ","], "apdispatch bench: --policies: "),
+        (
+            ["demo", "scenarios/demo.toml", "--policies", "nope"],
+            "apdispatch demo: --policies: unknown policy",
+        ),
+        (["chaos", "scenarios/demo.toml", "--faults", "nope"], "apdispatch chaos: --faults: unknown fault"),
         (["serve", "--policy", "nope"], "apdispatch serve: policy: unknown policy 'nope' (known: "),
         (["serve", "--listen", "nohost"], "apdispatch serve: listen: expected host:port"),
         (["serve", "--log-level", "loud"], "apdispatch serve: log_level: "),

@@ -13,7 +13,7 @@ import pytest
 
 from apdispatch.common.binomial import lower_bound
 from apdispatch.common.manifest import Manifest, load_manifest
-from apdispatch.policies import STATIC_POLICIES
+from apdispatch.policies import STATIC_POLICIES, resolve_policies
 from apdispatch.scenario import load_scenario
 from apdispatch.sim.calibration import Calibration
 from apdispatch.sim.engine import OUTCOMES
@@ -25,14 +25,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_static_expands_to_every_static_policy() -> None:
-    assert demo.resolve_policies("static") == list(STATIC_POLICIES)
+    assert resolve_policies("static") == list(STATIC_POLICIES)
     assert len(STATIC_POLICIES) == 7
-    assert demo.resolve_policies("closest, p2c,closest") == ["closest", "p2c"]
+    assert resolve_policies("closest, p2c,closest") == ["closest", "p2c"]
+    assert resolve_policies("learned,all")[:2] == ["learned", "random"]
 
 
 def test_unknown_policy_lists_the_known_ones() -> None:
-    with pytest.raises(demo.DemoError, match=r"unknown policy 'nearest'.*round-robin.*p2c"):
-        demo.resolve_policies("closest,nearest")
+    with pytest.raises(ValueError, match=r"^--policies: unknown policy 'nearest'.*round-robin.*p2c"):
+        resolve_policies("closest,nearest")
+    with pytest.raises(ValueError, match=r"^--policies: no policy given"):
+        resolve_policies(" , ")
 
 
 def test_table_columns() -> None:
@@ -318,7 +321,7 @@ def test_make_demo_runs_learned_beside_the_static_policies_on_the_demo_scenario(
     assert scenario_path.group(1) == "scenarios/demo.toml"
     policies = re.search(r"--policies (\S+)", recipe.group(1))
     assert policies is not None
-    assert demo.resolve_policies(policies.group(1)) == [*STATIC_POLICIES, "learned"]
+    assert resolve_policies(policies.group(1)) == [*STATIC_POLICIES, "learned"]
     demo.plan_workers(load_scenario(ROOT / scenario_path.group(1)), models_dir)
 
 

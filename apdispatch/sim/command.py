@@ -20,33 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from apdispatch.learned.guard_config import parse_guard_overrides
-from apdispatch.policies import LEARNED_POLICIES, STATIC_POLICIES, Policy, make_policy, policy_names
+from apdispatch.policies import LEARNED_POLICIES, Policy, make_policy, resolve_policies
 from apdispatch.scenario import Scenario, ScenarioError, load_scenario
 from apdispatch.sim.calibration import parse_calibration
 from apdispatch.sim.model import SimModel, load_model
 from apdispatch.sim.profile import parse_latencies
 from apdispatch.sim.results import PolicyResult, SimReport, format_table, ratios, run_policies, to_json
-
-
-def resolve_policies(text: str) -> list[str]:
-    """``all``, ``static`` or a comma list; unknown names are an error listing the known ones."""
-    known = list(policy_names())
-    names: list[str] = []
-    for raw in text.split(","):
-        name = raw.strip()
-        if not name:
-            continue
-        group = known if name == "all" else list(STATIC_POLICIES) if name == "static" else [name]
-        for n in group:
-            if n not in known:
-                raise ScenarioError(
-                    f"--policies: unknown policy {n!r} (known: all, static, {', '.join(known)})"
-                )
-            if n not in names:
-                names.append(n)
-    if not names:
-        raise ScenarioError("--policies: no policy given")
-    return names
 
 
 def _checkpointed(

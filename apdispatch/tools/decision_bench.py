@@ -38,8 +38,7 @@ import numpy as np
 
 from apdispatch.common.outcomes import Outcome
 from apdispatch.learned import NATIVE
-from apdispatch.policies import Candidate, Feedback, Policy, RequestView, make_policy
-from apdispatch.sim.command import resolve_policies
+from apdispatch.policies import Candidate, Feedback, Policy, RequestView, make_policy, resolve_policies
 from apdispatch.tools.bench import percentiles
 
 # Decisions per second: the AP's measured capacity (README, Benchmark). The

@@ -35,7 +35,7 @@ from typing import Any
 from apdispatch.common.errors import ApdispatchError
 from apdispatch.common.manifest import MANIFEST_NAME, load_manifest
 from apdispatch.common.outcomes import OUTCOMES
-from apdispatch.policies import STATIC_POLICIES, policy_names
+from apdispatch.policies import STATIC_POLICIES, resolve_policies
 from apdispatch.scenario import Scenario, ScenarioError, load_scenario
 from apdispatch.sim.calibration import Calibration
 from apdispatch.sim.profile import LatencyProfile, parse_latencies
@@ -58,26 +58,6 @@ REGISTER_TIMEOUT_S = 90.0  # a cold cloud worker imports torch and loads models 
 
 class DemoError(RuntimeError):
     """The demo could not run; the message says which process and shows its log's end."""
-
-
-def resolve_policies(text: str) -> list[str]:
-    """``static`` or a comma list; unknown names are an error listing the known ones."""
-    known = [*STATIC_POLICIES, *(n for n in policy_names() if n not in STATIC_POLICIES)]
-    names: list[str] = []
-    for raw in text.split(","):
-        name = raw.strip()
-        if not name:
-            continue
-        if name == "static":
-            names += [p for p in STATIC_POLICIES if p not in names]
-        elif name in known:
-            if name not in names:
-                names.append(name)
-        else:
-            raise DemoError(f"unknown policy {name!r} (known: static, {', '.join(known)})")
-    if not names:
-        raise DemoError("--policies: no policy given")
-    return names
 
 
 # --- the load generator -------------------------------------------------------
@@ -301,7 +281,7 @@ def main(args: argparse.Namespace) -> int:
             from apdispatch.sim.calibration import parse_calibration
 
             calibration = parse_calibration(calibration_arg)
-    except (ScenarioError, DemoError, OSError) as exc:
+    except (ValueError, DemoError, OSError) as exc:  # ValueError: ScenarioError and --policies
         print(f"apdispatch demo: {exc}", file=sys.stderr)
         return 2
     seed = scenario.seed if args.seed is None else args.seed

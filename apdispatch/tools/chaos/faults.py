@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from apdispatch.common.choices import choose
+
 WORKER_KILL: Final = "worker-kill"
 WORKER_TERM: Final = "worker-term"
 WORKER_STOP: Final = "worker-stop"
@@ -55,21 +57,11 @@ class Fault:
 
 
 def parse_kinds(text: str) -> tuple[str, ...]:
-    """``all`` or a comma list of fault kinds; unknown names are an error listing the known ones."""
-    if text.strip() == "all":
-        return FAULT_KINDS
-    kinds: list[str] = []
-    for raw in text.split(","):
-        name = raw.strip()
-        if not name:
-            continue
-        if name not in FAULT_KINDS:
-            raise FaultError(f"unknown fault {name!r} (known: all, {', '.join(FAULT_KINDS)})")
-        if name not in kinds:
-            kinds.append(name)
-    if not kinds:
-        raise FaultError("--faults: no fault kind given")
-    return tuple(kinds)
+    """``--faults``: fault kinds or ``all``, comma-separated (``common.choices.choose``)."""
+    try:
+        return tuple(choose(text, FAULT_KINDS, option="--faults", what="fault", groups={"all": FAULT_KINDS}))
+    except ValueError as exc:
+        raise FaultError(str(exc)) from None
 
 
 def plan_faults(
