@@ -120,8 +120,6 @@ def main(args: argparse.Namespace) -> int:
         latencies: str = getattr(args, "latencies", None) or REFERENCE
         parse_latencies(latencies)
         guards = parse_guard_overrides(getattr(args, "guard", None))
-        if args.jobs < 1:
-            raise ValueError("--jobs: must be >= 1")
         stop_learning_s = multi.STOP_LEARNING_S if args.stop_learning_s is None else args.stop_learning_s
         if not stop_learning_s >= 0.0:
             raise ValueError("--stop-learning-s: must be >= 0")

@@ -133,8 +133,6 @@ def _main_seeds(
 
     try:
         seeds = multi.parse_seeds(args.seeds, seed)
-        if args.jobs < 1:
-            raise ValueError("--jobs: must be >= 1")
         if getattr(args, "checkpoint", None) is not None:
             # Parallel seeds writing one checkpoint would race; resuming is a one-seed affair.
             raise ValueError("--checkpoint: not with --seeds (run one seed to resume and save)")

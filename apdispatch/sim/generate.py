@@ -274,9 +274,6 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"apdispatch generate: {exc}", file=sys.stderr)
         return 2
-    if args.duration <= 0:
-        print("apdispatch generate: --duration: must be > 0", file=sys.stderr)
-        return 2
     if not (args.models / MANIFEST_NAME).is_file():
         print(f"apdispatch generate: no model manifest in {args.models} (make models)", file=sys.stderr)
         return 2

@@ -72,18 +72,13 @@ def parse_sizes(text: str) -> tuple[int | str, ...]:
     return tuple(sizes)
 
 
-def _size_range(n: str) -> tuple[int, int]:
-    low, _, high = n.partition("-")
-    return int(low), int(high)
-
-
 def candidate_sets(n: int | str, count: int, seed: int) -> list[tuple[RequestView, list[Candidate]]]:
     """``count`` requests with ``n`` candidates each, or with A to B drawn per request for ``n`` = "A-B"."""
     rng = np.random.default_rng(seed)
-    low, high = _size_range(n) if isinstance(n, str) else (n, n)
+    low, _, high = str(n).partition("-")
     out = []
     for i in range(count):
-        size = int(rng.integers(low, high + 1)) if isinstance(n, str) else n
+        size = int(rng.integers(int(low), int(high) + 1)) if high else int(low)
         deadline = float(rng.choice([25.0, 60.0, 100.0, 250.0]))
         floor = float(rng.choice([0.75, 0.88, 0.94]))
         request = RequestView("digits", f"app-{i % 4}", deadline, floor)
@@ -239,7 +234,7 @@ def main(args: argparse.Namespace) -> int:
         sizes = parse_sizes(args.sizes)
         if not (math.isfinite(args.rate) and args.rate >= 0.0):
             raise ValueError(f"--rate: decisions per second, >= 0 (0: unpaced), got {args.rate}")
-    except ValueError as exc:  # ScenarioError too
+    except ValueError as exc:
         print(f"apdispatch bench: {exc}", file=sys.stderr)
         return 2
     report = run(
